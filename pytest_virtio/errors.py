@@ -1,0 +1,70 @@
+"""The error hierarchy: one root, one branch per place a failure can come from.
+
+Modelled on qemu.qmp: callers catch the precise class they can handle, or
+``VirtioError`` for all of them.  Every message is meant to be read by a person
+in a pytest failure report, so each names the thing that failed and the fix.
+"""
+
+from __future__ import annotations
+
+
+class VirtioError(Exception):
+    """Root of every error pytest-virtio raises on purpose."""
+
+
+class ConfigError(VirtioError):
+    """A bad option, ini value, environment variable or marker argument."""
+
+
+class MissingToolError(VirtioError):
+    """A host program is missing; the message names the Debian package to install."""
+
+    def __init__(self, tool: str, package: str, why: str = "") -> None:
+        self.tool = tool
+        self.package = package
+        hint = f" ({why})" if why else ""
+        super().__init__(
+            f"{tool} not found{hint}; install it with: apt-get install {package}"
+        )
+
+
+class ImageError(VirtioError):
+    """A guest image could not be built, or a cached one is corrupt or unreadable."""
+
+
+class LaunchError(VirtioError):
+    """QEMU would not start, or exited while the test still needed it."""
+
+
+class GuestError(VirtioError):
+    """Something went wrong inside a running guest; carries the console tail."""
+
+    def __init__(self, message: str, console_tail: str = "") -> None:
+        self.console_tail = console_tail
+        if console_tail:
+            message = f"{message}\n--- console tail ---\n{console_tail}"
+        super().__init__(message)
+
+
+class GuestTimeout(GuestError):
+    """The guest did not answer within the (accelerator-scaled) timeout."""
+
+
+class GuestPanic(GuestError):
+    """The guest kernel panicked."""
+
+
+class CommandFailed(GuestError):
+    """``guest.check`` ran a command that exited non-zero."""
+
+
+class BackendError(VirtioError):
+    """The in-process vhost-user backend failed."""
+
+
+class ProtocolError(BackendError):
+    """A vhost-user message or a virtqueue broke the protocol's rules."""
+
+
+class WorkloadError(VirtioError):
+    """A workload (fio, dd, iperf3) failed in the guest."""
