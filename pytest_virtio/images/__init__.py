@@ -1,0 +1,59 @@
+"""Guest images: the default Debian image built into a cache, or the user's own."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import ImageError
+from .builder import (
+    GuestImage,
+    Recipe,
+    default_cache_dir,
+    ensure_image,
+    load_recipe,
+    verify,
+)
+from .initramfs import initramfs_for, resolve
+
+__all__ = [
+    "GuestImage",
+    "Recipe",
+    "custom_image",
+    "default_cache_dir",
+    "ensure_image",
+    "initramfs_for",
+    "load_recipe",
+    "resolve",
+    "verify",
+]
+
+
+def custom_image(kernel: str, initrd: str, rootfs: str, rootfs_format: str = "raw") -> GuestImage:
+    """A user-supplied kernel/initrd/disk: used as they are, never rebuilt.
+
+    The initrd must find a root filesystem labelled ``pvroot`` (or whatever
+    ``pv.root=`` says) and run ``/sbin/pvinit``-compatible init for the
+    console protocol to work.
+    """
+    paths = {"kernel": Path(kernel), "initrd": Path(initrd), "rootfs": Path(rootfs)}
+    for what, path in paths.items():
+        if not path.is_file() or not _readable(path):
+            raise ImageError(f"{what} image {path} does not exist or is not readable")
+    return GuestImage(
+        key=f"custom-{paths['kernel'].name}",
+        kernel=paths["kernel"],
+        rootfs=paths["rootfs"],
+        kernel_version="custom",
+        modules_dir=None,
+        initrd=paths["initrd"],
+        rootfs_format=rootfs_format,
+    )
+
+
+def _readable(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            f.read(1)
+    except OSError:
+        return False
+    return True

@@ -1,0 +1,45 @@
+"""``python -m pytest_virtio.images build|info|path``: manage the image cache by hand."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..errors import VirtioError
+from .builder import MANIFEST, ensure_image, image_dir, load_recipe
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pytest_virtio.images")
+    parser.add_argument("command", choices=("build", "info", "path"))
+    parser.add_argument("--recipe", default="bookworm")
+    parser.add_argument("--cache-dir", type=Path, default=None)
+    parser.add_argument("--force", action="store_true", help="rebuild even if cached")
+    args = parser.parse_args(argv)
+    try:
+        recipe = load_recipe(args.recipe)
+        where = image_dir(recipe, args.cache_dir)
+        if args.command == "path":
+            print(where)
+        elif args.command == "info":
+            if not (where / MANIFEST).exists():
+                print(f"{recipe.key()}: not built (would be {where})")
+                return 1
+            print(json.dumps(json.loads((where / MANIFEST).read_text()), indent=2))
+        else:
+            image = ensure_image(
+                recipe, args.cache_dir,
+                progress=lambda m: print(m, file=sys.stderr, flush=True),
+                force=args.force,
+            )
+            print(image.cache_dir)
+    except VirtioError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
