@@ -42,6 +42,7 @@ __all__ = [
     "FioResult",
     "IoStats",
     "check_fio_run",
+    "extract_json_object",
     "fio_argv",
     "fio_jobfile_shell",
     "fio_shell",
@@ -503,12 +504,15 @@ def _aggregate(stats: list[IoStats]) -> IoStats:
     )
 
 
-def _split_output(text: str) -> tuple[str, dict[str, Any], str]:
-    """(noise before, the fio JSON object, noise after) from mixed console output.
+def extract_json_object(
+    text: str, *, required_key: str, what: str
+) -> tuple[str, dict[str, Any], str]:
+    """(noise before, the JSON object, noise after) from mixed console output.
 
-    The JSON object is the first line starting with ``{`` that decodes as an
-    object carrying a ``jobs`` list; warnings may precede it and shell prompts or
-    kernel messages may follow it.
+    The object is the first line starting with ``{`` that decodes as a JSON
+    object carrying ``required_key``: warnings may precede it and shell prompts
+    or kernel messages may follow it, and neither must hide the result.  Shared
+    with the iperf3 parser, whose output reaches us the same way.
     """
     decoder = json.JSONDecoder()
     offset = 0
@@ -519,12 +523,12 @@ def _split_output(text: str) -> tuple[str, dict[str, Any], str]:
                 obj, end = decoder.raw_decode(text, start)
             except json.JSONDecodeError:
                 obj, end = None, start
-            if isinstance(obj, dict) and isinstance(obj.get("jobs"), list):
+            if isinstance(obj, dict) and required_key in obj:
                 return text[:start], obj, text[end:]
         offset += len(line)
     raise WorkloadError(
-        "no fio JSON found in the output (was --output-format=json given?)"
-        + _section("fio output", text)
+        f"no {what} JSON found in the output (was its JSON output option given?)"
+        + _section(f"{what} output", text)
     )
 
 
@@ -579,7 +583,9 @@ def parse_fio_json(text: str, *, stderr: str = "", strict: bool = True) -> FioRe
     ``errors`` and ``verify_ok`` set, for tests that inject faults on purpose and
     want to assert that fio noticed.
     """
-    before, data, _after = _split_output(text)
+    before, data, _after = extract_json_object(text, required_key="jobs", what="fio")
+    if not isinstance(data["jobs"], list):
+        raise WorkloadError("fio JSON has a 'jobs' entry that is not a list")
     jobs = tuple(
         _job_result(job, data.get("global options") or {})
         for job in data["jobs"]
