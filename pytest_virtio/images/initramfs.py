@@ -22,7 +22,7 @@ from ..errors import ImageError, MissingToolError
 from .builder import DATA_DIR, GuestImage
 
 #: The root filesystem's modules, loaded after the bus drivers.
-FS_MODULES = ("ext4",)
+FS_MODULES = ("crc32c_generic", "ext4")
 
 
 def _norm(name: str) -> str:

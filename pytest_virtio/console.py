@@ -1,0 +1,216 @@
+"""The serial console: boot watching and nonce-framed commands over pexpect.
+
+Why framing: the console carries the guest shell's output, kernel messages and
+whatever the command prints, all in one byte stream.  Each command's stdout and
+stderr are collected into files in the guest and printed between markers that
+contain a fresh random nonce, and the markers are *built* by printf, so neither
+the echoed command line nor anything the command prints can fake them.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pexpect
+import pexpect.fdpexpect
+
+from .errors import CommandFailed, GuestError, GuestPanic, GuestTimeout, LaunchError
+
+READY_RE = r"PYTEST-VIRTIO-READY ([0-9.]+)\r?\n"
+HOSTKEY_RE = r"PYTEST-VIRTIO-HOSTKEY (\S+ \S+)"
+NO_ROOT_RE = r"PYTEST-VIRTIO-NO-ROOT ([^\r\n]*)"
+#: Lines that mean the guest kernel died; matched in every wait.
+PANIC_RE = r"(Kernel panic - not syncing[^\r\n]*)"
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """What one guest command did; the same shape for console and SSH."""
+
+    cmd: str
+    rc: int
+    stdout: str
+    stderr: str = ""
+    duration: float = 0.0
+    via: str = "console"
+
+    @property
+    def ok(self) -> bool:
+        return self.rc == 0
+
+    @property
+    def output(self) -> str:
+        """stdout then stderr, for messages and quick asserts."""
+        return self.stdout + self.stderr
+
+    def check(self, console_tail: str = "") -> Result:
+        """Return self, or raise CommandFailed carrying the output."""
+        if self.rc != 0:
+            raise CommandFailed(
+                f"guest command failed (exit {self.rc}, via {self.via}): {self.cmd}\n"
+                f"--- stdout ---\n{self.stdout}--- stderr ---\n{self.stderr}",
+                console_tail,
+            )
+        return self
+
+
+def tail_of(path: Path, lines: int = 40) -> str:
+    """Last lines of the console log, for error messages."""
+    try:
+        data = path.read_bytes()[-16384:].decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return "\n".join(data.replace("\r", "").splitlines()[-lines:])
+
+
+@dataclass
+class Console:
+    """A pexpect session on QEMU's serial chardev socket.
+
+    ``alive`` is asked while waiting so that a QEMU that exits turns into a
+    LaunchError at once instead of a timeout.
+    """
+
+    sock: socket.socket
+    log_path: Path
+    alive: Callable[[], None] = lambda: None
+    _child: pexpect.fdpexpect.fdspawn = field(init=False)
+    _dirty: bool = field(default=False, init=False)
+
+    def __post_init__(self) -> None:
+        self._child = pexpect.fdpexpect.fdspawn(
+            self.sock.fileno(), encoding="utf-8", codec_errors="replace", timeout=30,
+            maxread=65536, searchwindowsize=None,
+        )
+
+    @classmethod
+    def connect(
+        cls, path: str, log_path: Path, alive: Callable[[], None], timeout: float
+    ) -> Console:
+        deadline = time.monotonic() + timeout
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(path)
+                return cls(sock, log_path, alive)
+            except OSError:
+                sock.close()
+                alive()
+                if time.monotonic() > deadline:
+                    raise LaunchError(f"console socket {path} never appeared") from None
+                time.sleep(0.02)
+
+    def tail(self, lines: int = 40) -> str:
+        return tail_of(self.log_path, lines)
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def send(self, text: str) -> None:
+        self._child.send(text)
+
+    def expect(self, pattern: str, timeout: float, what: str) -> re.Match[str]:
+        """Wait for ``pattern``; a panic, an EOF or the deadline raise precisely.
+
+        Waits in short slices so a dead QEMU is noticed by ``alive()``.
+        """
+        patterns = [pattern, PANIC_RE, NO_ROOT_RE, pexpect.EOF, pexpect.TIMEOUT]
+        deadline = time.monotonic() + timeout
+        while True:
+            slice_ = max(0.05, min(0.5, deadline - time.monotonic()))
+            idx = self._child.expect(patterns, timeout=slice_)
+            match = self._child.match
+            if idx == 0:
+                assert isinstance(match, re.Match)
+                return match
+            if idx == 1:
+                assert isinstance(match, re.Match)
+                self._collect_after_panic()
+                raise GuestPanic(f"guest kernel panicked while {what}: {match.group(1)}",
+                                 self.tail())
+            if idx == 2:
+                assert isinstance(match, re.Match)
+                raise GuestError(no_root_diagnosis(match.group(1)), self.tail())
+            if idx == 3:
+                self.alive()
+                raise LaunchError(f"QEMU closed the console while {what}\n{self.tail()}")
+            self.alive()
+            if time.monotonic() >= deadline:
+                raise GuestTimeout(f"guest did not answer within {timeout:.0f}s while {what}",
+                                   self.tail())
+
+    def _collect_after_panic(self) -> None:
+        """Let the panic's trace reach the log before it is quoted."""
+        try:
+            self._child.expect([pexpect.TIMEOUT, pexpect.EOF], timeout=0.5)
+        except OSError:
+            pass
+
+    def wait_ready(self, timeout: float) -> float:
+        """Wait for init's readiness line; returns the guest uptime it reported."""
+        match = self.expect(READY_RE, timeout, "booting")
+        return float(match.group(1))
+
+    def run(self, cmd: str, timeout: float) -> Result:
+        """Run ``cmd`` in the guest shell; stdout and stderr come back separately."""
+        if self._dirty:
+            self._resync(timeout)
+        nonce = secrets.token_hex(8)
+        out, err = f"/tmp/.pv-{nonce}.o", f"/tmp/.pv-{nonce}.e"
+        script = (
+            f"( {cmd}\n) </dev/null >{out} 2>{err}; pv_rc=$?; "
+            f"printf '%s\\n' {nonce}S; cat {out}; printf '\\n%s %d\\n' {nonce}E $pv_rc; "
+            f"cat {err}; printf '\\n%s\\n' {nonce}F; rm -f {out} {err}\n"
+        )
+        start = time.monotonic()
+        self._dirty = True
+        self.send(script)
+        pattern = (
+            rf"{nonce}S\r?\n(?P<out>.*?)\r?\n{nonce}E (?P<rc>\d+)\r?\n"
+            rf"(?P<err>.*?)\r?\n{nonce}F\r?\n"
+        )
+        try:
+            match = self.expect(f"(?s){pattern}", timeout, f"running {cmd!r}")
+        except GuestTimeout:
+            self.send("\x03")
+            raise
+        self._dirty = False
+        return Result(
+            cmd=cmd, rc=int(match["rc"]), stdout=_clean(match["out"]),
+            stderr=_clean(match["err"]), duration=time.monotonic() - start,
+        )
+
+    def _resync(self, timeout: float) -> None:
+        """After an interrupted command: wait for a fresh shell to echo a marker."""
+        nonce = secrets.token_hex(8)
+        self.send(f"\nprintf '%s\\n' {nonce}Z\n")
+        self.expect(f"{nonce}Z", timeout, "resynchronising the console after a timeout")
+        self._dirty = False
+
+
+def _clean(text: str) -> str:
+    return text.replace("\r\n", "\n")
+
+
+def no_root_diagnosis(detail: str) -> str:
+    """Turn the initramfs's NO-ROOT line into a sentence that names the fix."""
+    fields = dict(part.split("=", 1) for part in detail.split() if "=" in part)
+    loaded = [m for m in fields.get("loaded", "").split(",") if m]
+    blocks = [b for b in fields.get("blockdevs", "").split(",") if b]
+    if "label" in fields:
+        return (
+            f"the initramfs found no root disk labelled {fields['label']!r}: "
+            f"block devices seen: {blocks or 'none'}; modules loaded: {loaded or 'none'}. "
+            "The initramfs most likely lacks the driver for the root disk's bus "
+            "(e.g. virtio_blk for a virtio-blk root): add it to the initramfs modules."
+        )
+    return f"the initramfs could not mount the root disk: {detail}"

@@ -1,0 +1,286 @@
+"""One QEMU process: launch, QMP, console, soft→hard shutdown, reaping.
+
+Why these choices:
+- QEMU starts paused (``-S``) so the console and QMP are connected before the
+  first instruction runs: no boot output can be missed.
+- Its own process group plus ``PR_SET_PDEATHSIG(SIGKILL)``: if pytest (or an
+  xdist worker) dies by any signal, even SIGKILL, the kernel kills QEMU too.
+  Every live machine is also in a registry swept at interpreter exit.
+- QMP through qemu.qmp's synchronous ``QEMUMonitorProtocol``: the project
+  does not write its own QMP client.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import enum
+import os
+import shlex
+import signal
+import subprocess
+import threading
+import time
+import weakref
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+from ..console import Console
+from ..errors import LaunchError
+
+PR_SET_PDEATHSIG = 1
+
+
+class RunState(enum.Enum):
+    """Explicit lifecycle, as qemu.qmp does for its connections."""
+
+    CREATED = "created"
+    RUNNING = "running"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+_LIVE: weakref.WeakSet[Machine] = weakref.WeakSet()
+_LIVE_LOCK = threading.Lock()
+
+
+def reap_all() -> int:
+    """Kill every machine this process still has running; returns how many."""
+    with _LIVE_LOCK:
+        machines = list(_LIVE)
+    for m in machines:
+        m.kill()
+    return len(machines)
+
+
+class Machine:
+    """A QEMU process built from an argv the spec layer produced.
+
+    ``qmp_socket``/``console_socket`` must be the paths the argv names.
+    """
+
+    def __init__(
+        self,
+        argv: list[str],
+        run_dir: Path,
+        *,
+        qmp_socket: str,
+        console_socket: str,
+        console_log: Path,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        self.argv = list(argv)
+        self.run_dir = run_dir
+        self.qmp_socket = qmp_socket
+        self.console_socket = console_socket
+        self.console_log = console_log
+        self.connect_timeout = connect_timeout
+        self.stderr_path = run_dir / "qemu.stderr"
+        self.state = RunState.CREATED
+        self.events: list[dict[str, Any]] = []
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._qmp: QEMUMonitorProtocol | None = None
+        self._console: Console | None = None
+        self._lock = threading.Lock()
+
+    # -- lifecycle -----------------------------------------------------------
+    def launch(self) -> None:
+        """Start QEMU paused, connect QMP and the console, then let it run."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.write_reproducer()
+        argv = [*self.argv, "-S"]
+        with self.stderr_path.open("wb") as err:
+            try:
+                self._proc = subprocess.Popen(
+                    argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+                    start_new_session=True, preexec_fn=_die_with_parent, close_fds=True,
+                )
+            except FileNotFoundError as exc:
+                self.state = RunState.FAILED
+                raise LaunchError(
+                    f"cannot run {argv[0]}: {exc.strerror}; "
+                    "install it with: apt-get install qemu-system-x86"
+                ) from exc
+        with _LIVE_LOCK:
+            _LIVE.add(self)
+        try:
+            self._qmp = self._connect_qmp()
+            self._console = Console.connect(
+                self.console_socket, self.console_log, self.check_alive, self.connect_timeout
+            )
+            self.qmp("cont")
+        except BaseException:
+            self.kill()
+            raise
+        self.state = RunState.RUNNING
+
+    def _connect_qmp(self) -> QEMUMonitorProtocol:
+        deadline = time.monotonic() + self.connect_timeout
+        while not os.path.exists(self.qmp_socket):
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise LaunchError(f"QEMU never created its QMP socket {self.qmp_socket}\n"
+                                  f"{self.stderr_tail()}")
+            time.sleep(0.01)
+        qmp = QEMUMonitorProtocol(self.qmp_socket)
+        qmp.connect(negotiate=True)
+        return qmp
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def console(self) -> Console:
+        if self._console is None:
+            raise LaunchError("machine is not running")
+        return self._console
+
+    def exitcode(self) -> int | None:
+        return None if self._proc is None else self._proc.poll()
+
+    def stderr_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.stderr_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def check_alive(self) -> None:
+        """Raise LaunchError with exit status and stderr if QEMU has exited."""
+        rc = self.exitcode()
+        if rc is not None and self.state is not RunState.STOPPED:
+            self.state = RunState.FAILED
+            raise LaunchError(
+                f"QEMU exited with status {rc}\n--- qemu stderr ---\n{self.stderr_tail()}\n"
+                f"--- command ---\n{self.command_line()}"
+            )
+
+    # -- QMP -----------------------------------------------------------------
+    def qmp(self, cmd: str, **args: Any) -> Any:
+        """Run a QMP command; QMP errors become LaunchError with the reply."""
+        if self._qmp is None:
+            raise LaunchError("QMP is not connected")
+        with self._lock:
+            reply = self._qmp.cmd_raw(cmd, args or None)
+            self.events.extend(self._qmp.get_events(wait=False))
+            self._qmp.clear_events()
+        if "error" in reply:
+            raise LaunchError(f"QMP {cmd} failed: {reply['error'].get('desc', reply)}")
+        return reply.get("return")
+
+    def hmp(self, command: str) -> str:
+        out = self.qmp("human-monitor-command", **{"command-line": command})
+        return str(out)
+
+    def poll_events(self) -> list[dict[str, Any]]:
+        """Collect pending QMP events (GUEST_PANICKED, DEVICE_DELETED, ...)."""
+        if self._qmp is None:
+            return []
+        with self._lock:
+            new = self._qmp.get_events(wait=False)
+            self._qmp.clear_events()
+        self.events.extend(new)
+        return new
+
+    def wait_event(self, name: str, timeout: float, match: dict[str, Any] | None = None
+                   ) -> dict[str, Any]:
+        """Wait for a QMP event whose data contains ``match``; events stay recorded."""
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while True:
+            for ev in self.events[seen:]:
+                data = ev.get("data", {})
+                if ev.get("event") == name and all(
+                    data.get(k) == v for k, v in (match or {}).items()
+                ):
+                    return ev
+            seen = len(self.events)
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise LaunchError(f"QMP event {name} {match or ''} not seen within {timeout}s")
+            self._pull_one(0.1)
+
+    def _pull_one(self, wait: float) -> None:
+        with self._lock:
+            if self._qmp is None:
+                raise LaunchError("QMP is not connected")
+            try:
+                ev = self._qmp.pull_event(wait=wait)
+            except TimeoutError:
+                return
+        if ev:
+            self.events.append(ev)
+
+    # -- shutdown ------------------------------------------------------------
+    def shutdown(self, timeout: float = 5.0) -> int | None:
+        """Soft first (QMP quit flushes the block layer), then SIGTERM, then SIGKILL."""
+        if self._proc is None or self.state is RunState.STOPPED:
+            return self.exitcode()
+        if self._proc.poll() is None and self._qmp is not None:
+            with contextlib.suppress(Exception):
+                with self._lock:
+                    self._qmp.cmd_raw("quit")
+        self._close_channels()
+        self._wait_or_escalate(timeout)
+        return self.exitcode()
+
+    def kill(self) -> None:
+        """Hard stop now: used on errors and by the reaper."""
+        self._close_channels()
+        self._wait_or_escalate(0.0)
+
+    def _close_channels(self) -> None:
+        if self._qmp is not None:
+            with contextlib.suppress(Exception):
+                self._qmp.close()
+            self._qmp = None
+        if self._console is not None:
+            self._console.close()
+            self._console = None
+
+    def _wait_or_escalate(self, timeout: float) -> None:
+        proc = self._proc
+        if proc is None:
+            return
+        for sig, wait in ((None, timeout), (signal.SIGTERM, 2.0), (signal.SIGKILL, 10.0)):
+            if sig is not None and proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, sig)
+            try:
+                proc.wait(wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        if self.state is not RunState.FAILED:
+            self.state = RunState.STOPPED
+        with _LIVE_LOCK:
+            _LIVE.discard(self)
+
+    # -- artifacts -----------------------------------------------------------
+    def command_line(self) -> str:
+        return shlex.join(self.argv)
+
+    def write_reproducer(self) -> Path:
+        """``reproduce.sh``: the exact command, runnable by hand (add -serial stdio)."""
+        path = self.run_dir / "reproduce.sh"
+        path.write_text(
+            "#!/bin/sh\n# QEMU command line of this guest, as pytest-virtio ran it.\n"
+            f"exec {self.command_line()} \"$@\"\n"
+        )
+        path.chmod(0o755)
+        return path
+
+    def __enter__(self) -> Machine:
+        self.launch()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()

@@ -1,0 +1,269 @@
+"""VirtioSession: image, accelerator and run directories for one test session.
+
+Usable without pytest (a script can ``with VirtioSession(Settings()) as s:
+s.boot(MachineSpec())``); the plugin keeps one per process in the config
+stash, so each xdist worker has its own run directory and guests while the
+image cache and accelerator verdict are shared through file locks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import secrets
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from . import spec as spec_mod
+from .errors import ConfigError, LaunchError, VirtioError
+from .guest import Guest
+from .images import GuestImage, custom_image, ensure_image, initramfs_for, load_recipe
+from .qemu import capabilities
+from .qemu.accel import TIMEOUT_SCALE, AccelChoice, choose_accel
+from .qemu.machine import Machine, reap_all
+from .settings import Settings
+
+Progress = Callable[[str], None]
+#: Kernel command line shared by every guest: quiet console, fast boot.
+BASE_APPEND = (
+    "console=ttyS0,115200 quiet loglevel=1 panic=-1 pv.root=pvroot "
+    "8250.nr_uarts=1 no_timer_check tsc=reliable i8042.noaux i8042.nokbd i8042.nopnp "
+    "mitigations=off random.trust_cpu=on nokaslr cryptomgr.notests"
+)
+RUN_PREFIX = "pv-"
+BOOT_TIMEOUT = 15.0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale_runs(base: Path) -> list[Path]:
+    """Remove run directories whose owning process is gone (a killed session)."""
+    removed = []
+    for d in base.glob(f"{RUN_PREFIX}*"):
+        try:
+            pid = int((d / "owner.pid").read_text())
+        except (OSError, ValueError):
+            continue
+        if not _pid_alive(pid):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
+class VirtioSession:
+    """Lazily resolves the image and the accelerator; boots guests on request."""
+
+    def __init__(self, settings: Settings, progress: Progress = lambda _m: None) -> None:
+        self.settings = settings
+        self.progress = progress
+        self._lock = threading.RLock()
+        self._image: GuestImage | None = None
+        self._accel: AccelChoice | None = None
+        self._qemu: str | None = None
+        self._run_root: Path | None = None
+        self._counter = 0
+        self.guests: list[Guest] = []
+
+    # -- resolved lazily -----------------------------------------------------
+    @property
+    def qemu(self) -> str:
+        if self._qemu is None:
+            self._qemu = capabilities.find_qemu(self.settings.qemu)
+        return self._qemu
+
+    def qemu_version(self) -> str:
+        return ".".join(str(p) for p in capabilities.qemu_version(self.qemu))
+
+    def image(self) -> GuestImage:
+        with self._lock:
+            if self._image is None:
+                s = self.settings
+                if s.kernel and s.initrd and s.rootfs:
+                    self._image = custom_image(s.kernel, s.initrd, s.rootfs)
+                else:
+                    self._image = ensure_image(load_recipe(), s.cache_dir, self.progress)
+            return self._image
+
+    def accel(self) -> AccelChoice:
+        with self._lock:
+            if self._accel is None:
+                qemu_id = hashlib.sha256(
+                    f"{self.qemu}:{self.qemu_version()}:{self.image().key}".encode()
+                ).hexdigest()[:12]
+                self._accel = choose_accel(
+                    self.settings.accel, self.settings.cache_dir, qemu_id, self._probe_boot
+                )
+            return self._accel
+
+    @property
+    def timeout_scale(self) -> float:
+        if self.settings.timeout_scale is not None:
+            return self.settings.timeout_scale
+        return TIMEOUT_SCALE[self.accel().accel]
+
+    @property
+    def run_root(self) -> Path:
+        """Short per-process directory for sockets (sun_path is 108 bytes)."""
+        with self._lock:
+            if self._run_root is None:
+                base = Path(tempfile.gettempdir())
+                sweep_stale_runs(base)
+                root = base / f"{RUN_PREFIX}{secrets.token_hex(3)}"
+                root.mkdir(mode=0o700)
+                (root / "owner.pid").write_text(str(os.getpid()))
+                self._run_root = root
+            return self._run_root
+
+    def new_run_dir(self) -> Path:
+        with self._lock:
+            self._counter += 1
+            d = self.run_root / f"g{self._counter}"
+        d.mkdir()
+        return d
+
+    # -- booting -------------------------------------------------------------
+    def _probe_boot(self, timeout: float) -> float:
+        guest = self._launch(spec_mod.MachineSpec(), "kvm-probe", accel="kvm",
+                             boot_timeout=timeout, scale=1.0)
+        try:
+            return guest.boot_uptime or 0.0
+        finally:
+            guest.close()
+
+    def boot(self, spec: spec_mod.MachineSpec | None = None, name: str = "guest") -> Guest:
+        """Boot a guest for ``spec`` and wait until its shell answers."""
+        spec = spec or spec_mod.MachineSpec()
+        missing = capabilities.missing_devices(spec, self.qemu)
+        if missing:
+            raise LaunchError(
+                f"this QEMU ({self.qemu}) lacks device models: {', '.join(sorted(missing))}"
+            )
+        accel = self.accel().accel
+        scale = self.timeout_scale
+        guest = self._launch(spec, name, accel=accel, boot_timeout=BOOT_TIMEOUT * scale,
+                             scale=scale)
+        self.guests.append(guest)
+        return guest
+
+    def _launch(self, spec: spec_mod.MachineSpec, name: str, *, accel: str,
+                boot_timeout: float, scale: float) -> Guest:
+        image = self.image()
+        run_dir = self.new_run_dir()
+        disk_files, serials = self._data_disks(spec, run_dir)
+        backends = self._start_backends(spec, run_dir, disk_files)
+        try:
+            initrd = initramfs_for(image, spec_mod.ROOT_MODULES[spec.root_bus])
+            ctx = spec_mod.LaunchContext(
+                qemu_binary=self.qemu, accel=accel, kernel=str(image.kernel),
+                initrd=str(initrd), root_image=str(image.rootfs),
+                root_format=image.rootfs_format,
+                append=" ".join([BASE_APPEND, *spec.kernel_args]),
+                qmp_socket=str(run_dir / "qmp.sock"),
+                console_socket=str(run_dir / "con.sock"),
+                console_log=str(run_dir / "console.log"),
+                disk_files=disk_files,
+                vhost_sockets={n: str(run_dir / f"vu-{n}.sock") for n in backends},
+                serial_sockets={},
+                name=name,
+            )
+            argv = spec_mod.to_argv(spec, ctx)
+            machine = Machine(argv, run_dir, qmp_socket=ctx.qmp_socket,
+                              console_socket=ctx.console_socket,
+                              console_log=Path(ctx.console_log))
+            guest = Guest(machine=machine, name=name, accel=accel,
+                          timeout_scale=scale,
+                          run_dir=run_dir, spec=spec, backends=backends,
+                          disk_serials=serials)
+            machine.launch()
+        except BaseException:
+            for b in backends.values():
+                b.stop()
+            raise
+        try:
+            guest.boot_uptime = machine.console.wait_ready(boot_timeout)
+        except BaseException:
+            guest.close()
+            raise
+        return guest
+
+    def _data_disks(self, spec: spec_mod.MachineSpec, run_dir: Path
+                    ) -> tuple[dict[str, str], dict[str, str]]:
+        """Create sparse files for sized data disks; user images are used in place."""
+        files: dict[str, str] = {}
+        serials: dict[str, str] = {}
+        for disk in spec.disks:
+            serials[disk.name] = disk.serial or disk.name
+            if disk.image:
+                files[disk.name] = str(disk.image)
+                continue
+            path = run_dir / f"disk-{disk.name}.img"
+            with path.open("wb") as f:
+                f.truncate(spec_mod.parse_size(disk.size))
+            files[disk.name] = str(path)
+        return files, serials
+
+    def _start_backends(self, spec: spec_mod.MachineSpec, run_dir: Path,
+                        disk_files: dict[str, str]) -> dict[str, Any]:
+        """Start one in-process vhost-user-blk server per such disk, before QEMU."""
+        wanted = [d for d in spec.disks if d.bus == "vhost-user-blk"]
+        if not wanted:
+            return {}
+        from .vhost_user import FileStorage, VhostUserBlkServer
+
+        servers: dict[str, Any] = {}
+        try:
+            for disk in wanted:
+                server = VhostUserBlkServer(
+                    str(run_dir / f"vu-{disk.name}.sock"),
+                    FileStorage(disk_files[disk.name]),
+                    num_queues=disk.num_queues or spec.smp,
+                    readonly=disk.readonly, serial=disk.serial or disk.name,
+                )
+                server.start()
+                servers[disk.name] = server
+        except BaseException:
+            for s in servers.values():
+                s.stop()
+            raise
+        return servers
+
+    # -- teardown ------------------------------------------------------------
+    def close(self) -> None:
+        for guest in self.guests:
+            with contextlib.suppress(VirtioError, OSError):
+                guest.close()
+        self.guests.clear()
+        reap_all()
+        if self._run_root is not None and self.settings.keep != "always":
+            shutil.rmtree(self._run_root, ignore_errors=True)
+            self._run_root = None
+
+    def __enter__(self) -> VirtioSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@contextlib.contextmanager
+def booted(spec: spec_mod.MachineSpec | None = None, settings: Settings | None = None
+           ) -> Iterator[Guest]:
+    """One-shot helper for scripts and benchmarks."""
+    with VirtioSession(settings or Settings.from_values({})) as session:
+        yield session.boot(spec)
+
+
+__all__ = ["ConfigError", "VirtioSession", "booted", "sweep_stale_runs"]

@@ -1,0 +1,116 @@
+"""Settings resolved once: CLI option > ini > environment > default.
+
+Why one frozen object: every part of the plugin reads the same validated
+values, and a bad value is reported once, at configure time, naming where it
+came from and what is allowed (a marker still overrides per test).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .images import default_cache_dir
+
+ACCELS = ("auto", "kvm", "tcg")
+KEEP = ("failed", "always", "never")
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One setting: its CLI flag, ini key, environment variable, default, help."""
+
+    name: str
+    default: str | None
+    help: str
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--virtio-" + self.name.replace("_", "-")
+
+    @property
+    def ini(self) -> str:
+        return "virtio_" + self.name
+
+    @property
+    def env(self) -> str:
+        return "PYTEST_VIRTIO_" + self.name.upper()
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("accel", "auto", "accelerator: auto probes KVM with a bounded boot, else TCG",
+           ACCELS),
+    Option("qemu", None, "qemu-system-x86_64 binary (default: from PATH)"),
+    Option("cache", None, "image cache directory (default ~/.cache/pytest-virtio)"),
+    Option("kernel", None, "boot this kernel instead of the built image's"),
+    Option("initrd", None, "with --virtio-kernel: its initramfs"),
+    Option("rootfs", None, "with --virtio-kernel: its root disk image (label pvroot)"),
+    Option("keep", "failed", "keep guest artifacts (console, stderr, reproduce.sh)", KEEP),
+    Option("artifacts", ".pytest-virtio", "where kept artifacts go"),
+    Option("timeout_scale", None, "multiply every guest timeout (default: 1 kvm, 4 tcg)"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    accel: str = "auto"
+    qemu: str | None = None
+    cache_dir: Path = Path()
+    kernel: str | None = None
+    initrd: str | None = None
+    rootfs: str | None = None
+    keep: str = "failed"
+    artifacts: Path = Path(".pytest-virtio")
+    timeout_scale: float | None = None
+
+    @classmethod
+    def from_values(cls, values: dict[str, str | None]) -> Settings:
+        """Validate raw strings (from any source) into Settings."""
+        for opt in OPTIONS:
+            val = values.get(opt.name)
+            if val is not None and opt.choices and val not in opt.choices:
+                raise ConfigError(
+                    f"{opt.flag} / {opt.ini} / {opt.env}: {val!r} is not one of "
+                    f"{', '.join(opt.choices)}"
+                )
+        custom = [values.get(k) for k in ("kernel", "initrd", "rootfs")]
+        if any(custom) and not all(custom):
+            raise ConfigError(
+                "--virtio-kernel, --virtio-initrd and --virtio-rootfs go together: "
+                "give all three or none"
+            )
+        scale = values.get("timeout_scale")
+        try:
+            scale_f = float(scale) if scale else None
+        except ValueError:
+            raise ConfigError(f"--virtio-timeout-scale: {scale!r} is not a number") from None
+        if scale_f is not None and scale_f <= 0:
+            raise ConfigError(f"--virtio-timeout-scale: {scale!r} must be positive")
+        cache = values.get("cache")
+        return cls(
+            accel=values.get("accel") or "auto",
+            qemu=values.get("qemu"),
+            cache_dir=Path(cache).expanduser() if cache else default_cache_dir(),
+            kernel=custom[0], initrd=custom[1], rootfs=custom[2],
+            keep=values.get("keep") or "failed",
+            artifacts=Path(values.get("artifacts") or ".pytest-virtio"),
+            timeout_scale=scale_f,
+        )
+
+
+def resolve_values(getoption: Any, getini: Any) -> dict[str, str | None]:
+    """Merge CLI > ini > environment > default for every option."""
+    values: dict[str, str | None] = {}
+    for opt in OPTIONS:
+        val = getoption(opt.flag)
+        if val is None:
+            ini = getini(opt.ini)
+            val = ini if ini else None
+        if val is None:
+            val = os.environ.get(opt.env) or opt.default
+        values[opt.name] = val
+    return values
