@@ -1,0 +1,264 @@
+"""Results store: JSON round-trips (xdist transport), table, junit, baselines."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pytest_virtio.errors import ConfigError
+from pytest_virtio.report import (
+    Baseline,
+    Record,
+    Regression,
+    compare,
+    junit_properties,
+    load_baseline,
+    load_json,
+    machine_id,
+    parse_compare_fail,
+    records_from_json,
+    records_to_json,
+    render_table,
+    save_baseline,
+    write_json,
+)
+from pytest_virtio.workloads.fio import parse_fio_json
+
+DATA = Path(__file__).parent / "data" / "fio"
+
+
+def rec(device: str = "virtio-blk", iops: float = 15_000, **kw: object) -> Record:
+    base = Record(
+        test_id="test_randread[virtio-blk]",
+        device=device,
+        workload="randread",
+        accel="tcg",
+        machine="m1",
+        iops=iops,
+        bw=iops * 4096,
+        lat_p99_ns=1_500_000,
+    )
+    return replace(base, **kw)  # type: ignore[arg-type]
+
+
+def test_from_fio() -> None:
+    result = parse_fio_json((DATA / "fio-3.33-randread.json").read_text())
+    record = Record.from_fio("t", "virtio-blk", "randread", "kvm", "m1", result, {"iodepth": 8})
+    assert record.iops == result.iops
+    assert record.bw == result.bw
+    assert record.lat_p99_ns == 358400
+    assert record.extra == {"iodepth": 8}
+    assert record.key == ("m1", "kvm", "virtio-blk", "randread")
+
+
+def test_json_roundtrip_and_builtins_only() -> None:
+    record = rec(extra={"iodepth": 16, "note": "x", "ok": True, "none": None})
+    data = record.to_dict()
+    assert json.loads(json.dumps(data)) == data
+    assert Record.from_dict(data) == record
+    assert Record.from_json(record.to_json()) == record
+
+
+_text = st.text(max_size=20)
+_num = st.floats(min_value=0, max_value=1e12, allow_nan=False)
+
+
+@given(
+    st.builds(
+        Record,
+        test_id=_text,
+        device=_text,
+        workload=_text,
+        accel=_text,
+        machine=_text,
+        iops=_num,
+        bw=_num,
+        lat_p99_ns=st.none() | _num,
+        extra=st.dictionaries(_text, st.none() | st.integers() | _text | st.booleans()),
+    )
+)
+def test_json_roundtrip_property(record: Record) -> None:
+    assert Record.from_json(record.to_json()) == record
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "nope",
+        "[]",
+        '{"device": "x"}',
+        json.dumps({**rec().to_dict(), "iops": "fast"}),
+        json.dumps({**rec().to_dict(), "device": 3}),
+        json.dumps({**rec().to_dict(), "extra": [1]}),
+    ],
+)
+def test_bad_record_json(text: str) -> None:
+    with pytest.raises(ConfigError):
+        Record.from_json(text)
+
+
+def test_session_file_roundtrip(tmp_path: Path) -> None:
+    records = [rec(), rec("ide", 5_400, lat_p99_ns=None)]
+    path = tmp_path / "sub" / "results.json"
+    write_json(records, path)
+    assert load_json(path) == records
+    assert json.loads(path.read_text())["version"] == 1
+    assert records_from_json(json.dumps([r.to_dict() for r in records])) == records
+    assert [p.name for p in path.parent.iterdir()] == ["results.json"]  # no temp left
+    with pytest.raises(ConfigError, match="records"):
+        records_from_json('{"version": 1}')
+    assert records_from_json(records_to_json([])) == []
+
+
+def test_render_table_aligned() -> None:
+    table = render_table(
+        [
+            rec(),
+            rec("ide", 5_412.4, test_id="test_randread[ide]", lat_p99_ns=None),
+            rec("nvme", 123_456, test_id="test_randread[nvme]", lat_p99_ns=250_000),
+        ]
+    )
+    lines = table.splitlines()
+    assert lines[0].split() == [
+        "test",
+        "device",
+        "workload",
+        "accel",
+        "IOPS",
+        "bandwidth",
+        "p99",
+        "latency",
+    ]
+    assert set(lines[1]) == {"-", " "}
+    assert "15,000" in lines[2] and "58.6 MiB/s" in lines[2] and "1.50 ms" in lines[2]
+    assert "5,412" in lines[3] and lines[3].endswith("-")
+    assert "123,456" in lines[4] and "482 MiB/s" in lines[4] and "250 µs" in lines[4]
+    # numbers are right-aligned: every IOPS cell ends in the same column
+    header_end = lines[0].index("IOPS") + len("IOPS")
+    for row, value in zip(lines[2:], ["15,000", "5,412", "123,456"], strict=True):
+        assert row.index(value) + len(value) == header_end
+
+
+def test_render_empty() -> None:
+    assert render_table([]) == "no I/O results recorded"
+
+
+def test_junit_properties() -> None:
+    props = junit_properties(rec(iops=4812.5, extra={"iodepth": 16}))
+    assert props == [
+        ("virtio_device", "virtio-blk"),
+        ("virtio_workload", "randread"),
+        ("virtio_accel", "tcg"),
+        ("virtio_iops", "4812.5"),
+        ("virtio_bw_bytes", "19712000"),
+        ("virtio_lat_p99_ns", "1500000"),
+        ("virtio_iodepth", "16"),
+    ]
+    assert all(isinstance(v, str) for _, v in props)
+    assert ("virtio_lat_p99_ns", "1500000") not in junit_properties(rec(lat_p99_ns=None))
+
+
+def test_machine_id() -> None:
+    cpu = (
+        "processor\t: 0\nmodel name\t: AMD EPYC 7B13\nprocessor\t: 1\nmodel name\t: AMD EPYC 7B13\n"
+    )
+    a = machine_id("ci-runner 3", cpu)
+    assert a.startswith("ci-runner_3-")
+    assert a == machine_id("ci-runner 3", cpu)
+    assert a != machine_id("ci-runner 3", cpu.replace("7B13", "9654"))
+    assert a != machine_id("ci-runner 3", cpu.split("processor\t: 1")[0])
+    assert machine_id()  # the real host
+    assert machine_id() == machine_id()
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("iops:10%", {"iops": 10.0}),
+        ("iops:10%,lat_p99:20%", {"iops": 10.0, "lat_p99": 20.0}),
+        (" bw : 2.5% , ", {"bw": 2.5}),
+    ],
+)
+def test_parse_compare_fail(spec: str, expected: dict[str, float]) -> None:
+    assert parse_compare_fail(spec) == expected
+
+
+@pytest.mark.parametrize(
+    ("spec", "word"),
+    [
+        ("", "empty"),
+        ("iops", "'iops' is not METRIC:PERCENT%"),
+        ("iops:10", "'iops:10'"),
+        ("speed:10%", "'speed' is not known; allowed: iops, bw, lat_p99"),
+        ("iops:10%,iops:5%", "twice"),
+        ("iops:-1%", "'iops:-1%'"),
+    ],
+)
+def test_parse_compare_fail_rejects(spec: str, word: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_compare_fail(spec)
+    assert word in str(info.value)
+
+
+def test_baseline_roundtrip_and_stamping(tmp_path: Path) -> None:
+    path = tmp_path / "baseline.json"
+    save_baseline([rec(), rec(machine="")], path, "m1")
+    loaded = load_baseline(path)
+    assert loaded.machine_id == "m1"
+    assert [r.machine for r in loaded.records] == ["m1", "m1"]
+
+
+def test_bad_baseline_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read baseline"):
+        load_baseline(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_baseline(bad)
+    bad.write_text('{"records": []}')
+    with pytest.raises(ConfigError, match="no machine_id"):
+        load_baseline(bad)
+
+
+def test_compare_finds_iops_regression_only_beyond_tolerance() -> None:
+    base = Baseline("m1", (rec(iops=10_000), rec("ide", 5_000)))
+    now = [rec(iops=8_500), rec("ide", 4_600)]
+    [reg] = compare(now, base, "iops:10%")
+    assert (reg.device, reg.metric, reg.baseline, reg.current) == ("virtio-blk", "iops", 1e4, 8500)
+    assert reg.change_pct == pytest.approx(-15.0)
+    assert str(reg) == (
+        "randread on virtio-blk (tcg): IOPS 8,500 vs baseline 10,000 (-15.0%, allowed 10% worse)"
+    )
+
+
+def test_compare_latency_higher_is_worse() -> None:
+    base = Baseline("m1", (rec(lat_p99_ns=1_000_000),))
+    assert compare([rec(lat_p99_ns=900_000)], base, "lat_p99:20%") == []
+    [reg] = compare([rec(lat_p99_ns=1_300_000)], base, "iops:10%,lat_p99:20%")
+    assert reg.metric == "lat_p99"
+    assert "p99 latency 1.30 ms vs baseline 1 ms (+30.0%" in str(reg)
+
+
+def test_compare_keys_never_cross_machine_or_accel() -> None:
+    base = Baseline("m1", (rec(iops=10_000),))
+    assert compare([rec(iops=1, machine="m2")], base) == []
+    assert compare([rec(iops=1, accel="kvm")], base) == []
+    assert compare([rec(iops=1, workload="randwrite")], base) == []
+    assert compare([rec(iops=1, machine="")], base)  # unstamped records belong to this host
+
+
+def test_compare_averages_repeats_and_skips_zero() -> None:
+    base = Baseline("m1", (rec(iops=10_000), rec(iops=12_000), rec("ide", 0)))
+    assert compare([rec(iops=10_000), rec(iops=10_000), rec("ide", 1)], base, "iops:10%") == []
+    [reg] = compare([rec(iops=9_000)], base, "iops:10%")
+    assert reg.baseline == 11_000
+
+
+def test_regression_is_data() -> None:
+    reg = Regression("m", "tcg", "ide", "read", "bw", 2.0 * 1024**2, 1024**2, -50.0, 10.0)
+    assert "bandwidth 1 MiB/s vs baseline 2 MiB/s (-50.0%" in str(reg)
