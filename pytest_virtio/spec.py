@@ -255,6 +255,8 @@ class Disk:
 
     The default bus is vhost-user-blk because the project's point is the
     in-process backend; ``image`` (raw|qcow2) replaces the blank ``size`` file.
+    The guest sees ``serial`` (default: the name) so tests can find the disk by
+    id; for vhost-user-blk the backend answers GET_ID, so QEMU's argv has none.
     """
 
     name: str = "disk0"
@@ -351,13 +353,13 @@ class Disk:
 
     def _check_serial(self) -> None:
         if self.serial is None:
+            if len(self.name) > 20:
+                raise ConfigError(
+                    f"disk {self.name!r}: the name doubles as the disk serial, which holds "
+                    "20 characters; shorten it or give serial="
+                )
             return
         where = f"disk {self.name!r} (bus {self.bus!r})"
-        if self.bus == "vhost-user-blk":
-            raise ConfigError(
-                f"{where}: the serial of a vhost-user-blk disk comes from the backend, "
-                "not from QEMU; drop serial= or use bus 'virtio-blk'"
-            )
         if not isinstance(self.serial, str) or not re.match(r"^[A-Za-z0-9_.-]{1,20}$", self.serial):
             raise ConfigError(
                 f"{where}: serial must be 1..20 characters of letters, digits, '_', '.', '-'"
@@ -496,8 +498,9 @@ _DEVICE_CLASS: Final[Mapping[str, type[Any]]] = MappingProxyType(
 class MachineSpec:
     """One guest: memory, CPUs, root disk bus, data disks, NICs, other devices.
 
-    ``kernel_args`` are appended to the image's command line by ``to_argv``;
-    ``extra_args`` are raw QEMU arguments appended last (the escape hatch).
+    ``kernel_args`` are for whoever builds ``LaunchContext.append`` (the machine
+    joins them to the image's base line); ``extra_args`` are raw QEMU arguments
+    appended last by ``to_argv`` (the escape hatch).
     """
 
     memory: str | int = "512M"
@@ -684,8 +687,9 @@ class LaunchContext:
 
     Separate from MachineSpec because the spec is the test's wish (hashable,
     comparable, shown in ids) while these are per-run facts chosen by the machine.
-    ``append`` is the image's base kernel command line; ``to_argv`` adds
-    ``spec.kernel_args`` after it.
+    ``append`` is the complete kernel command line (image base line plus
+    ``spec.kernel_args``): composing it is the machine's job, ``to_argv`` uses it
+    verbatim.
     """
 
     qemu_binary: str
@@ -732,7 +736,6 @@ def _disk_file(disk: Disk, ctx: LaunchContext) -> str:
 
 def _base_argv(spec: MachineSpec, ctx: LaunchContext) -> list[str]:
     mem = f"{spec.memory_mib}M"
-    append = " ".join(a for a in (ctx.append, *spec.kernel_args) if a)
     console = [("id", "con0"), ("path", ctx.console_socket), ("server", "on")]
     console += [("wait", "off"), ("logfile", ctx.console_log), ("logappend", "on")]
     qmp = [("id", "qmp0"), ("path", ctx.qmp_socket), ("server", "on"), ("wait", "off")]
@@ -749,7 +752,7 @@ def _base_argv(spec: MachineSpec, ctx: LaunchContext) -> list[str]:
         "-object", f"memory-backend-memfd,id=mem,size={mem},share=on",
         "-kernel", ctx.kernel,
         "-initrd", ctx.initrd,
-        "-append", append,
+        "-append", ctx.append,
         "-chardev", _opts("socket", console),
         "-serial", "chardev:con0",
         "-chardev", _opts("socket", qmp),
@@ -791,7 +794,7 @@ def _frontend_props(disk: Disk | None, bus: str) -> Props:
     if disk is None:
         return [("serial", "root")] if bus == "nvme" else []
     props: Props = []
-    if disk.serial is not None or bus == "nvme":
+    if bus != "vhost-user-blk":
         props.append(("serial", disk.serial or disk.name))
     if disk.num_queues is not None and bus != "virtio-scsi":
         props.append((_NUM_QUEUES_PROP[bus], str(disk.num_queues)))
@@ -1020,8 +1023,8 @@ def hotplug_props(disk: Disk, ctx: LaunchContext) -> tuple[dict[str, Any], dict[
 def _qmp_frontend_props(disk: Disk) -> dict[str, Any]:
     """Typed device_add values: QMP wants ints/bools where -device takes strings."""
     props: dict[str, Any] = {}
-    if disk.serial is not None:
-        props["serial"] = disk.serial
+    if disk.bus != "vhost-user-blk":
+        props["serial"] = disk.serial or disk.name
     if disk.bus == "virtio-scsi":
         return props
     if disk.num_queues is not None:
