@@ -1,0 +1,170 @@
+"""pytest hooks, and only hooks: options, markers, header, collection, reports.
+
+Settings are resolved once at configure time and kept in the config stash;
+marker arguments are validated at collection so a typo is a collection error
+naming the marker and the key, not a failure minutes into a boot.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Generator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from . import spec as spec_mod
+from .errors import ConfigError, VirtioError
+from .session import VirtioSession
+from .settings import OPTIONS, Settings, resolve_values
+
+SETTINGS_KEY = pytest.StashKey[Settings]()
+SESSION_KEY = pytest.StashKey[VirtioSession]()
+REPORTS_KEY = pytest.StashKey[dict[str, pytest.TestReport]]()
+
+MARKERS = {
+    "vm": "vm(memory=, smp=, root_bus=, disks=[...], nics=[...], devices=[...], "
+    "kernel_args=[...]): the machine the `guest` fixture boots for this test.",
+    "virtio_matrix": "virtio_matrix(disk=[...], nic=[...], root_bus=[...]): run the test "
+    "once per device choice, ids like [disk=ahci-nic=e1000].",
+    "expect_drivers": "expect_drivers(*names, absent=[...]): after boot, fail unless these "
+    "guest drivers are bound/loaded (built-ins count) and the absent ones are not.",
+    "workload": "workload('fio', rw=, bs=, iodepth=, runtime=, ...): run a workload in the "
+    "guest before the test body; its result is the `workload` fixture.",
+    "perf": "perf(min_iops=, min_bw=, max_lat_p99=, faster_than=, by=): assert the "
+    "workload's figures; per-accelerator values as {'kvm': .., 'tcg': ..}.",
+}
+
+pytest_plugins = ["pytest_virtio.fixtures"]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("virtio", "pytest-virtio: QEMU guests and virtio devices")
+    for opt in OPTIONS:
+        group.addoption(opt.flag, default=None, help=f"{opt.help} (ini {opt.ini}, "
+                        f"env {opt.env})", choices=opt.choices)
+        parser.addini(opt.ini, help=opt.help, default=None)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for name, text in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {text}")
+    try:
+        settings = Settings.from_values(resolve_values(config.getoption, config.getini))
+    except ConfigError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    config.stash[SETTINGS_KEY] = settings
+    config.stash[REPORTS_KEY] = {}
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+
+    def progress(msg: str) -> None:
+        if reporter is not None:
+            reporter.write_line(f"pytest-virtio: {msg}")
+
+    config.stash[SESSION_KEY] = VirtioSession(settings, progress)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    session = config.stash.get(SESSION_KEY, None)
+    if session is not None:
+        session.close()
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """QEMU version, accelerator (with the probe's verdict) and image."""
+    session = config.stash[SESSION_KEY]
+    try:
+        choice = session.accel()
+        return [
+            f"virtio: QEMU {session.qemu_version()} ({session.qemu}), accel {choice.accel} "
+            f"— {choice.note}, image {session.image().key}"
+        ]
+    except VirtioError as exc:
+        return [f"virtio: guests unavailable: {str(exc).splitlines()[0]}"]
+
+
+def _marker_kwargs(node: Any, name: str) -> dict[str, Any] | None:
+    marker = node.get_closest_marker(name)
+    if marker is None:
+        return None
+    if marker.args:
+        raise ConfigError(f"@pytest.mark.{name}: takes keyword arguments only, "
+                          f"got positional {marker.args!r}")
+    return dict(marker.kwargs)
+
+
+def validate_markers(node: Any) -> list[tuple[str, dict[str, str]]] | None:
+    """Check every pytest-virtio marker of a test; returns the matrix choices."""
+    vm = _marker_kwargs(node, "vm")
+    base = spec_mod.spec_from_kwargs(vm or {}, where="vm")
+    exp = node.get_closest_marker("expect_drivers")
+    if exp is not None:
+        expect_drivers_args(exp)
+    matrix = _marker_kwargs(node, "virtio_matrix")
+    if matrix is None:
+        return None
+    choices = spec_mod.matrix_params(matrix)
+    for _, choice in choices:
+        spec_mod.apply_matrix(base, choice)
+    return choices
+
+
+def expect_drivers_args(marker: pytest.Mark) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    unknown = set(marker.kwargs) - {"absent"}
+    if unknown:
+        raise ConfigError(
+            f"@pytest.mark.expect_drivers: unknown key(s) {', '.join(sorted(unknown))}; "
+            "allowed: absent"
+        )
+    names = tuple(marker.args)
+    absent = marker.kwargs.get("absent", ())
+    if isinstance(absent, str):
+        absent = (absent,)
+    for n in (*names, *absent):
+        if not isinstance(n, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", n):
+            raise ConfigError(f"@pytest.mark.expect_drivers: {n!r} is not a driver name")
+    return names, tuple(absent)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    try:
+        choices = validate_markers(metafunc.definition)
+    except ConfigError as exc:
+        raise pytest.Collector.CollectError(
+            f"{metafunc.definition.nodeid}: {exc}"
+        ) from None
+    if choices is not None:
+        if "virtio_choice" not in metafunc.fixturenames:
+            raise pytest.Collector.CollectError(
+                f"{metafunc.definition.nodeid}: @pytest.mark.virtio_matrix needs the "
+                "`guest` fixture (or `virtio_choice`)"
+            )
+        metafunc.parametrize(
+            "virtio_choice", [c for _, c in choices], ids=[i for i, _ in choices],
+            indirect=True,
+        )
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Remember each phase's report so fixtures can keep artifacts of failures."""
+    report = yield
+    item.stash.setdefault(REPORTS_KEY, {})[report.when] = report
+    kept = artifacts_dir(item)
+    if report.failed and report.when == "call" and item.stash.get(USES_GUEST_KEY, False):
+        settings = item.config.stash[SETTINGS_KEY]
+        if settings.keep != "never":
+            report.sections.append(("pytest-virtio artifacts", str(kept)))
+    return report
+
+
+USES_GUEST_KEY = pytest.StashKey[bool]()
+
+
+def artifacts_dir(item: pytest.Item) -> Path:
+    settings = item.config.stash[SETTINGS_KEY]
+    safe = re.sub(r"[^A-Za-z0-9_.=-]+", "_", item.nodeid).strip("_")
+    return (Path(item.config.rootpath) / settings.artifacts / safe).resolve()
