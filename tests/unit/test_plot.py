@@ -1,0 +1,140 @@
+"""Chart: panel building, tick choice, well-formed SVG, PNG via rsvg-convert."""
+
+from __future__ import annotations
+
+import shutil
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from pytest_virtio.errors import ConfigError
+from pytest_virtio.plot import (
+    EMULATED_COLOURS,
+    VIRTIO_COLOURS,
+    build_panels,
+    is_sequential,
+    is_virtio,
+    nice_ticks,
+    render_svg,
+    write_chart,
+)
+from pytest_virtio.report import Record
+
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def rec(device: str, workload: str, iops: float, bw: float = 0.0, accel: str = "tcg") -> Record:
+    return Record(f"test_{workload}[{device}]", device, workload, accel, "m", iops, bw, 1e6)
+
+
+RECORDS = [
+    rec("virtio-blk", "randread", 16_200),
+    rec("ide", "randread", 5_400),
+    rec("ide", "randread", 5_600),  # repeat: averaged
+    rec("vhost-user-blk", "randwrite", 15_800),
+    rec("virtio-blk", "read", 420, 420 * 1024**2),
+    rec("ide <&>", "read", 95, 95 * 1024**2),
+]
+
+
+def test_classification() -> None:
+    assert is_virtio("virtio-blk") and is_virtio("vhost-user-blk") and not is_virtio("ide")
+    assert is_sequential("read") and is_sequential("seqwrite") and is_sequential("rw")
+    assert not is_sequential("randread") and not is_sequential("randrw")
+
+
+def test_panels_split_random_and_sequential() -> None:
+    random, sequential = build_panels(RECORDS)
+    assert random.y_label == "IOPS"
+    assert [g for g, _ in random.groups] == ["randread", "randwrite"]
+    bars = dict(random.groups)["randread"]
+    assert [(b.device, b.value, b.label) for b in bars] == [
+        ("virtio-blk", 16_200, "16.2k"),
+        ("ide", 5_500, "5.5k"),
+    ]
+    assert sequential.y_label == "bandwidth (MiB/s)"
+    [(group, seq_bars)] = sequential.groups
+    assert group == "read"
+    assert [b.value for b in seq_bars] == [420, 95]
+
+
+def test_mixed_accelerators_split_groups() -> None:
+    [panel] = build_panels([rec("ide", "randread", 1), rec("ide", "randread", 3, accel="kvm")])
+    assert [g for g, _ in panel.groups] == ["randread (kvm)", "randread (tcg)"]
+
+
+@pytest.mark.parametrize(
+    ("peak", "expected"),
+    [
+        (18_100, [0, 5000, 10000, 15000, 20000]),
+        (400, [0, 100, 200, 300, 400]),
+        (0.3, [0, 0.1, 0.2, 0.3]),
+        (0, [0, 1]),
+    ],
+)
+def test_nice_ticks(peak: float, expected: list[float]) -> None:
+    assert nice_ticks(peak) == pytest.approx(expected)
+
+
+def test_svg_is_wellformed_and_readable() -> None:
+    svg = render_svg(RECORDS)
+    root = ET.fromstring(svg)
+    texts = [t.text for t in root.iter(f"{SVG}text")]
+    for needed in [
+        "IOPS",
+        "bandwidth (MiB/s)",
+        "workload",
+        "16.2k",
+        "5.5k",
+        "420",
+        "device",
+        "paravirtual (virtio)",
+        "emulated",
+        "ide <&>",
+        "randread",
+        "read",
+    ]:
+        assert needed in texts
+    assert any(t and t.startswith("Random I/O") for t in texts)
+    fills = {r.get("fill") for r in root.iter(f"{SVG}rect")}
+    assert VIRTIO_COLOURS[0] in fills and EMULATED_COLOURS[0] in fills
+    tooltips = [t.text for t in root.iter(f"{SVG}title")]
+    assert "virtio-blk: 16.2k" in tooltips
+
+
+def test_bar_heights_are_proportional() -> None:
+    root = ET.fromstring(
+        render_svg([rec("virtio-blk", "randread", 20_000), rec("ide", "randread", 5_000)])
+    )
+    heights = {
+        r.findtext(f"{SVG}title"): float(r.get("height", 0))
+        for r in root.iter(f"{SVG}rect")
+        if r.find(f"{SVG}title") is not None
+    }
+    assert heights["virtio-blk: 20k"] == pytest.approx(4 * heights["ide: 5k"], rel=0.01)
+
+
+def test_write_svg_and_errors(tmp_path: Path) -> None:
+    target = tmp_path / "out" / "chart.svg"
+    write_chart(RECORDS, target)
+    assert target.read_text().startswith("<svg")
+    with pytest.raises(ConfigError, match=r"'\.pdf'"):
+        write_chart(RECORDS, tmp_path / "chart.pdf")
+    with pytest.raises(ConfigError, match="no I/O results"):
+        write_chart([], tmp_path / "empty.svg")
+
+
+@pytest.mark.skipif(shutil.which("rsvg-convert") is None, reason="librsvg2-bin not installed")
+def test_write_png(tmp_path: Path) -> None:
+    target = tmp_path / "chart.png"
+    write_chart(RECORDS, target)
+    assert target.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_png_without_rsvg_names_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pytest_virtio.errors import MissingToolError
+
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    with pytest.raises(MissingToolError, match="librsvg2-bin"):
+        write_chart(RECORDS, tmp_path / "chart.png")
