@@ -58,7 +58,8 @@ cases = _load_cases()
 
 
 def ctx_for(spec: MachineSpec, **changes: Any) -> LaunchContext:
-    return dataclasses.replace(cases.context_for(spec), **changes)
+    base: LaunchContext = cases.context_for(spec)
+    return dataclasses.replace(base, **changes)
 
 
 def argv(spec: MachineSpec, **changes: Any) -> list[str]:
@@ -492,7 +493,7 @@ def test_parse_size_roundtrip(number: int, unit: str) -> None:
 
 
 def test_specs_are_frozen_and_hashable() -> None:
-    spec = cases.CASES["disks-mixed"]
+    spec: MachineSpec = cases.CASES["disks-mixed"]
     with pytest.raises(dataclasses.FrozenInstanceError):
         spec.smp = 2  # type: ignore[misc]
     assert hash(spec) == hash(dataclasses.replace(spec))
