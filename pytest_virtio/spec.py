@@ -670,10 +670,6 @@ def _scsi_controller_options(spec: MachineSpec) -> Props:
     return props
 
 
-def _needs_scsi(spec: MachineSpec) -> bool:
-    return _controller_users(spec)["scsi"] > 0
-
-
 # --------------------------------------------------------------------------- context
 
 
@@ -1167,14 +1163,14 @@ _AXIS_VALUES: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
 
 
 def _axis_values(axis: str, values: Any) -> tuple[str, ...]:
-    _check_choice(axis, MATRIX_AXES, "virtio_matrix axis")
+    _check_choice(axis, MATRIX_AXES, "@pytest.mark.virtio_matrix: axis")
     items = _as_tuple(values, axis)
     if not items:
-        raise ConfigError(f"virtio_matrix axis {axis!r} needs at least one value")
+        raise ConfigError(f"@pytest.mark.virtio_matrix: axis {axis!r} needs at least one value")
     for value in items:
-        _check_choice(value, _AXIS_VALUES[axis], f"virtio_matrix {axis}")
+        _check_choice(value, _AXIS_VALUES[axis], f"@pytest.mark.virtio_matrix: {axis}")
     if len(set(items)) != len(items):
-        raise ConfigError(f"virtio_matrix axis {axis!r} repeats a value: {items!r}")
+        raise ConfigError(f"@pytest.mark.virtio_matrix: axis {axis!r} repeats a value: {items!r}")
     return items
 
 
@@ -1184,7 +1180,9 @@ def matrix_params(kwargs: Mapping[str, Sequence[str]]) -> list[tuple[str, dict[s
     Axes keep the order the user wrote them in, so ids read like the marker.
     """
     if not kwargs:
-        raise ConfigError(f"virtio_matrix needs at least one axis: {_choices(MATRIX_AXES)}")
+        raise ConfigError(
+            f"@pytest.mark.virtio_matrix needs at least one axis: {_choices(MATRIX_AXES)}"
+        )
     axes = {axis: _axis_values(axis, values) for axis, values in kwargs.items()}
     params: list[tuple[str, dict[str, str]]] = []
     for combo in itertools.product(*axes.values()):
@@ -1225,7 +1223,7 @@ def apply_matrix(spec: MachineSpec, choice: Mapping[str, str]) -> MachineSpec:
     """Apply one matrix choice: disk -> first data disk's bus (or add disk0), nic ->
     first NIC's model (or add net0), root_bus -> root_bus."""
     for axis in choice:
-        _check_choice(axis, MATRIX_AXES, "virtio_matrix axis")
+        _check_choice(axis, MATRIX_AXES, "@pytest.mark.virtio_matrix: axis")
     changes: dict[str, Any] = {}
     if "disk" in choice:
         bus = choice["disk"]
