@@ -702,11 +702,14 @@ class LaunchContext:
     vhost_sockets: Mapping[str, str] = field(default_factory=dict)
     serial_sockets: Mapping[str, str] = field(default_factory=dict)
     name: str = "guest"
+    #: fw_cfg blob name → host file (``-fw_cfg name=..,file=..``): per-launch data
+    #: such as the session's SSH public key, which must not live in the shared image.
+    fw_cfg: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check_choice(self.accel, ("kvm", "tcg"), "accel")
         _check_choice(self.root_format, DISK_FORMATS, "root_format")
-        for attr in ("disk_files", "vhost_sockets", "serial_sockets"):
+        for attr in ("disk_files", "vhost_sockets", "serial_sockets", "fw_cfg"):
             object.__setattr__(self, attr, _frozen_map(getattr(self, attr)))
 
 
@@ -755,7 +758,16 @@ def _base_argv(spec: MachineSpec, ctx: LaunchContext) -> list[str]:
         "-mon", "chardev=qmp0,mode=control",
         "-device", "pvpanic",
         "-no-reboot",
+        *_fw_cfg_argv(ctx),
     ]  # fmt: skip
+
+
+def _fw_cfg_argv(ctx: LaunchContext) -> list[str]:
+    """One ``-fw_cfg`` per blob, sorted so the argv does not depend on dict order."""
+    argv: list[str] = []
+    for name, path in sorted(ctx.fw_cfg.items()):
+        argv += ["-fw_cfg", _opts("", [("name", name), ("file", path)])]
+    return argv
 
 
 def _controllers_argv(spec: MachineSpec) -> list[str]:
