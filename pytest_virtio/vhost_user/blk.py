@@ -93,7 +93,7 @@ class Storage(ABC):
     def writev(self, offset: int, bufs: Sequence[memoryview]) -> int:
         """Write ``bufs`` at ``offset``; return bytes written."""
 
-    def flush(self) -> None:
+    def flush(self) -> None:  # noqa: B027 - optional hook, a no-op is right for RAM
         """Make completed writes durable (VIRTIO_BLK_T_FLUSH)."""
 
     def discard(self, offset: int, length: int) -> None:
@@ -109,7 +109,7 @@ class Storage(ABC):
             offset += n
             length -= n
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook
         """Release the medium."""
 
     def __enter__(self) -> Storage:
@@ -313,10 +313,7 @@ class BlkDevice:
         if wlen == 0:
             raise QueueBroken(f"queue {queue}: request without a writable status byte")
         last = writable[-1]
-        if len(last) == 1:
-            data_in = writable[:-1]
-        else:
-            data_in = [*writable[:-1], last[:-1]]
+        data_in = writable[:-1] if len(last) == 1 else [*writable[:-1], last[:-1]]
         if rlen < OUTHDR.size:
             last[-1] = BlkStatus.IOERR
             self._account(queue, -1, 0, 0, BlkStatus.IOERR)

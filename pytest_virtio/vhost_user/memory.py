@@ -12,6 +12,7 @@ regions only where they are contiguous in guest-physical space.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import mmap
 import os
 import stat
@@ -84,7 +85,7 @@ def _check_layout(regions: Sequence[MemRegion]) -> None:
             raise GuestMemoryError(f"memory region gpa={r.gpa:#x} overflows 64 bits")
     for key in ("gpa", "uva"):
         ordered = sorted(regions, key=lambda r: getattr(r, key))
-        for a, b in zip(ordered, ordered[1:], strict=False):
+        for a, b in itertools.pairwise(ordered):
             if getattr(a, key) + a.size > getattr(b, key):
                 raise GuestMemoryError(
                     f"memory regions overlap in {key} space at {getattr(b, key):#x}"

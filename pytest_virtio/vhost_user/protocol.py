@@ -324,7 +324,9 @@ def decode_header(data: bytes | bytearray | memoryview) -> Header:
         raise ProtocolError(f"vhost-user header is {len(data)} bytes, expected {HEADER_SIZE}")
     request, flags, size = HEADER.unpack(data)
     if flags & VERSION_MASK != VERSION:
-        raise ProtocolError(f"vhost-user version {flags & VERSION_MASK} unsupported (flags={flags:#x})")
+        raise ProtocolError(
+            f"vhost-user version {flags & VERSION_MASK} unsupported (flags={flags:#x})"
+        )
     if size > MAX_PAYLOAD:
         raise ProtocolError(f"vhost-user payload size {size} exceeds {MAX_PAYLOAD}")
     return Header(request, flags, size)

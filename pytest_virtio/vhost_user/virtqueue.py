@@ -10,6 +10,7 @@ and at most one call-eventfd write per batch (§2.7.7 / §2.7.10, EVENT_IDX).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 from collections.abc import Callable
@@ -24,11 +25,11 @@ if TYPE_CHECKING:
     from .faults import Stats
 
 __all__ = [
+    "AVAIL_F_NO_INTERRUPT",
     "DESC",
     "DESC_F_INDIRECT",
     "DESC_F_NEXT",
     "DESC_F_WRITE",
-    "AVAIL_F_NO_INTERRUPT",
     "USED_F_NO_NOTIFY",
     "Handler",
     "QueueBroken",
@@ -89,6 +90,10 @@ class Virtqueue:
         self.notifications = 0
         self.high_water = 0
         self.on_broken: Callable[[Virtqueue, str], None] | None = None
+        self._desc: memoryview | None = None
+        self._avail: memoryview | None = None
+        self._used: memoryview | None = None
+        self._mem: GuestMemory | None = None
         self.reset()
 
     # --- configuration ------------------------------------------------------
@@ -144,14 +149,11 @@ class Virtqueue:
 
     def detach(self) -> None:
         """Drop every view into guest memory so the mapping can be closed."""
-        for name in ("_desc", "_avail", "_used"):
-            v = getattr(self, name, None)
+        for v in (self._desc, self._avail, self._used):
             if v is not None:
                 v.release()
-        self._desc: memoryview | None = None
-        self._avail: memoryview | None = None
-        self._used: memoryview | None = None
-        self._mem: GuestMemory | None = None
+        self._desc = self._avail = self._used = None
+        self._mem = None
 
     @property
     def ready(self) -> bool:
@@ -169,10 +171,8 @@ class Virtqueue:
         self.broken = True
         self.broken_reason = reason
         if self.err_fd >= 0:
-            try:
+            with contextlib.suppress(OSError):
                 os.write(self.err_fd, _EVENTFD_ONE)
-            except OSError:
-                pass
         if self.on_broken is not None:
             self.on_broken(self, reason)
 

@@ -1,0 +1,634 @@
+"""The vhost-user-blk back-end: a unix socket, a message loop, and the rings.
+
+One daemon thread runs a selector over the listening socket, the front-end
+connection, every started queue's kick eventfd and a private wake-up eventfd.
+Keeping control messages and ring processing on one thread makes the
+vhost-user.rst rules that are about ordering hold by construction: every
+request is complete before GET_VRING_BASE is answered ("Starting and stopping
+rings"), and SET_MEM_TABLE can swap the mapping while running without a
+request still holding old views.  Per kick the thread drains every available
+chain and writes the call eventfd at most once.
+
+Nothing from the front-end can crash the pytest process: a malformed message
+is a :class:`ProtocolError`, recorded and answered by dropping the connection
+(QEMU with ``reconnect=1`` comes back), and a broken ring only stops that ring.
+Any exception in the thread is kept and re-raised in the test by ``check()``.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import mmap
+import os
+import selectors
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pytest_virtio.errors import BackendError, ProtocolError
+
+from . import protocol as p
+from .blk import BlkDevice, Storage
+from .faults import FaultInjector, Stats, Trace
+from .memory import GuestMemory
+from .protocol import ProtocolFeature, Request, TransportFeature
+from .virtqueue import Virtqueue
+
+__all__ = ["OFFERED_PROTOCOL_FEATURES", "VhostUserBlkServer"]
+
+#: Only what is implemented (QEMU switches on every bit it knows that we offer).
+OFFERED_PROTOCOL_FEATURES = int(
+    ProtocolFeature.MQ
+    | ProtocolFeature.REPLY_ACK
+    | ProtocolFeature.CONFIG
+    | ProtocolFeature.INFLIGHT_SHMFD
+    | ProtocolFeature.RESET_DEVICE
+)
+_SOCKET_TIMEOUT = 10.0  # a front-end that stalls mid-message is dropped, not waited on forever
+_INFLIGHT_QUEUE_HDR = 16  # vhost-user.rst "Inflight I/O tracking": split queue region header
+_INFLIGHT_DESC = 16  # DescStateSplit
+
+Reply = bytes | tuple[bytes, int] | None
+
+
+def _close(fd: int) -> None:
+    if fd >= 0:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+class VhostUserBlkServer:
+    """An in-process vhost-user-blk device serving ``storage`` on ``socket_path``.
+
+    Call :meth:`start` before launching QEMU (the socket must exist when QEMU
+    connects), :meth:`stop` afterwards; or use it as a context manager.
+    """
+
+    def __init__(
+        self,
+        socket_path: str,
+        storage: Storage,
+        *,
+        num_queues: int = 1,
+        readonly: bool = False,
+        serial: str = "pytest-virtio",
+        queue_size_max: int = 1024,
+    ) -> None:
+        if not 1 <= num_queues <= 256:
+            raise ValueError(f"num_queues must be in 1..256, got {num_queues}")
+        if queue_size_max < 2 or queue_size_max & (queue_size_max - 1) or queue_size_max > 32768:
+            raise ValueError(f"queue_size_max must be a power of two <= 32768: {queue_size_max}")
+        self.socket_path = socket_path
+        self.storage = storage
+        self.num_queues = num_queues
+        self.queue_size_max = queue_size_max
+        self.stats = Stats(num_queues)
+        self.faults = FaultInjector()
+        self.trace = Trace()
+        self.device = BlkDevice(
+            storage, readonly=readonly, serial=serial, num_queues=num_queues,
+            stats=self.stats, faults=self.faults, trace=self.trace,
+        )
+        self.faults._break_hook = self._request_break
+        self.messages_seen: collections.Counter[str] = collections.Counter()
+        self.errors: list[BaseException] = []
+        self.connections = 0
+        self._listener: socket.socket | None = None
+        self._conn: socket.socket | None = None
+        self._sel: selectors.BaseSelector | None = None
+        self._thread: threading.Thread | None = None
+        self._wake_fd = -1
+        self._stopping = False
+        self._breaks: collections.deque[int] = collections.deque()
+        self._connected = threading.Event()
+        self._running = threading.Event()
+        self._lock = threading.Lock()
+        self._handlers: dict[Request, Callable[[p.Header, bytes, list[int]], Reply]] = {
+            Request.GET_FEATURES: self._get_features,
+            Request.SET_FEATURES: self._set_features,
+            Request.SET_OWNER: self._set_owner,
+            Request.RESET_OWNER: self._reset_device,
+            Request.GET_PROTOCOL_FEATURES: self._get_protocol_features,
+            Request.SET_PROTOCOL_FEATURES: self._set_protocol_features,
+            Request.GET_QUEUE_NUM: self._get_queue_num,
+            Request.SET_MEM_TABLE: self._set_mem_table,
+            Request.SET_VRING_NUM: self._set_vring_num,
+            Request.SET_VRING_BASE: self._set_vring_base,
+            Request.SET_VRING_ADDR: self._set_vring_addr,
+            Request.GET_VRING_BASE: self._get_vring_base,
+            Request.SET_VRING_KICK: self._set_vring_kick,
+            Request.SET_VRING_CALL: self._set_vring_call,
+            Request.SET_VRING_ERR: self._set_vring_err,
+            Request.SET_VRING_ENABLE: self._set_vring_enable,
+            Request.GET_CONFIG: self._get_config,
+            Request.SET_CONFIG: self._set_config,
+            Request.GET_INFLIGHT_FD: self._get_inflight_fd,
+            Request.SET_INFLIGHT_FD: self._set_inflight_fd,
+            Request.RESET_DEVICE: self._reset_device,
+            Request.GET_MAX_MEM_SLOTS: self._get_max_mem_slots,
+            Request.SET_STATUS: self._set_status,
+            Request.GET_STATUS: self._get_status,
+        }
+        self._reset_session()
+
+    # --- public API ------------------------------------------------------------------
+
+    def start(self) -> VhostUserBlkServer:
+        """Bind and listen now (before QEMU starts), then serve in a daemon thread."""
+        if self._thread is not None:
+            raise BackendError("vhost-user server already started")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket_path)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            listener.bind(self.socket_path)
+            listener.listen(1)
+        except OSError as exc:
+            listener.close()
+            raise BackendError(f"cannot listen on {self.socket_path}: {exc}") from exc
+        listener.setblocking(False)
+        self._listener = listener
+        self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._sel = selectors.DefaultSelector()
+        self._sel.register(listener, selectors.EVENT_READ, "accept")
+        self._sel.register(self._wake_fd, selectors.EVENT_READ, "wake")
+        self._thread = threading.Thread(
+            target=self._run, name=f"vhost-user-blk:{os.path.basename(self.socket_path)}",
+            daemon=True,
+        )
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the thread, join it, close the socket and every fd.  Idempotent."""
+        thread = self._thread
+        if thread is not None:
+            self._stopping = True
+            self._wake()
+            thread.join(timeout)
+            if thread.is_alive():
+                raise BackendError(f"vhost-user thread did not stop within {timeout}s")
+            self._thread = None
+        if self._sel is not None:
+            self._sel.close()
+            self._sel = None
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.socket_path)
+        _close(self._wake_fd)
+        self._wake_fd = -1
+
+    def check(self) -> None:
+        """Re-raise, in the calling (test) thread, the first error the backend hit."""
+        if not self.errors:
+            return
+        exc = self.errors[0]
+        if isinstance(exc, BackendError):
+            raise exc
+        raise BackendError(f"vhost-user backend thread failed: {exc!r}") from exc
+
+    raise_if_failed = check
+
+    def clear_errors(self) -> list[BaseException]:
+        """Forget recorded errors (for tests that provoke them on purpose)."""
+        errors, self.errors = self.errors, []
+        return errors
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    @property
+    def running(self) -> bool:
+        return self._running.is_set()
+
+    def wait_connected(self, timeout: float = 10.0) -> None:
+        """Block until a front-end is connected; BackendError on timeout."""
+        self._wait(self._connected, timeout, "connect")
+
+    def wait_running(self, timeout: float = 10.0) -> None:
+        """Block until a queue is started and enabled; BackendError on timeout."""
+        self._wait(self._running, timeout, "start a queue")
+
+    def broken_queues(self) -> dict[int, str]:
+        return dict(self.stats.broken)
+
+    def __enter__(self) -> VhostUserBlkServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _wait(self, event: threading.Event, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not event.wait(min(0.05, max(0.0, deadline - time.monotonic()))):
+            self.check()
+            if time.monotonic() >= deadline:
+                raise BackendError(
+                    f"front-end did not {what} on {self.socket_path} within {timeout}s "
+                    f"(messages seen: {dict(self.messages_seen)})"
+                )
+        self.check()
+
+    def _wake(self) -> None:
+        if self._wake_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.eventfd_write(self._wake_fd, 1)
+
+    def _request_break(self, index: int) -> None:
+        if not 0 <= index < self.num_queues:
+            raise BackendError(f"no queue {index} (device has {self.num_queues})")
+        self._breaks.append(index)
+        self._wake()
+
+    # --- session state ------------------------------------------------------------------
+
+    def _reset_session(self) -> None:
+        self.features = 0
+        self.protocol_features = 0
+        self.status = 0
+        self.mem: GuestMemory | None = None
+        self.queues = [
+            Virtqueue(i, self.queue_size_max, self.stats) for i in range(self.num_queues)
+        ]
+        for vq in self.queues:
+            vq.on_broken = self._on_broken
+        self._inflight_fd = -1
+        self._inflight_map: mmap.mmap | None = None
+
+    def _on_broken(self, vq: Virtqueue, reason: str) -> None:
+        self.stats.broken[vq.index] = reason
+
+    def _release_queue_fds(self, vq: Virtqueue) -> None:
+        self._set_kick(vq, -1)
+        _close(vq.call_fd)
+        _close(vq.err_fd)
+        vq.call_fd = vq.err_fd = -1
+
+    def _teardown_session(self) -> None:
+        for vq in self.queues:
+            self._release_queue_fds(vq)
+            vq.detach()
+        if self.mem is not None:
+            self.mem.close()
+        if self._inflight_map is not None:
+            self._inflight_map.close()
+        _close(self._inflight_fd)
+        self._reset_session()
+        self._running.clear()
+
+    # --- the loop -------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        sel = self._sel
+        assert sel is not None
+        try:
+            while not self._stopping:
+                for key, _events in sel.select():
+                    if self._stopping:
+                        break
+                    self._dispatch_event(key.data)
+        except BaseException as exc:
+            self.errors.append(exc)
+        finally:
+            self._disconnect()
+
+    def _dispatch_event(self, tag: Any) -> None:
+        try:
+            if isinstance(tag, Virtqueue):
+                self._on_kick(tag)
+            elif tag == "conn":
+                self._on_message()
+            elif tag == "accept":
+                self._accept()
+            elif tag == "wake":
+                self._on_wake()
+        except ProtocolError as exc:
+            self.errors.append(exc)
+            self._disconnect()
+        except (ConnectionError, TimeoutError, EOFError):
+            self._disconnect()
+        except Exception as exc:
+            self.errors.append(exc)
+            self._disconnect()
+
+    def _accept(self) -> None:
+        assert self._listener is not None and self._sel is not None
+        try:
+            conn, _ = self._listener.accept()
+        except BlockingIOError:
+            return
+        if self._conn is not None:
+            conn.close()  # one front-end at a time
+            return
+        conn.setblocking(True)
+        conn.settimeout(_SOCKET_TIMEOUT)
+        self._conn = conn
+        self.connections += 1
+        self._sel.register(conn, selectors.EVENT_READ, "conn")
+        self._connected.set()
+
+    def _disconnect(self) -> None:
+        """EOF or a broken front-end: drop everything it gave us, await the next one."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            if self._sel is not None:
+                with contextlib.suppress(KeyError, ValueError):
+                    self._sel.unregister(conn)
+            conn.close()
+        self._teardown_session()
+        self._connected.clear()
+
+    def _on_wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._wake_fd)
+        while self._breaks:
+            index = self._breaks.popleft()
+            self.queues[index].mark_broken(f"queue {index} broken by fault injection")
+
+    def _on_kick(self, vq: Virtqueue) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(vq.kick_fd)
+        self.stats.kicks[vq.index] += 1
+        vq.drain(self.device.handle)
+
+    # --- messages ---------------------------------------------------------------------------
+
+    def _recv_exact(self, n: int) -> bytes:
+        assert self._conn is not None
+        chunks = []
+        while n:
+            chunk = self._conn.recv(n)
+            if not chunk:
+                raise EOFError("front-end closed the connection mid-message")
+            chunks.append(chunk)
+            n -= len(chunk)
+        return b"".join(chunks)
+
+    def _recv_message(self) -> tuple[p.Header, bytes, list[int]] | None:
+        """Read one message; SCM_RIGHTS fds arrive with the header (up to 8)."""
+        assert self._conn is not None
+        data, fds, msg_flags, _ = socket.recv_fds(self._conn, p.HEADER_SIZE, p.MAX_FDS)
+        try:
+            if msg_flags & socket.MSG_CTRUNC:
+                raise ProtocolError("front-end sent more fds than a message may carry")
+            if not data:
+                if fds:
+                    raise ProtocolError("fds without a message")
+                return None
+            if len(data) < p.HEADER_SIZE:
+                data += self._recv_exact(p.HEADER_SIZE - len(data))
+            header = p.decode_header(data)
+            payload = self._recv_exact(header.size) if header.size else b""
+        except BaseException:
+            for fd in fds:
+                _close(fd)
+            raise
+        return header, payload, list(fds)
+
+    def _on_message(self) -> None:
+        msg = self._recv_message()
+        if msg is None:
+            self._disconnect()
+            return
+        header, payload, fds = msg
+        try:
+            request = p.request_of(header)
+            self.messages_seen[request.name] += 1
+            p.check_payload_size(request, payload)
+            p.check_fd_count(request, payload, len(fds))
+            reply = self._handlers[request](header, payload, fds)
+        except ProtocolError:
+            self._maybe_ack(header, failed=True)
+            raise
+        finally:
+            for fd in fds:  # whatever a handler did not take
+                _close(fd)
+        if request in p.ALWAYS_REPLY:
+            self._send_reply(request, reply)
+        else:
+            self._maybe_ack(header, failed=False)
+
+    def _maybe_ack(self, header: p.Header, failed: bool) -> None:
+        if (
+            header.need_reply
+            and self.protocol_features & ProtocolFeature.REPLY_ACK
+            and header.request not in p.ALWAYS_REPLY
+            and self._conn is not None
+        ):
+            with contextlib.suppress(OSError):
+                self._conn.sendall(p.encode_reply(header.request, p.encode_u64(int(failed))))
+
+    def _send_reply(self, request: Request, reply: Reply) -> None:
+        assert self._conn is not None
+        if isinstance(reply, tuple):
+            payload, fd = reply
+            socket.send_fds(self._conn, [p.encode_reply(request, payload)], [fd])
+        else:
+            self._conn.sendall(p.encode_reply(request, reply or b""))
+
+    def _queue(self, index: int) -> Virtqueue:
+        if not 0 <= index < self.num_queues:
+            raise ProtocolError(f"queue index {index} out of range (device has {self.num_queues})")
+        return self.queues[index]
+
+    # --- handlers (vhost-user.rst "Front-end message types") ---------------------------------
+
+    def _offered_features(self) -> int:
+        return self.device.features | int(TransportFeature.PROTOCOL_FEATURES)
+
+    def _get_features(self, h: p.Header, payload: bytes, fds: list[int]) -> Reply:
+        return p.encode_u64(self._offered_features())
+
+    def _set_features(self, h: p.Header, payload: bytes, fds: list[int]) -> Reply:
+        features = p.decode_u64(payload)
+        if features & ~self._offered_features():
+            raise ProtocolError(f"front-end acked features we never offered: {features:#x}")
+        self.features = features
+        for vq in self.queues:
+            vq.event_idx = bool(features & TransportFeature.EVENT_IDX)
+            vq.indirect = bool(features & TransportFeature.INDIRECT_DESC)
+        return None
+
+    def _set_owner(self, h: p.Header, payload: bytes, fds: list[int]) -> Reply:
+        return None
+
+    def _get_protocol_features(self, h: p.Header, payload: bytes, fds: list[int]) -> Reply:
+        return p.encode_u64(OFFERED_PROTOCOL_FEATURES)
+
+    def _set_protocol_features(self, h: p.Header, payload: bytes, fds: list[int]) -> Reply:
+        value = p.decode_u64(payload)
+        if value & ~OFFERED_PROTOCOL_FEATURES:
+            raise ProtocolError(f"front-end acked protocol features we never offered: {value:#x}")
+        self.protocol_features = value
+        return None
+
+    def _get_queue_num(self, h: p.Header, payload: bytes, fds: list[int]) -> Reply:
+        return p.encode_u64(self.num_queues)
+
+    def _get_max_mem_slots(self, h: p.Header, payload: bytes, fds: list[int]) -> Reply:
+        return p.encode_u64(p.MAX_REGIONS)
+
+    def _set_status(self, h: p.Header, payload: bytes, fds: list[int]) -> Reply:
+        self.status = p.decode_u64(payload) & 0xFF
+        return None
+
+    def _get_status(self, h: p.Header, payload: bytes, fds: list[int]) -> Reply:
+        return p.encode_u64(self.status)
+
+    def _reset_device(self, h: p.Header, payload: bytes, fds: list[int]) -> Reply:
+        for vq in self.queues:
+            self._release_queue_fds(vq)
+            vq.reset()
+            vq.enabled = False
+            if self.mem is not None:
+                vq.attach(self.mem)
+        self.features = 0
+        self._running.clear()
+        return None
+
+    def _set_mem_table(self, h: p.Header, payload: bytes, fds: list[int]) -> Reply:
+        regions = p.decode_mem_table(payload)
+        new = GuestMemory(regions, fds)  # mmap holds its own reference; fds closed by caller
+        old, self.mem = self.mem, new
+        for vq in self.queues:
+            vq.attach(new)  # drops views into the old mapping first
+        if old is not None:
+            old.close()
+        return None
+
+    def _set_vring_num(self, h: p.Header, payload: bytes, fds: list[int]) -> Reply:
+        state = p.decode_vring_state(payload)
+        self._queue(state.index).set_num(state.num)
+        return None
+
+    def _set_vring_base(self, h: p.Header, payload: bytes, fds: list[int]) -> Reply:
+        state = p.decode_vring_state(payload)
+        self._queue(state.index).set_base(state.num)
+        return None
+
+    def _set_vring_addr(self, h: p.Header, payload: bytes, fds: list[int]) -> Reply:
+        addr = p.decode_vring_addr(payload)
+        vq = self._queue(addr.index)
+        if vq.size == 0:
+            raise ProtocolError(f"SET_VRING_ADDR for queue {addr.index} before SET_VRING_NUM")
+        vq.set_addr(addr, self.mem)
+        return None
+
+    def _get_vring_base(self, h: p.Header, payload: bytes, fds: list[int]) -> Reply:
+        """Stop the ring and report last_avail_idx; nothing is in flight by construction."""
+        state = p.decode_vring_state(payload)
+        vq = self._queue(state.index)
+        self._set_kick(vq, -1)
+        vq.started = False
+        if not any(q.ready for q in self.queues):
+            self._running.clear()
+        return p.encode_vring_state(p.VringState(state.index, vq.last_avail))
+
+    def _set_kick(self, vq: Virtqueue, fd: int) -> None:
+        if vq.kick_fd >= 0:
+            if self._sel is not None:
+                with contextlib.suppress(KeyError, ValueError):
+                    self._sel.unregister(vq.kick_fd)
+            _close(vq.kick_fd)
+        vq.kick_fd = fd
+        if fd >= 0 and self._sel is not None:
+            self._sel.register(fd, selectors.EVENT_READ, vq)
+
+    def _take_vring_fd(self, payload: bytes, fds: list[int]) -> tuple[Virtqueue, int]:
+        vf = p.decode_vring_file(payload)
+        vq = self._queue(vf.index)
+        return vq, (-1 if vf.nofd else fds.pop())
+
+    def _set_vring_kick(self, h: p.Header, payload: bytes, fds: list[int]) -> Reply:
+        vq, fd = self._take_vring_fd(payload, fds)
+        if fd < 0:
+            raise ProtocolError("polling mode (SET_VRING_KICK without fd) is not supported")
+        os.set_blocking(fd, False)
+        self._set_kick(vq, fd)
+        vq.started = True
+        if not self.features & TransportFeature.PROTOCOL_FEATURES:
+            vq.enabled = True  # vhost-user.rst: rings start enabled without bit 30
+        self._service(vq)
+        return None
+
+    def _set_vring_call(self, h: p.Header, payload: bytes, fds: list[int]) -> Reply:
+        vq, fd = self._take_vring_fd(payload, fds)
+        _close(vq.call_fd)
+        vq.call_fd = fd
+        return None
+
+    def _set_vring_err(self, h: p.Header, payload: bytes, fds: list[int]) -> Reply:
+        vq, fd = self._take_vring_fd(payload, fds)
+        _close(vq.err_fd)
+        vq.err_fd = fd
+        return None
+
+    def _set_vring_enable(self, h: p.Header, payload: bytes, fds: list[int]) -> Reply:
+        state = p.decode_vring_state(payload)
+        vq = self._queue(state.index)
+        if state.num not in (0, 1):
+            raise ProtocolError(f"SET_VRING_ENABLE with {state.num}")
+        vq.enabled = bool(state.num)
+        self._service(vq)
+        return None
+
+    def _service(self, vq: Virtqueue) -> None:
+        """A queue just became usable: note it and serve what the guest queued already."""
+        if vq.ready:
+            self._running.set()
+            vq.drain(self.device.handle)
+
+    def _get_config(self, h: p.Header, payload: bytes, fds: list[int]) -> Reply:
+        cfg = p.decode_config(payload)
+        data = self.device.read_config(cfg.offset, cfg.size)
+        return p.encode_config(p.ConfigSpace(cfg.offset, cfg.size, cfg.flags, data))
+
+    def _set_config(self, h: p.Header, payload: bytes, fds: list[int]) -> Reply:
+        cfg = p.decode_config(payload)
+        self.device.write_config(cfg.offset, cfg.data)
+        return None
+
+    def _get_inflight_fd(self, h: p.Header, payload: bytes, fds: list[int]) -> Reply:
+        """Share a zeroed inflight area (vhost-user.rst "Inflight I/O tracking").
+
+        Requests complete in order on this one thread, so after a reconnect the
+        front-end's restored last_avail_idx (= used idx) replays exactly the
+        unfinished ones; the area exists so QEMU can hand it back.
+        """
+        req = p.decode_inflight(payload)
+        if not 1 <= req.num_queues <= self.num_queues or not 1 <= req.queue_size <= 32768:
+            raise ProtocolError(f"GET_INFLIGHT_FD for {req.num_queues}x{req.queue_size}")
+        per_queue = _INFLIGHT_QUEUE_HDR + _INFLIGHT_DESC * req.queue_size
+        per_queue = (per_queue + 63) & ~63
+        size = per_queue * req.num_queues
+        fd = os.memfd_create("vhost-user-blk-inflight", os.MFD_CLOEXEC)
+        os.ftruncate(fd, size)
+        if self._inflight_map is not None:
+            self._inflight_map.close()
+        _close(self._inflight_fd)
+        self._inflight_fd = fd
+        self._inflight_map = mmap.mmap(fd, size)
+        for q in range(req.num_queues):
+            # version 1 and desc_num, so a reader of the area sees a valid header
+            self._inflight_map[q * per_queue + 8 : q * per_queue + 12] = (
+                (1).to_bytes(2, "little") + req.queue_size.to_bytes(2, "little")
+            )
+        inf = p.Inflight(size, 0, req.num_queues, req.queue_size)
+        return p.encode_inflight(inf), fd
+
+    def _set_inflight_fd(self, h: p.Header, payload: bytes, fds: list[int]) -> Reply:
+        inf = p.decode_inflight(payload)
+        if inf.num_queues > self.num_queues:
+            raise ProtocolError(f"SET_INFLIGHT_FD for {inf.num_queues} queues")
+        if self._inflight_map is not None:
+            self._inflight_map.close()
+            self._inflight_map = None
+        _close(self._inflight_fd)
+        self._inflight_fd = fds.pop()
+        return None
