@@ -122,9 +122,27 @@ class Guest:
         return self.machine.console.tail(lines) if self.machine.state.value == "running" else ""
 
     def ssh_session(self) -> Any:
+        """The guest's :class:`pytest_virtio.ssh.SshSession` (GuestError if it has no NIC)."""
         if self._ssh is None:
             raise GuestError("this guest has no SSH: give it a NIC (nics=['virtio-net'])")
         return self._ssh
+
+    @property
+    def ssh(self) -> Any:
+        """A connected ``paramiko.SSHClient`` as root; reconnects if the link dropped."""
+        return self.ssh_session().client
+
+    def reconnect_ssh(self) -> Any:
+        """Drop the SSH connection and connect afresh (e.g. after restarting dropbear)."""
+        return self.ssh_session().reconnect()
+
+    def put(self, local: str | Path, remote: str) -> None:
+        """Copy a host file into the guest (SFTP over the guest's SSH)."""
+        self.ssh_session().put(local, remote)
+
+    def get(self, remote: str, local: str | Path) -> None:
+        """Copy a guest file to the host (SFTP over the guest's SSH)."""
+        self.ssh_session().get(remote, local)
 
     def raise_backend_errors(self) -> None:
         """Re-raise in the test an exception a vhost-user backend thread hit."""
@@ -232,6 +250,8 @@ class Guest:
     # -- lifecycle -----------------------------------------------------------
     def close(self) -> None:
         """Stop QEMU (soft, then hard), then the backends; always both."""
+        if self._ssh is not None:
+            self._ssh.close()
         try:
             self.machine.shutdown(timeout=5.0)
         finally:

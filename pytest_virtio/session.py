@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from . import spec as spec_mod
+from . import ssh as ssh_mod
 from .errors import ConfigError, LaunchError, VirtioError
 from .guest import Guest
 from .images import GuestImage, custom_image, ensure_image, initramfs_for, load_recipe
@@ -37,6 +38,8 @@ BASE_APPEND = (
 )
 RUN_PREFIX = "pv-"
 BOOT_TIMEOUT = 15.0
+#: How long (before accelerator scaling) SSH keeps retrying to reach dropbear.
+SSH_CONNECT_TIMEOUT = 5.0
 
 
 def _pid_alive(pid: int) -> bool:
@@ -75,6 +78,7 @@ class VirtioSession:
         self._qemu: str | None = None
         self._run_root: Path | None = None
         self._counter = 0
+        self._ssh_key: ssh_mod.KeyPair | None = None
         self.guests: list[Guest] = []
 
     # -- resolved lazily -----------------------------------------------------
@@ -127,6 +131,13 @@ class VirtioSession:
                 self._run_root = root
             return self._run_root
 
+    def ssh_key(self) -> ssh_mod.KeyPair:
+        """The session's SSH client key, made on first use in the private run root."""
+        with self._lock:
+            if self._ssh_key is None:
+                self._ssh_key = ssh_mod.generate_keypair(self.run_root / "ssh")
+            return self._ssh_key
+
     def new_run_dir(self) -> Path:
         with self._lock:
             self._counter += 1
@@ -163,6 +174,10 @@ class VirtioSession:
         image = self.image()
         run_dir = self.new_run_dir()
         disk_files, serials = self._data_disks(spec, run_dir)
+        ssh_nic = next((n for n in spec.nics if n.hostfwd_ssh), None)
+        ssh_args = ["pv.ssh=1"] if ssh_nic else []
+        fw_cfg = {ssh_mod.AUTHORIZED_KEYS_FW_CFG: str(self.ssh_key().public_path)
+                  } if ssh_nic else {}
         backends = self._start_backends(spec, run_dir, disk_files)
         try:
             initrd = initramfs_for(image, spec_mod.ROOT_MODULES[spec.root_bus])
@@ -170,7 +185,7 @@ class VirtioSession:
                 qemu_binary=self.qemu, accel=accel, kernel=str(image.kernel),
                 initrd=str(initrd), root_image=str(image.rootfs),
                 root_format=image.rootfs_format,
-                append=" ".join([BASE_APPEND, *spec.kernel_args]),
+                append=" ".join([BASE_APPEND, *ssh_args, *spec.kernel_args]),
                 qmp_socket=str(run_dir / "qmp.sock"),
                 console_socket=str(run_dir / "con.sock"),
                 console_log=str(run_dir / "console.log"),
@@ -178,6 +193,7 @@ class VirtioSession:
                 vhost_sockets={n: str(run_dir / f"vu-{n}.sock") for n in backends},
                 serial_sockets={},
                 name=name,
+                fw_cfg=fw_cfg,
             )
             argv = spec_mod.to_argv(spec, ctx)
             machine = Machine(argv, run_dir, qmp_socket=ctx.qmp_socket,
@@ -194,10 +210,19 @@ class VirtioSession:
             raise
         try:
             guest.boot_uptime = machine.console.wait_ready(boot_timeout)
+            if ssh_nic is not None:
+                self._attach_ssh(guest, ssh_nic.name, scale)
         except BaseException:
             guest.close()
             raise
         return guest
+
+    def _attach_ssh(self, guest: Guest, netdev: str, scale: float) -> None:
+        """Give the guest its (lazily connecting) SSH session and pinned host key."""
+        session = ssh_mod.session_for(guest.machine, self.ssh_key(), netdev,
+                                      SSH_CONNECT_TIMEOUT * scale)
+        guest._ssh = session
+        guest.host_key = session.host_key_line()
 
     def _data_disks(self, spec: spec_mod.MachineSpec, run_dir: Path
                     ) -> tuple[dict[str, str], dict[str, str]]:

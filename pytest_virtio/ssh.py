@@ -1,0 +1,441 @@
+"""SSH into guests: a per-session key, a pinned host key, commands and SFTP.
+
+Why SSH next to the console: the serial console is one byte stream shared with
+kernel messages and cannot move files or carry real traffic, while SSH gives
+separate stdout/stderr, exit codes, parallel channels and SFTP.
+
+Trust is set up without anything secret in the shared image:
+
+* the client key pair is made once per pytest session (``generate_keypair``)
+  and its public half reaches the guest through fw_cfg, which ``pvinit`` copies
+  to ``/root/.ssh/authorized_keys``; dropbear runs with password logins off;
+* the guest makes its host key at boot and prints it on the console, which only
+  the host can read, so the key is pinned from there (``RejectPolicy``, never
+  trust-on-first-use);
+* QEMU forwards a kernel-chosen host port (``hostfwd=tcp:127.0.0.1:0-:22``) and
+  we read the port back over QMP, so parallel guests never race for a port.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
+
+import paramiko
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from .console import HOSTKEY_RE, Result
+from .errors import GuestError, GuestTimeout
+
+if TYPE_CHECKING:
+    from .qemu.machine import Machine
+
+__all__ = [
+    "AUTHORIZED_KEYS_FW_CFG",
+    "KeyPair",
+    "SshSession",
+    "generate_keypair",
+    "parse_host_key",
+    "parse_hostfwd_port",
+    "session_for",
+]
+
+#: fw_cfg blob pvinit reads the authorized key from (``opt/`` is QEMU's user space).
+AUTHORIZED_KEYS_FW_CFG = "opt/pytest-virtio/authorized_keys"
+HOST = "127.0.0.1"
+USER = "root"
+#: Pause between connection attempts while dropbear is (re)starting.
+RETRY_PAUSE = 0.2
+#: How often a running command's channel is polled.
+POLL = 0.005
+
+_FORWARD_RE = re.compile(
+    r"TCP\[HOST_FORWARD\]\s+\d+\s+(?P<src>\S+)\s+(?P<port>\d+)\s+\S+\s+(?P<gport>\d+)"
+)
+_HUB_RE = re.compile(r"^Hub\s+-?\d+\s+\((?P<netdev>[^)]*)\):")
+
+
+# --------------------------------------------------------------------------- keys
+
+
+@dataclass(frozen=True, slots=True)
+class KeyPair:
+    """The session's client key: the private key file and the public line."""
+
+    private_path: Path
+    public_path: Path
+    public_line: str
+
+    def pkey(self) -> paramiko.PKey:
+        """The private key as paramiko wants it (read from the OpenSSH file)."""
+        return paramiko.Ed25519Key.from_private_key_file(str(self.private_path))
+
+
+def generate_keypair(directory: Path, comment: str = "pytest-virtio") -> KeyPair:
+    """Make a fresh ed25519 key pair under ``directory`` (private file mode 0600).
+
+    ``cryptography`` generates it because ``paramiko.Ed25519Key`` can only load
+    keys; the OpenSSH private format is the one paramiko reads back.
+    """
+    key = Ed25519PrivateKey.generate()
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    private_path = directory / "id_ed25519"
+    _write_private(private_path, private)
+    line = f"{public.decode()} {comment}"
+    public_path = directory / "id_ed25519.pub"
+    public_path.write_text(line + "\n")
+    return KeyPair(private_path, public_path, line)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Create the file 0600 from the start: never a moment it is world-readable."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, stat.S_IRUSR | stat.S_IWUSR)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def parse_hostfwd_port(usernet: str, guest_port: int = 22, netdev: str | None = None) -> int:
+    """The host port QEMU chose for ``guest_port``, from HMP ``info usernet``.
+
+    ``netdev`` picks one user-mode netdev when a guest has several; without it
+    the first forward to ``guest_port`` wins.
+    """
+    current: str | None = None
+    for line in usernet.splitlines():
+        hub = _HUB_RE.match(line.strip())
+        if hub:
+            current = hub["netdev"]
+            continue
+        fwd = _FORWARD_RE.search(line)
+        if fwd and int(fwd["gport"]) == guest_port and netdev in (None, current):
+            return int(fwd["port"])
+    where = f" on netdev {netdev!r}" if netdev else ""
+    raise GuestError(
+        f"QEMU reports no host forward to guest port {guest_port}{where}; "
+        f"'info usernet' said:\n{usernet.strip()}"
+    )
+
+
+def parse_host_key(console_text: str) -> tuple[str, str] | None:
+    """(key type, base64 blob) from the last PYTEST-VIRTIO-HOSTKEY line, if any.
+
+    The last one, because a guest that rebooted announces its key again.
+    """
+    found = re.findall(HOSTKEY_RE, console_text)
+    if not found:
+        return None
+    key_type, _, blob = str(found[-1]).partition(" ")
+    return key_type, blob.strip()
+
+
+def host_key_object(key_type: str, blob: str) -> paramiko.PKey:
+    """A paramiko key from an ``ssh-ed25519 AAAA...`` pair."""
+    try:
+        return paramiko.PKey.from_type_string(key_type, base64.b64decode(blob))
+    except (ValueError, paramiko.SSHException) as exc:
+        raise GuestError(f"the guest announced an unusable host key {key_type} {blob}: {exc}"
+                         ) from exc
+
+
+class UnpinnedHostKey(paramiko.SSHException):
+    """The server offered a host key of a type the console never announced."""
+
+    def __init__(self, key: paramiko.PKey) -> None:
+        super().__init__(f"unpinned host key {key.get_name()}")
+        self.key = key
+
+
+class _PinnedOnly(paramiko.RejectPolicy):
+    """RejectPolicy that keeps the offered key, so the error can show it."""
+
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str,
+                         key: paramiko.PKey) -> NoReturn:
+        raise UnpinnedHostKey(key)
+
+
+# --------------------------------------------------------------------------- session
+
+
+HostKeySource = Callable[[], "tuple[str, str] | None"]
+
+
+class SshSession:
+    """One guest's SSH connection: connects lazily, reconnects when it died.
+
+    ``host_key_source`` is asked on every connect, so a guest that rebooted
+    and re-announced its key is trusted again without trusting anything else.
+    ``alive`` raises when QEMU is gone and ``console_tail`` feeds error messages.
+    """
+
+    def __init__(self, port: int, key: KeyPair, host_key_source: HostKeySource, *,
+                 connect_timeout: float, console_tail: Callable[[], str] = lambda: "",
+                 alive: Callable[[], None] = lambda: None) -> None:
+        self.port = port
+        self.key = key
+        self.host_key_source = host_key_source
+        self.connect_timeout = connect_timeout
+        self.console_tail = console_tail
+        self.alive = alive
+        self._client: paramiko.SSHClient | None = None
+
+    # -- connection ------------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        transport = self._client.get_transport() if self._client else None
+        return transport is not None and transport.is_active()
+
+    @property
+    def client(self) -> paramiko.SSHClient:
+        """A connected SSHClient; (re)connects if there is none or it dropped."""
+        if not self.connected:
+            self.reconnect()
+        assert self._client is not None
+        return self._client
+
+    def reconnect(self) -> paramiko.SSHClient:
+        """Drop any old connection and connect afresh (until ``connect_timeout``)."""
+        self.close()
+        deadline = time.monotonic() + self.connect_timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            self.alive()
+            try:
+                self._client = self._connect_once(max(1.0, deadline - time.monotonic()))
+                return self._client
+            except (OSError, EOFError, paramiko.SSHException) as exc:
+                last = exc
+                time.sleep(RETRY_PAUSE)
+        raise GuestError(
+            f"SSH to the guest at {HOST}:{self.port} failed for {self.connect_timeout:.0f}s "
+            f"(last error: {last!r}); is dropbear running in the guest?",
+            self.console_tail(),
+        )
+
+    def _connect_once(self, timeout: float) -> paramiko.SSHClient:
+        client = self._pinned_client()
+        try:
+            client.connect(
+                HOST, port=self.port, username=USER, pkey=self.key.pkey(),
+                look_for_keys=False, allow_agent=False, timeout=timeout,
+                banner_timeout=timeout, auth_timeout=timeout,
+            )
+        except paramiko.AuthenticationException as exc:
+            client.close()
+            raise GuestError(
+                f"the guest at {HOST}:{self.port} refused the session key "
+                f"{self.key.public_path} ({exc}); is the key in fw_cfg "
+                f"{AUTHORIZED_KEYS_FW_CFG!r}? (password login is never tried)",
+                self.console_tail(),
+            ) from exc
+        except (paramiko.BadHostKeyException, UnpinnedHostKey) as exc:
+            client.close()
+            raise GuestError(
+                f"the SSH server at {HOST}:{self.port} offered host key "
+                f"{exc.key.get_name()} {exc.key.get_base64()}, not the one the guest "
+                "announced on its console: refusing to talk to it",
+                self.console_tail(),
+            ) from exc
+        except BaseException:
+            client.close()
+            raise
+        return client
+
+    def _pinned_client(self) -> paramiko.SSHClient:
+        """An SSHClient that trusts exactly the host key from the console."""
+        announced = self.host_key_source()
+        if announced is None:
+            raise GuestError(
+                "the guest never printed its SSH host key (PYTEST-VIRTIO-HOSTKEY): "
+                "dropbear is missing from the image or pv.ssh=1 is not on the "
+                "kernel command line",
+                self.console_tail(),
+            )
+        client = paramiko.SSHClient()
+        client.get_host_keys().add(f"[{HOST}]:{self.port}", announced[0],
+                                   host_key_object(*announced))
+        client.set_missing_host_key_policy(_PinnedOnly())
+        return client
+
+    def host_key_line(self) -> str | None:
+        """The pinned host key as ``type base64`` (None if the guest never said)."""
+        announced = self.host_key_source()
+        return " ".join(announced) if announced else None
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    # -- commands --------------------------------------------------------------
+    def run(self, cmd: str, timeout: float) -> Result:
+        """Run ``cmd`` like the console does: ``sh`` in a subshell, stdin empty.
+
+        The subshell makes a command killed by a signal report 128+N (as on
+        the console) instead of an SSH exit-signal paramiko cannot read.
+        """
+        start = time.monotonic()
+        channel = self._open_channel()
+        try:
+            channel.exec_command(f"( {cmd}\n) </dev/null; exit $?")
+            out, err, rc = self._collect(channel, cmd, start + timeout, timeout)
+        finally:
+            channel.close()
+        return Result(cmd=cmd, rc=rc, stdout=out, stderr=err,
+                      duration=time.monotonic() - start, via="ssh")
+
+    def _open_channel(self) -> paramiko.Channel:
+        """A session channel; a stale transport (guest dropped it) gets one reconnect.
+
+        Retrying is safe only here: no command has been sent yet.
+        """
+        try:
+            return self._new_session(self.client)
+        except (OSError, EOFError, paramiko.SSHException):
+            return self._new_session(self.reconnect())
+
+    @staticmethod
+    def _new_session(client: paramiko.SSHClient) -> paramiko.Channel:
+        transport = client.get_transport()
+        if transport is None:
+            raise paramiko.SSHException("no transport")
+        return transport.open_session()
+
+    def _collect(self, channel: paramiko.Channel, cmd: str, deadline: float,
+                 timeout: float) -> tuple[str, str, int]:
+        """Read both streams until the exit status, the deadline or a dead link."""
+        out, err = bytearray(), bytearray()
+        while True:
+            got = _drain(channel, out, err)
+            if channel.exit_status_ready() and not got:
+                _drain(channel, out, err)
+                return _text(out), _text(err), channel.recv_exit_status()
+            if _link_dead(channel):
+                self._raise_dropped(cmd, channel, out, err)
+            if time.monotonic() >= deadline:
+                raise GuestTimeout(
+                    f"guest command over SSH did not finish within {timeout:.0f}s: {cmd}\n"
+                    f"--- stdout so far ---\n{_text(out)[-2000:]}",
+                    self.console_tail(),
+                )
+            if not got:
+                time.sleep(POLL)
+
+    def _raise_dropped(self, cmd: str, channel: paramiko.Channel, out: bytearray,
+                       err: bytearray) -> None:
+        """EOF without an exit status: give the remote a moment, then call it a drop."""
+        if channel.status_event.wait(0.5):
+            return
+        self.close()
+        raise GuestError(
+            f"the SSH connection dropped while running {cmd!r} (EOF, no exit status)\n"
+            f"--- stdout so far ---\n{_text(out)[-2000:]}--- stderr so far ---\n"
+            f"{_text(err)[-2000:]}",
+            self.console_tail(),
+        )
+
+    # -- files -----------------------------------------------------------------
+    def put(self, local: str | os.PathLike[str], remote: str) -> None:
+        """Copy a host file into the guest over SFTP (dropbear runs sftp-server)."""
+        with self._sftp(f"put {local} → {remote}") as sftp:
+            sftp.put(os.fspath(local), remote, confirm=True)
+
+    def get(self, remote: str, local: str | os.PathLike[str]) -> None:
+        """Copy a guest file to the host over SFTP."""
+        with self._sftp(f"get {remote} → {local}") as sftp:
+            sftp.get(remote, os.fspath(local))
+
+    def _sftp(self, what: str) -> _SftpGuard:
+        return _SftpGuard(self, what)
+
+
+class _SftpGuard:
+    """Opens SFTP on a live connection and turns its failures into GuestError."""
+
+    def __init__(self, session: SshSession, what: str) -> None:
+        self.session = session
+        self.what = what
+        self.sftp: paramiko.SFTPClient | None = None
+
+    def __enter__(self) -> paramiko.SFTPClient:
+        try:
+            self.sftp = self.session.client.open_sftp()
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            raise GuestError(
+                f"SFTP would not start for {self.what} ({exc!r}): dropbear runs "
+                "sftp-server from openssh-sftp-server; is it in the image?",
+                self.session.console_tail(),
+            ) from exc
+        return self.sftp
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: object) -> None:
+        if self.sftp is not None:
+            self.sftp.close()
+        if isinstance(exc, (OSError, EOFError, paramiko.SSHException)):
+            raise GuestError(f"SFTP {self.what} failed: {exc!r}",
+                             self.session.console_tail()) from exc
+
+
+def _drain(channel: paramiko.Channel, out: bytearray, err: bytearray) -> bool:
+    """Move whatever is buffered into ``out``/``err``; True if anything came."""
+    got = False
+    while channel.recv_ready():
+        out += channel.recv(65536)
+        got = True
+    while channel.recv_stderr_ready():
+        err += channel.recv_stderr(65536)
+        got = True
+    return got
+
+
+def _link_dead(channel: paramiko.Channel) -> bool:
+    """Closed under us or transport gone (EOF alone is normal: stdout can close early)."""
+    transport = channel.get_transport()
+    return channel.closed or transport is None or not transport.is_active()
+
+
+def _text(data: bytearray) -> str:
+    return data.decode("utf-8", "replace")
+
+
+# --------------------------------------------------------------------------- wiring
+
+
+def session_for(machine: Machine, key: KeyPair, netdev: str, connect_timeout: float
+                ) -> SshSession:
+    """The SSH session of a guest that just announced readiness.
+
+    The host key is read once, now: init prints it before the readiness line,
+    and QEMU runs with ``-no-reboot``, so it cannot change while this machine
+    lives and a later console line cannot replace it.
+    """
+    port = parse_hostfwd_port(machine.hmp("info usernet"), 22, netdev)
+    announced = parse_host_key(_read_log(machine.console_log))
+    return SshSession(port, key, lambda: announced, connect_timeout=connect_timeout,
+                      console_tail=machine.console.tail, alive=machine.check_alive)
+
+
+def _read_log(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
