@@ -37,6 +37,8 @@ BASE_APPEND = (
     "mitigations=off random.trust_cpu=on nokaslr cryptomgr.notests"
 )
 RUN_PREFIX = "pv-"
+#: sun_path holds 108 bytes including the terminating NUL.
+SUN_PATH_MAX = 107
 BOOT_TIMEOUT = 15.0
 #: How long (before accelerator scaling) SSH keeps retrying to reach dropbear.
 SSH_CONNECT_TIMEOUT = 5.0
@@ -142,6 +144,13 @@ class VirtioSession:
         with self._lock:
             self._counter += 1
             d = self.run_root / f"g{self._counter}"
+        longest = d / "vu-" / ("x" * 20 + ".sock")
+        if len(str(longest)) > SUN_PATH_MAX:
+            raise ConfigError(
+                f"run directory {d} is too long for unix socket paths "
+                f"({len(str(longest))} > {SUN_PATH_MAX} bytes): set TMPDIR to a shorter "
+                "directory, e.g. TMPDIR=/tmp"
+            )
         d.mkdir()
         return d
 

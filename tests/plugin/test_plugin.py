@@ -1,0 +1,153 @@
+"""The plugin as a user meets it: options, markers, header, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pytest_virtio.images import builder
+
+TCG = "--virtio-accel=tcg"
+
+
+def test_markers_are_documented(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest("--markers", TCG)
+    for name in ("vm", "virtio_matrix", "expect_drivers", "workload", "perf"):
+        result.stdout.fnmatch_lines([f"@pytest.mark.{name}*"])
+
+
+def test_header_names_qemu_accel_and_image(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("def test_nothing(): pass")
+    result = pytester.runpytest(TCG)
+    result.stdout.fnmatch_lines(["virtio: QEMU *, accel tcg*image bookworm-*"])
+    result.assert_outcomes(passed=1)
+
+
+def test_unknown_vm_key_fails_at_collection(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+        @pytest.mark.vm(memroy="1G")
+        def test_x(guest):
+            pass
+        """
+    )
+    result = pytester.runpytest(TCG)
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*vm*memroy*"])
+    assert "memory" in result.stdout.str()  # the allowed keys are listed
+    assert "Traceback" not in result.stdout.str()
+
+
+def test_unknown_disk_bus_lists_choices(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+        @pytest.mark.vm(disks=["floppy"])
+        def test_x(guest):
+            pass
+        """
+    )
+    result = pytester.runpytest(TCG)
+    result.assert_outcomes(errors=1)
+    out = result.stdout.str()
+    assert "floppy" in out and "virtio-blk" in out and "ahci" in out
+
+
+def test_bad_expect_drivers_key(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+        @pytest.mark.expect_drivers("virtio_blk", missing=["x"])
+        def test_x(guest):
+            pass
+        """
+    )
+    result = pytester.runpytest(TCG)
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*expect_drivers*unknown key*missing*allowed: absent*"])
+
+
+def test_bad_option_value_is_usage_error(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest("--virtio-keep=sometimes")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--virtio-keep*sometimes*"])
+
+
+def test_bad_env_value_is_usage_error(pytester: pytest.Pytester,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYTEST_VIRTIO_ACCEL", "hvf")
+    result = pytester.runpytest()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*PYTEST_VIRTIO_ACCEL*'hvf' is not one of auto, kvm, tcg*"])
+
+
+def test_missing_qemu_names_the_package(pytester: pytest.Pytester,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    pytester.makepyfile("def test_x(guest): pass")
+    empty = pytester.mkdir("emptybin")
+    monkeypatch.setenv("PATH", str(empty))
+    result = pytester.runpytest(TCG)
+    result.assert_outcomes(errors=1)
+    out = result.stdout.str()
+    assert "qemu-system-x86_64 not found" in out
+    assert "apt-get install qemu-system-x86" in out
+
+
+def test_corrupt_cached_image_is_a_clear_error(pytester: pytest.Pytester) -> None:
+    cache = pytester.mkdir("cache")
+    good = builder.ensure_image()
+    fake = builder.image_dir(builder.load_recipe(), cache)
+    fake.mkdir(parents=True)
+    (fake / "vmlinuz").write_bytes(b"not a kernel")
+    shutil.copytree(good.modules_dir.parent, fake / "modules")  # type: ignore[union-attr]
+    (fake / "rootfs.img").write_bytes(b"\0" * 4096)
+    manifest = json.loads((good.cache_dir / builder.MANIFEST).read_text())
+    (fake / builder.MANIFEST).write_text(json.dumps(manifest))
+    pytester.makepyfile("def test_x(guest): pass")
+    result = pytester.runpytest(TCG, f"--virtio-cache={cache}")
+    result.assert_outcomes(errors=1)
+    out = result.stdout.str()
+    assert "is corrupt" in out
+    assert "python -m pytest_virtio.images build --force" in out
+
+
+def test_guest_test_passes_and_leaves_no_qemu(
+    pytester: pytest.Pytester, inner_tmp: Path, find_qemus
+) -> None:
+    pytester.makepyfile(
+        """
+        def test_x(guest):
+            assert guest.run("cat /proc/version").ok
+        """
+    )
+    result = pytester.runpytest_subprocess(TCG)
+    result.assert_outcomes(passed=1)
+    assert find_qemus(inner_tmp) == []
+    assert not [p for p in inner_tmp.iterdir() if p.name.startswith("pv-")]
+
+
+def test_hanging_command_fails_with_console_tail_and_keeps_artifacts(
+    pytester: pytest.Pytester, inner_tmp: Path, find_qemus
+) -> None:
+    pytester.makepyfile(
+        """
+        def test_hang(guest):
+            guest.run("echo about-to-hang; sleep 600", timeout=2)
+        """
+    )
+    result = pytester.runpytest_subprocess(TCG)
+    result.assert_outcomes(failed=1)
+    out = result.stdout.str()
+    assert "GuestTimeout" in out and "console tail" in out
+    result.stdout.fnmatch_lines(["*pytest-virtio artifacts*"])
+    kept = list((pytester.path / ".pytest-virtio").rglob("reproduce.sh"))
+    assert kept, "no artifacts kept for the failing test"
+    console = kept[0].parent / "console.log"
+    assert "PYTEST-VIRTIO-READY" in console.read_text(errors="replace")
+    assert os.access(kept[0], os.X_OK)
+    assert find_qemus(inner_tmp) == []
