@@ -111,7 +111,8 @@ class Guest:
         if via == "console":
             return self.machine.console.run(cmd, t)
         if via == "ssh":
-            return self.ssh_session().run(cmd, t)
+            result: Result = self.ssh_session().run(cmd, t)
+            return result
         raise ConfigError(f"guest.run(via={via!r}): choose 'console' or 'ssh'")
 
     def check(self, cmd: str, timeout: float | None = None, via: str = "console") -> Result:

@@ -225,9 +225,8 @@ class Machine:
         if self._proc is None or self.state is RunState.STOPPED:
             return self.exitcode()
         if self._proc.poll() is None and self._qmp is not None:
-            with contextlib.suppress(Exception):
-                with self._lock:
-                    self._qmp.cmd_raw("quit")
+            with contextlib.suppress(Exception), self._lock:
+                self._qmp.cmd_raw("quit")
         self._close_channels()
         self._wait_or_escalate(timeout)
         return self.exitcode()
