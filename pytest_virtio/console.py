@@ -9,6 +9,7 @@ the echoed command line nor anything the command prints can fake them.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import secrets
 import socket
@@ -110,10 +111,8 @@ class Console:
         return tail_of(self.log_path, lines)
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.sock.close()
-        except OSError:
-            pass
 
     def send(self, text: str) -> None:
         self._child.send(text)
@@ -150,10 +149,8 @@ class Console:
 
     def _collect_after_panic(self) -> None:
         """Let the panic's trace reach the log before it is quoted."""
-        try:
+        with contextlib.suppress(OSError):
             self._child.expect([pexpect.TIMEOUT, pexpect.EOF], timeout=0.5)
-        except OSError:
-            pass
 
     def wait_ready(self, timeout: float) -> float:
         """Wait for init's readiness line; returns the guest uptime it reported."""
