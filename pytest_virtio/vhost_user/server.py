@@ -94,6 +94,8 @@ class VhostUserBlkServer:
         )
         self.faults._break_hook = self._request_break
         self.messages_seen: collections.Counter[str] = collections.Counter()
+        #: The most recent requests in order, for failure reports.
+        self.message_log: collections.deque[str] = collections.deque(maxlen=200)
         self.errors: list[BaseException] = []
         self.connections = 0
         self._listener: socket.socket | None = None
@@ -400,6 +402,7 @@ class VhostUserBlkServer:
         try:
             request = p.request_of(header)
             self.messages_seen[request.name] += 1
+            self.message_log.append(request.name)
             p.check_payload_size(request, payload)
             p.check_fd_count(request, payload, len(fds))
             reply = self._handlers[request](header, payload, fds)
