@@ -258,13 +258,8 @@ class VhostUserBlkServer:
         self.queues = [
             Virtqueue(i, self.queue_size_max, self.stats) for i in range(self.num_queues)
         ]
-        for vq in self.queues:
-            vq.on_broken = self._on_broken
         self._inflight_fd = -1
         self._inflight_map: mmap.mmap | None = None
-
-    def _on_broken(self, vq: Virtqueue, reason: str) -> None:
-        self.stats.broken[vq.index] = reason
 
     def _release_queue_fds(self, vq: Virtqueue) -> None:
         self._set_kick(vq, -1)

@@ -81,13 +81,27 @@ class MockMemory:
     def uva(self, gpa: int) -> int:
         return UVA_BASE + self.offset(gpa)
 
+    def _pieces(self, gpa: int, length: int) -> list[tuple[int, int]]:
+        """(file offset, length) pieces of a range that may span GPA-adjacent regions."""
+        out = []
+        while length > 0:
+            r = next((r for r in self.regions if r.gpa <= gpa < r.gpa + r.size), None)
+            if r is None:
+                raise ValueError(f"mock: gpa {gpa:#x} not mapped")
+            take = min(length, r.gpa + r.size - gpa)
+            out.append((r.mmap_offset + gpa - r.gpa, take))
+            gpa += take
+            length -= take
+        return out
+
     def write(self, gpa: int, data: bytes) -> None:
-        off = self.offset(gpa, max(len(data), 1))
-        self.mm[off : off + len(data)] = data
+        pos = 0
+        for off, n in self._pieces(gpa, len(data)):
+            self.mm[off : off + n] = data[pos : pos + n]
+            pos += n
 
     def read(self, gpa: int, length: int) -> bytes:
-        off = self.offset(gpa, max(length, 1))
-        return self.mm[off : off + length]
+        return b"".join(self.mm[off : off + n] for off, n in self._pieces(gpa, length))
 
     def guest_memory(self) -> GuestMemory:
         """The backend's view, built exactly as SET_MEM_TABLE would build it."""

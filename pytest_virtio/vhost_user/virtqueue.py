@@ -173,6 +173,8 @@ class Virtqueue:
         if self.err_fd >= 0:
             with contextlib.suppress(OSError):
                 os.write(self.err_fd, _EVENTFD_ONE)
+        if self.stats is not None:
+            self.stats.broken[self.index] = reason
         if self.on_broken is not None:
             self.on_broken(self, reason)
 
