@@ -231,8 +231,13 @@ class MockSplitQueue:
             idx = (idx + 1) & 0xFFFF
         self.set_avail_idx(idx)
 
-    def take_used(self) -> list[tuple[int, int]]:
-        """New used elements (id, len) since the last call; frees their descriptors."""
+    def take_used(self, rearm: bool = True) -> list[tuple[int, int]]:
+        """New used elements (id, len) since the last call; frees their descriptors.
+
+        With ``rearm`` the driver then asks for an interrupt on the very next
+        completion (used_event = last seen used idx, §2.7.10), as Linux does
+        when it re-enables callbacks.
+        """
         new = self.used_idx()
         out = []
         while self.last_used != new:
@@ -241,6 +246,8 @@ class MockSplitQueue:
             out.append((uid, ulen))
             self.free.extend(self.chains.pop(uid, []))
             self.last_used = (self.last_used + 1) & 0xFFFF
+        if rearm:
+            self.set_used_event(self.last_used)
         return out
 
     # --- virtio-blk helpers ----------------------------------------------------------
@@ -376,7 +383,9 @@ class MockFrontend:
             self.queue_fds.append(fds)
             self.send(Request.SET_VRING_ERR, U64.pack(i), [fds.err])
             self.send(Request.SET_VRING_NUM, VRING_STATE.pack(i, q.size))
-            self.send(Request.SET_VRING_BASE, VRING_STATE.pack(i, q.avail_idx))
+            # QEMU sends the device's last_avail_idx; for a fresh or replayed ring
+            # that is where the used ring stands.
+            self.send(Request.SET_VRING_BASE, VRING_STATE.pack(i, q.last_used))
             self.send(Request.SET_VRING_ADDR, encode_vring_addr(q.vring_addr(i)))
             self.send(Request.SET_VRING_KICK, U64.pack(i), [fds.kick])
             self.send(Request.SET_VRING_CALL, U64.pack(i), [fds.call])

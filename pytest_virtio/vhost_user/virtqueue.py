@@ -170,11 +170,11 @@ class Virtqueue:
             return
         self.broken = True
         self.broken_reason = reason
+        if self.stats is not None:
+            self.stats.broken[self.index] = reason
         if self.err_fd >= 0:
             with contextlib.suppress(OSError):
                 os.write(self.err_fd, _EVENTFD_ONE)
-        if self.stats is not None:
-            self.stats.broken[self.index] = reason
         if self.on_broken is not None:
             self.on_broken(self, reason)
 
