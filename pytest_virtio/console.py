@@ -115,7 +115,14 @@ class Console:
             self.sock.close()
 
     def send(self, text: str) -> None:
-        self._child.send(text)
+        """Write to the guest; a dead QEMU is reported as such, not as EPIPE."""
+        self.alive()
+        try:
+            self._child.send(text)
+        except OSError as exc:
+            self.alive()
+            raise LaunchError(f"cannot write to the guest console: {exc}\n{self.tail()}"
+                              ) from exc
 
     def expect(self, pattern: str, timeout: float, what: str) -> re.Match[str]:
         """Wait for ``pattern``; a panic, an EOF or the deadline raise precisely.
@@ -126,7 +133,12 @@ class Console:
         deadline = time.monotonic() + timeout
         while True:
             slice_ = max(0.05, min(0.5, deadline - time.monotonic()))
-            idx = self._child.expect(patterns, timeout=slice_)
+            try:
+                idx = self._child.expect(patterns, timeout=slice_)
+            except OSError as exc:  # ECONNRESET: QEMU died under us
+                self._wait_for_exit()
+                raise LaunchError(f"QEMU dropped the console while {what}: {exc}\n"
+                                  f"{self.tail()}") from exc
             match = self._child.match
             if idx == 0:
                 assert isinstance(match, re.Match)
@@ -146,6 +158,13 @@ class Console:
             if time.monotonic() >= deadline:
                 raise GuestTimeout(f"guest did not answer within {timeout:.0f}s while {what}",
                                    self.tail())
+
+    def _wait_for_exit(self, grace: float = 2.0) -> None:
+        """A reset console means QEMU is dying: let ``alive()`` see its exit status."""
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            self.alive()
+            time.sleep(0.02)
 
     def _collect_after_panic(self) -> None:
         """Let the panic's trace reach the log before it is quoted."""

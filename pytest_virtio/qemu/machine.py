@@ -16,6 +16,7 @@ import contextlib
 import ctypes
 import enum
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -27,8 +28,8 @@ from typing import Any
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from ..console import Console
-from ..errors import LaunchError
+from ..console import PANIC_RE, Console, tail_of
+from ..errors import GuestPanic, LaunchError
 
 PR_SET_PDEATHSIG = 1
 
@@ -40,6 +41,46 @@ class RunState(enum.Enum):
     RUNNING = "running"
     STOPPED = "stopped"
     FAILED = "failed"
+
+
+#: QEMU stderr → a one-line cause naming the fix (first match wins).
+_STDERR_HINTS: tuple[tuple[str, str], ...] = (
+    (r'Failed to get "\w+" lock[\s\S]*?Is another process using the image \[([^\]]+)\]',
+     "disk image {0} is in use by another QEMU (image lock held): give each guest its "
+     "own copy of the file, or attach it with readonly=True in every guest"),
+    (r"Could not open '([^']+)': Permission denied",
+     "QEMU cannot open {0}: permission denied; make it readable (and writable unless "
+     "readonly=True) by this user"),
+    (r"Could not open '([^']+)': No such file or directory",
+     "QEMU cannot open {0}: no such file; check the path given to the test"),
+    (r"cannot set up guest memory '[^']*': Cannot allocate memory",
+     "QEMU could not allocate the guest's memory; ask for less (vm(memory=...)) or run "
+     "fewer guests at once (-n)"),
+)
+
+
+def diagnose_stderr(path: Path) -> str | None:
+    """Recognise QEMU's common start-up failures and say what to do in one line."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return None
+    for pattern, message in _STDERR_HINTS:
+        match = re.search(pattern, text)
+        if match:
+            return message.format(*match.groups())
+    return None
+
+
+def describe_exit(rc: int) -> str:
+    """``QEMU exited with status 1`` / ``QEMU was killed by signal 9 (SIGKILL)``."""
+    if rc < 0:
+        try:
+            name = signal.Signals(-rc).name
+        except ValueError:
+            name = "?"
+        return f"QEMU was killed by signal {-rc} ({name}) (exit status {rc})"
+    return f"QEMU exited with status {rc}"
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child
@@ -154,14 +195,38 @@ class Machine:
         return "\n".join(text.splitlines()[-lines:])
 
     def check_alive(self) -> None:
-        """Raise LaunchError with exit status and stderr if QEMU has exited."""
+        """Raise if QEMU has exited: GuestPanic after GUEST_PANICKED, else LaunchError.
+
+        pvpanic makes QEMU power off on a guest panic (exit status 0), so a
+        panic the console did not show still fails as a panic, not a mystery exit.
+        """
         rc = self.exitcode()
         if rc is not None and self.state is not RunState.STOPPED:
             self.state = RunState.FAILED
+            with contextlib.suppress(Exception):
+                self.poll_events()
+            panic = self.panic_event()
+            if panic is not None:
+                raise GuestPanic(
+                    f"guest kernel panicked (QMP GUEST_PANICKED, action "
+                    f"{panic.get('data', {}).get('action', '?')}): {self.console_panic_line()}"
+                    f"; QEMU exited with status {rc}",
+                    tail_of(self.console_log),
+                )
+            hint = diagnose_stderr(self.stderr_path) or describe_exit(rc)
             raise LaunchError(
-                f"QEMU exited with status {rc}\n--- qemu stderr ---\n{self.stderr_tail()}\n"
-                f"--- command ---\n{self.command_line()}"
+                f"{hint}\n--- qemu stderr ---\n"
+                f"{self.stderr_tail()}\n--- command ---\n{self.command_line()}"
             )
+
+    def panic_event(self) -> dict[str, Any] | None:
+        """The GUEST_PANICKED event, if QEMU reported one."""
+        return next((e for e in self.events if e.get("event") == "GUEST_PANICKED"), None)
+
+    def console_panic_line(self) -> str:
+        """The kernel's panic line from the console log, for the failure message."""
+        match = re.search(PANIC_RE, tail_of(self.console_log, 400))
+        return match.group(1) if match else "no panic line reached the console"
 
     # -- QMP -----------------------------------------------------------------
     def qmp(self, cmd: str, **args: Any) -> Any:
