@@ -401,9 +401,12 @@ class VhostUserBlkServer:
             p.check_payload_size(request, payload)
             p.check_fd_count(request, payload, len(fds))
             reply = self._handlers[request](header, payload, fds)
-        except ProtocolError:
+        except ProtocolError as exc:
+            # Record before answering so a test that saw the NAK also sees the error.
+            self.errors.append(exc)
             self._maybe_ack(header, failed=True)
-            raise
+            self._disconnect()
+            return
         finally:
             for fd in fds:  # whatever a handler did not take
                 _close(fd)

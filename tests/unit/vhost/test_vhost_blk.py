@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from vhost_rig import Rig
 
 from pytest_virtio.vhost_user.blk import (
     CONFIG,
@@ -18,8 +19,6 @@ from pytest_virtio.vhost_user.blk import (
 )
 from pytest_virtio.vhost_user.protocol import BlkFeature
 from pytest_virtio.vhost_user.testing import segments
-
-from vhost_rig import Rig
 
 SECTORS = (1 << 20) // 512
 

@@ -6,12 +6,11 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from vhost_rig import Rig
 
 from pytest_virtio.errors import BackendError
 from pytest_virtio.vhost_user.blk import BlkStatus, BlkType
 from pytest_virtio.vhost_user.faults import FaultInjector
-
-from vhost_rig import Rig
 
 
 @pytest.fixture

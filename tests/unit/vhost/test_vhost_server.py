@@ -187,9 +187,10 @@ def test_eof_then_reconnect(server: VhostUserBlkServer, mem: MockMemory) -> None
 def test_second_concurrent_connection_is_refused(server: VhostUserBlkServer) -> None:
     with MockFrontend(server.socket_path) as fe:
         fe.get_u64(Request.GET_FEATURES)
-        with MockFrontend(server.socket_path) as other:
-            with pytest.raises((EOFError, ConnectionError)):
-                other.get_u64(Request.GET_FEATURES)
+        with MockFrontend(server.socket_path) as other, pytest.raises(
+            (EOFError, ConnectionError)
+        ):
+            other.get_u64(Request.GET_FEATURES)
         assert fe.get_u64(Request.GET_QUEUE_NUM) == 2
 
 
@@ -257,7 +258,7 @@ def test_unoffered_features_rejected(server: VhostUserBlkServer) -> None:
 
 
 def test_break_queue_signals_err_eventfd(server: VhostUserBlkServer, mem: MockMemory) -> None:
-    fe, (q,) = _started(server, mem)
+    fe, _ = _started(server, mem)
     with fe:
         server.faults.break_queue(0)
         assert select.select([fe.queue_fds[0].err], [], [], 5)[0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from vhost_rig import Rig
 
 from pytest_virtio.vhost_user.blk import BlkType
 from pytest_virtio.vhost_user.protocol import VringAddr
@@ -16,8 +17,6 @@ from pytest_virtio.vhost_user.virtqueue import (
     USED_F_NO_NOTIFY,
     need_event,
 )
-
-from vhost_rig import Rig
 
 
 @pytest.fixture
