@@ -56,6 +56,9 @@ USER = "root"
 RETRY_PAUSE = 0.2
 #: How often a running command's channel is polled.
 POLL = 0.005
+#: paramiko's exit status until the server sends one; a channel that closes
+#: while it still reads -1 was cut, not finished (real statuses are 0..255).
+NO_EXIT_STATUS = -1
 
 _FORWARD_RE = re.compile(
     r"TCP\[HOST_FORWARD\]\s+\d+\s+(?P<src>\S+)\s+(?P<port>\d+)\s+\S+\s+(?P<gport>\d+)"
@@ -327,9 +330,12 @@ class SshSession:
             got = _drain(channel, out, err)
             if channel.exit_status_ready() and not got:
                 _drain(channel, out, err)
-                return _text(out), _text(err), channel.recv_exit_status()
-            if _link_dead(channel):
-                self._raise_dropped(cmd, channel, out, err)
+                rc = channel.recv_exit_status()
+                if rc != NO_EXIT_STATUS:
+                    return _text(out), _text(err), rc
+                self._raise_dropped(cmd, out, err)
+            if _link_dead(channel) and not channel.status_event.wait(0.5):
+                self._raise_dropped(cmd, out, err)
             if time.monotonic() >= deadline:
                 raise GuestTimeout(
                     f"guest command over SSH did not finish within {timeout:.0f}s: {cmd}\n"
@@ -339,11 +345,8 @@ class SshSession:
             if not got:
                 time.sleep(POLL)
 
-    def _raise_dropped(self, cmd: str, channel: paramiko.Channel, out: bytearray,
-                       err: bytearray) -> None:
-        """EOF without an exit status: give the remote a moment, then call it a drop."""
-        if channel.status_event.wait(0.5):
-            return
+    def _raise_dropped(self, cmd: str, out: bytearray, err: bytearray) -> NoReturn:
+        """The channel closed without an exit status: the link (or dropbear) died."""
         self.close()
         raise GuestError(
             f"the SSH connection dropped while running {cmd!r} (EOF, no exit status)\n"
