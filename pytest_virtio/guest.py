@@ -7,8 +7,11 @@ is built on it, so the same code works over the console or SSH.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import shlex
-from collections.abc import Mapping
+import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,6 +21,7 @@ from .errors import ConfigError, GuestError
 from .qemu.machine import Machine
 
 if TYPE_CHECKING:
+    from .spec import Disk, LaunchContext
     from .workloads.fio import FioResult
 
 
@@ -99,6 +103,8 @@ class Guest:
     boot_uptime: float | None = None
     host_key: str | None = None
     _ssh: Any = field(default=None, repr=False)
+    #: The launch's paths (sockets, disk files): hotplug needs them for QMP arguments.
+    ctx: LaunchContext | None = None
 
     # -- commands ------------------------------------------------------------
     def default_timeout(self) -> float:
@@ -247,6 +253,121 @@ class Guest:
                 return f"/dev/{dev}"
         raise GuestError(f"no guest block device has serial {serial!r} (disk {name!r})",
                          self.console_tail())
+
+    def load_drivers(self, modules: Iterable[str] | None = None) -> None:
+        """Load the drivers the spec's data disks and devices need (default), or ``modules``.
+
+        The guest has no udev, so nothing loads a driver when a device appears;
+        this plays udev's part once at boot and after each hotplug. A module
+        that cannot load is an error here, not a disk that silently never shows.
+        """
+        from .spec import guest_modules
+
+        names = tuple(modules) if modules is not None else guest_modules(self.spec)
+        if names:
+            self.check(f"modprobe -a {' '.join(shlex.quote(n) for n in names)}")
+
+    # -- hotplug -------------------------------------------------------------
+    def hotplug(self, disk: Disk, timeout: float | None = None) -> str:
+        """Hot-add ``disk`` through QMP and return its guest device path.
+
+        Waits until the guest kernel shows a block device with the disk's
+        serial, because QMP's success only means QEMU added it — the test
+        cares that the guest can use it. vhost-user-blk gets its in-process
+        backend started first (QEMU connects during device_add).
+        """
+        from . import session as session_mod
+        from . import spec as spec_mod
+
+        ctx = self._launch_ctx()
+        if disk.name in self.disk_serials or disk.name == "root":
+            raise ConfigError(f"guest.hotplug(): a disk named {disk.name!r} is already attached")
+        path = session_mod.prepare_disk_file(disk, self.run_dir)
+        ctx = dataclasses.replace(ctx, disk_files={**ctx.disk_files, disk.name: path})
+        if disk.bus == "vhost-user-blk":
+            socket = session_mod.backend_socket(self.run_dir, disk.name)
+            ctx = dataclasses.replace(ctx, vhost_sockets={**ctx.vhost_sockets, disk.name: socket})
+        commands = spec_mod.hotplug_commands(disk, ctx)
+        if disk.bus == "vhost-user-blk":
+            self.backends[disk.name] = session_mod.start_backend(
+                disk, path, self.run_dir, getattr(self.spec, "smp", 1))
+        self._run_hotplug(disk, commands)
+        self.ctx = ctx
+        self.disk_serials[disk.name] = disk.serial or disk.name
+        self.load_drivers(spec_mod.ROOT_MODULES[disk.bus])
+        return self._wait_block(disk.name, present=True, timeout=timeout)
+
+    def unplug(self, name: str, timeout: float | None = None) -> None:
+        """Hot-remove disk ``name``; returns once QEMU and the guest both let it go.
+
+        QEMU emits DEVICE_DELETED only after the guest ejected the device (ACPI
+        for PCI), so waiting for it proves the guest cooperated; then the
+        block-layer node or chardev is freed and the backend stopped.
+        """
+        if name not in self.disk_serials:
+            raise ConfigError(f"guest.unplug(): no data disk named {name!r} "
+                              f"(have: {', '.join(sorted(self.disk_serials)) or 'none'})")
+        t = timeout if timeout is not None else self.default_timeout()
+        self.machine.qmp("device_del", id=name)
+        self.machine.wait_event("DEVICE_DELETED", t, {"device": name})
+        self._wait_qom_gone(name, t)
+        if name in self.backends:
+            self.machine.qmp("chardev-remove", id=f"vu-{name}")
+            self.backends.pop(name).stop()
+        else:
+            self.machine.qmp("blockdev-del", **{"node-name": f"drv-{name}"})
+        self._wait_block(name, present=False, timeout=t)
+        del self.disk_serials[name]
+
+    def _launch_ctx(self) -> LaunchContext:
+        if self.ctx is None:
+            raise GuestError("guest.hotplug() needs the guest's LaunchContext (boot it "
+                             "through VirtioSession)")
+        return self.ctx
+
+    def _run_hotplug(self, disk: Disk, commands: list[tuple[str, dict[str, Any]]]) -> None:
+        """Send the QMP commands; on failure undo what was added so the guest stays clean."""
+        from .errors import VirtioError
+
+        done: list[str] = []
+        try:
+            for cmd, args in commands:
+                self.machine.qmp(cmd, **args)
+                done.append(cmd)
+        except BaseException:
+            with contextlib.suppress(VirtioError, OSError):
+                if "blockdev-add" in done:
+                    self.machine.qmp("blockdev-del", **{"node-name": disk.drive_id})
+                if "chardev-add" in done:
+                    self.machine.qmp("chardev-remove", id=f"vu-{disk.name}")
+            if disk.name in self.backends:
+                self.backends.pop(disk.name).stop()
+            raise
+
+    def _wait_qom_gone(self, name: str, timeout: float) -> None:
+        """Poll QOM until ``name`` left /machine/peripheral (a stale event cannot fool it)."""
+        deadline = time.monotonic() + timeout
+        while any(p.get("name") == name for p in
+                  self.machine.qmp("qom-list", path="/machine/peripheral")):
+            if time.monotonic() > deadline:
+                raise GuestError(f"device {name!r} still in QEMU {timeout:.0f}s after "
+                                 "DEVICE_DELETED", self.console_tail())
+            time.sleep(0.1)
+
+    def _wait_block(self, name: str, *, present: bool, timeout: float | None) -> str:
+        """Poll /sys/block until the disk's serial appears (or is gone)."""
+        serial = self.disk_serials[name]
+        t = timeout if timeout is not None else self.default_timeout()
+        deadline = time.monotonic() + t
+        while True:
+            found = [d for d, s in self.block_devices().items() if s == serial]
+            if bool(found) == present:
+                return f"/dev/{found[0]}" if found else ""
+            if time.monotonic() > deadline:
+                state = "appear" if present else "go away"
+                raise GuestError(f"guest block device with serial {serial!r} (disk {name!r}) "
+                                 f"did not {state} within {t:.0f}s", self.console_tail())
+            time.sleep(0.2)
 
     # -- lifecycle -----------------------------------------------------------
     def close(self) -> None:

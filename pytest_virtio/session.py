@@ -21,7 +21,7 @@ from typing import Any
 
 from . import spec as spec_mod
 from . import ssh as ssh_mod
-from .errors import ConfigError, LaunchError, VirtioError
+from .errors import ConfigError, GuestError, LaunchError, VirtioError
 from .guest import Guest
 from .images import GuestImage, custom_image, ensure_image, initramfs_for, load_recipe
 from .qemu import capabilities
@@ -42,6 +42,22 @@ SUN_PATH_MAX = 107
 BOOT_TIMEOUT = 15.0
 #: How long (before accelerator scaling) SSH keeps retrying to reach dropbear.
 SSH_CONNECT_TIMEOUT = 5.0
+
+
+class MissingDevices(LaunchError):
+    """The installed QEMU lacks device models the spec needs: a capability, not a bug.
+
+    The fixtures turn it into a skip (the test cannot run on this host), while a
+    script using VirtioSession directly still gets a clear error.
+    """
+
+    def __init__(self, qemu: str, missing: frozenset[str]) -> None:
+        self.qemu = qemu
+        self.missing = missing
+        super().__init__(
+            f"QEMU lacks device model(s) {', '.join(sorted(missing))} ({qemu}); "
+            "install a QEMU build that has them"
+        )
 
 
 def _pid_alive(pid: int) -> bool:
@@ -168,9 +184,7 @@ class VirtioSession:
         spec = spec or spec_mod.MachineSpec()
         missing = capabilities.missing_devices(spec, self.qemu)
         if missing:
-            raise LaunchError(
-                f"this QEMU ({self.qemu}) lacks device models: {', '.join(sorted(missing))}"
-            )
+            raise MissingDevices(self.qemu, missing)
         accel = self.accel().accel
         scale = self.timeout_scale
         guest = self._launch(spec, name, accel=accel, boot_timeout=BOOT_TIMEOUT * scale,
@@ -182,14 +196,15 @@ class VirtioSession:
                 boot_timeout: float, scale: float) -> Guest:
         image = self.image()
         run_dir = self.new_run_dir()
-        disk_files, serials = self._data_disks(spec, run_dir)
+        disk_files = {d.name: prepare_disk_file(d, run_dir) for d in spec.disks}
+        serials = {d.name: d.serial or d.name for d in spec.disks}
         ssh_nic = next((n for n in spec.nics if n.hostfwd_ssh), None)
         ssh_args = ["pv.ssh=1"] if ssh_nic else []
         fw_cfg = {ssh_mod.AUTHORIZED_KEYS_FW_CFG: str(self.ssh_key().public_path)
                   } if ssh_nic else {}
         backends = self._start_backends(spec, run_dir, disk_files)
         try:
-            initrd = initramfs_for(image, spec_mod.ROOT_MODULES[spec.root_bus])
+            initrd = initramfs_for(image, spec.root_modules)
             ctx = spec_mod.LaunchContext(
                 qemu_binary=self.qemu, accel=accel, kernel=str(image.kernel),
                 initrd=str(initrd), root_image=str(image.rootfs),
@@ -199,7 +214,7 @@ class VirtioSession:
                 console_socket=str(run_dir / "con.sock"),
                 console_log=str(run_dir / "console.log"),
                 disk_files=disk_files,
-                vhost_sockets={n: str(run_dir / f"vu-{n}.sock") for n in backends},
+                vhost_sockets={n: backend_socket(run_dir, n) for n in backends},
                 serial_sockets={},
                 name=name,
                 fw_cfg=fw_cfg,
@@ -211,14 +226,16 @@ class VirtioSession:
             guest = Guest(machine=machine, name=name, accel=accel,
                           timeout_scale=scale,
                           run_dir=run_dir, spec=spec, backends=backends,
-                          disk_serials=serials)
+                          disk_serials=serials, ctx=ctx)
             machine.launch()
         except BaseException:
             for b in backends.values():
                 b.stop()
             raise
         try:
-            guest.boot_uptime = machine.console.wait_ready(boot_timeout)
+            guest.boot_uptime = _wait_ready(machine, spec, boot_timeout)
+            if spec.disks or spec.devices:
+                guest.load_drivers()
             if ssh_nic is not None:
                 self._attach_ssh(guest, ssh_nic.name, scale)
         except BaseException:
@@ -233,41 +250,15 @@ class VirtioSession:
         guest._ssh = session
         guest.host_key = session.host_key_line()
 
-    def _data_disks(self, spec: spec_mod.MachineSpec, run_dir: Path
-                    ) -> tuple[dict[str, str], dict[str, str]]:
-        """Create sparse files for sized data disks; user images are used in place."""
-        files: dict[str, str] = {}
-        serials: dict[str, str] = {}
-        for disk in spec.disks:
-            serials[disk.name] = disk.serial or disk.name
-            if disk.image:
-                files[disk.name] = str(disk.image)
-                continue
-            path = run_dir / f"disk-{disk.name}.img"
-            with path.open("wb") as f:
-                f.truncate(spec_mod.parse_size(disk.size))
-            files[disk.name] = str(path)
-        return files, serials
-
     def _start_backends(self, spec: spec_mod.MachineSpec, run_dir: Path,
                         disk_files: dict[str, str]) -> dict[str, Any]:
         """Start one in-process vhost-user-blk server per such disk, before QEMU."""
         wanted = [d for d in spec.disks if d.bus == "vhost-user-blk"]
-        if not wanted:
-            return {}
-        from .vhost_user import FileStorage, VhostUserBlkServer
-
         servers: dict[str, Any] = {}
         try:
             for disk in wanted:
-                server = VhostUserBlkServer(
-                    str(run_dir / f"vu-{disk.name}.sock"),
-                    FileStorage(disk_files[disk.name]),
-                    num_queues=disk.num_queues or spec.smp,
-                    readonly=disk.readonly, serial=disk.serial or disk.name,
-                )
-                server.start()
-                servers[disk.name] = server
+                servers[disk.name] = start_backend(disk, disk_files[disk.name], run_dir,
+                                                   spec.smp)
         except BaseException:
             for s in servers.values():
                 s.stop()
@@ -292,6 +283,54 @@ class VirtioSession:
         self.close()
 
 
+def prepare_disk_file(disk: spec_mod.Disk, run_dir: Path) -> str:
+    """A sparse file for a sized data disk; a user image is used in place."""
+    if disk.image:
+        return str(disk.image)
+    path = run_dir / f"disk-{disk.name}.img"
+    with path.open("wb") as f:
+        f.truncate(spec_mod.parse_size(disk.size))
+    return str(path)
+
+
+def backend_socket(run_dir: Path, name: str) -> str:
+    """Where the vhost-user-blk server of disk ``name`` listens (short: sun_path)."""
+    return str(run_dir / f"vu-{name}.sock")
+
+
+def start_backend(disk: spec_mod.Disk, path: str, run_dir: Path, smp: int) -> Any:
+    """Start the in-process vhost-user-blk server for ``disk`` (before QEMU connects)."""
+    from .vhost_user import FileStorage, VhostUserBlkServer
+
+    server = VhostUserBlkServer(
+        backend_socket(run_dir, disk.name), FileStorage(path),
+        num_queues=disk.num_queues or smp, readonly=disk.readonly,
+        serial=disk.serial or disk.name,
+    )
+    server.start()
+    return server
+
+
+def _wait_ready(machine: Machine, spec: spec_mod.MachineSpec, timeout: float) -> float:
+    """Wait for the shell; a missing root disk names the modules the spec left out.
+
+    Why here: only the session knows both the bus and the initramfs it chose, so
+    the console's generic diagnosis is made precise (e.g. "lacks virtio_blk").
+    """
+    try:
+        return machine.console.wait_ready(timeout)
+    except GuestError as exc:
+        left_out = [m for m in spec_mod.ROOT_MODULES[spec.root_bus]
+                    if m not in spec.root_modules]
+        if "no root disk" not in str(exc) or not left_out:
+            raise
+        raise GuestError(
+            f"root bus {spec.root_bus!r} needs the initramfs modules "
+            f"{', '.join(spec_mod.ROOT_MODULES[spec.root_bus])}, but initramfs_modules="
+            f"{list(spec.root_modules)!r} lacks {', '.join(left_out)}: {exc}"
+        ) from None
+
+
 @contextlib.contextmanager
 def booted(spec: spec_mod.MachineSpec | None = None, settings: Settings | None = None
            ) -> Iterator[Guest]:
@@ -300,4 +339,4 @@ def booted(spec: spec_mod.MachineSpec | None = None, settings: Settings | None =
         yield session.boot(spec)
 
 
-__all__ = ["ConfigError", "VirtioSession", "booted", "sweep_stale_runs"]
+__all__ = ["ConfigError", "MissingDevices", "VirtioSession", "booted", "sweep_stale_runs"]

@@ -49,6 +49,7 @@ __all__ = [
     "SerialPorts",
     "apply_matrix",
     "device_argv",
+    "guest_modules",
     "hotplug_commands",
     "hotplug_props",
     "matrix_params",
@@ -512,12 +513,21 @@ class MachineSpec:
     devices: tuple[Device, ...] = ()
     kernel_args: tuple[str, ...] = ()
     extra_args: tuple[str, ...] = ()
+    #: Modules the initramfs loads to find the root disk; None = ROOT_MODULES[root_bus].
+    #: Naming them lets a test prove what happens when a driver is missing.
+    initramfs_modules: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         for name in ("disks", "nics", "devices"):
             object.__setattr__(self, name, _as_tuple(getattr(self, name), name))
         object.__setattr__(self, "kernel_args", _str_tuple(self.kernel_args, "kernel_args"))
         object.__setattr__(self, "extra_args", _str_tuple(self.extra_args, "extra_args"))
+        if self.initramfs_modules is not None:
+            mods = _str_tuple(self.initramfs_modules, "initramfs_modules")
+            for mod in mods:
+                if not re.fullmatch(r"[A-Za-z0-9_-]+", mod):
+                    raise ConfigError(f"initramfs_modules: {mod!r} is not a module name")
+            object.__setattr__(self, "initramfs_modules", mods)
         mem = parse_size(self.memory, "memory")
         if mem % (1 << 20) or not 64 << 20 <= mem <= 64 << 30:
             raise ConfigError(
@@ -534,6 +544,13 @@ class MachineSpec:
     @property
     def memory_mib(self) -> int:
         return parse_size(self.memory) >> 20
+
+    @property
+    def root_modules(self) -> tuple[str, ...]:
+        """What the initramfs must load: the explicit list, else the root bus's drivers."""
+        if self.initramfs_modules is not None:
+            return self.initramfs_modules
+        return ROOT_MODULES[self.root_bus]
 
     def replace(self, **changes: Any) -> MachineSpec:
         """A copy with ``changes`` applied and re-validated."""
@@ -981,6 +998,35 @@ def _device_models_for(dev: Device) -> set[str]:
             "scsi": {"virtio-scsi-pci", "scsi-cd"},
         }[dev.bus]
     return {"pvpanic"}
+
+
+def guest_modules(spec: MachineSpec) -> tuple[str, ...]:
+    """Modules the guest must load for the spec's data disks and devices, in order.
+
+    Why: the guest runs no udev and its initramfs carries only the root bus's
+    drivers, so without this an AHCI data disk or a virtio-rng has no driver —
+    a real distro would have loaded it, and tests assert on what binds.
+    """
+    wanted: list[str] = []
+    for disk in spec.disks:
+        wanted += ROOT_MODULES[disk.bus]
+    for dev in spec.devices:
+        wanted += _DEVICE_MODULES.get(type(dev).__name__, ())
+        if isinstance(dev, CdRom):
+            wanted += (_CDROM_HBA[dev.bus], "sr_mod")
+    return tuple(dict.fromkeys(wanted))
+
+
+_DEVICE_MODULES: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
+    {
+        "Balloon": ("virtio_pci", "virtio_balloon"),
+        "Rng": ("virtio_pci", "virtio_rng"),
+        "SerialPorts": ("virtio_pci", "virtio_console"),
+    }
+)
+_CDROM_HBA: Final[Mapping[str, str]] = MappingProxyType(
+    {"ide": "ata_piix", "ahci": "ahci", "scsi": "virtio_scsi"}
+)
 
 
 # --------------------------------------------------------------------------- hotplug
