@@ -7,7 +7,12 @@ naming the marker and the key, not a failure minutes into a boot.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import os
 import re
+import signal
+import threading
 from collections.abc import Generator
 from pathlib import Path
 from typing import Any
@@ -63,12 +68,54 @@ def pytest_configure(config: pytest.Config) -> None:
             reporter.write_line(f"pytest-virtio: {msg}")
 
     config.stash[SESSION_KEY] = VirtioSession(settings, progress)
+    install_signal_handling(config)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     session = config.stash.get(SESSION_KEY, None)
     if session is not None:
         session.close()
+    previous = config.stash.get(SIGTERM_KEY, None)
+    if previous is not None:
+        with contextlib.suppress(ValueError):
+            signal.signal(signal.SIGTERM, previous)
+
+
+SIGTERM_KEY = pytest.StashKey[Any]()
+PR_SET_PDEATHSIG = 1
+
+
+def _sigterm_to_interrupt(signum: int, frame: Any) -> None:
+    """SIGTERM (CI cancel, ``timeout``, a dying xdist controller) → KeyboardInterrupt.
+
+    Python's default SIGTERM ends the process without unwinding: QEMU would die
+    by PDEATHSIG but run directories and sockets would stay until a later sweep.
+    As KeyboardInterrupt, pytest unwinds, tears fixtures down and ``unconfigure``
+    reaps every guest.  A second SIGTERM kills at once (default restored).
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise KeyboardInterrupt(f"pytest-virtio: received signal {signum} (SIGTERM)")
+
+
+def install_signal_handling(config: pytest.Config) -> None:
+    """Turn SIGTERM into a clean teardown; make an xdist worker die with its controller."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        config.stash[SIGTERM_KEY] = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
+    if hasattr(config, "workerinput"):
+        _term_with_parent()
+
+
+def _term_with_parent() -> None:
+    """An xdist worker outlives a SIGKILLed controller (it sits in a test): ask the
+    kernel for SIGTERM when the parent goes, which the handler turns into teardown."""
+    parent = os.getppid()
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # the controller died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

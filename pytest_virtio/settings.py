@@ -83,6 +83,9 @@ class Settings:
                 "--virtio-kernel, --virtio-initrd and --virtio-rootfs go together: "
                 "give all three or none"
             )
+        for name, path in zip(("kernel", "initrd", "rootfs"), custom, strict=True):
+            if path:
+                _check_readable_file(name, path)
         scale = values.get("timeout_scale")
         try:
             scale_f = float(scale) if scale else None
@@ -100,6 +103,19 @@ class Settings:
             artifacts=Path(values.get("artifacts") or ".pytest-virtio"),
             timeout_scale=scale_f,
         )
+
+
+def _check_readable_file(name: str, path: str) -> None:
+    """Fail at configure time, not at the first boot minutes later."""
+    flag = f"--virtio-{name}"
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ConfigError(f"{flag}: {path} does not exist; give the path of an existing file")
+    if not p.is_file():
+        raise ConfigError(f"{flag}: {path} is not a regular file; give the {name} file itself")
+    if not os.access(p, os.R_OK):
+        raise ConfigError(f"{flag}: {path} is not readable by this user; fix its permissions "
+                          f"(e.g. chmod a+r {path})")
 
 
 def resolve_values(getoption: Any, getini: Any) -> dict[str, str | None]:
