@@ -691,3 +691,41 @@ def test_hotplug_refused_on_emulated_buses(bus: str) -> None:
     disk = Disk(bus=bus)
     ctx = cases.context_for(MachineSpec(disks=(disk,)))
     _raises(lambda: hotplug_props(disk, ctx), "virtio-blk", "vhost-user-blk", "virtio-scsi")
+
+
+# --------------------------------------------------------------------------- modules
+
+
+def test_initramfs_modules_default_and_explicit() -> None:
+    assert MachineSpec().root_modules == S.ROOT_MODULES["virtio-blk"]
+    assert MachineSpec(root_bus="nvme").root_modules == ("nvme",)
+    lacking = S.spec_from_kwargs({"initramfs_modules": ["virtio_pci"]})
+    assert lacking.initramfs_modules == ("virtio_pci",)
+    assert lacking.root_modules == ("virtio_pci",)
+    assert MachineSpec(initramfs_modules=[]).root_modules == ()  # type: ignore[arg-type]
+
+
+def test_initramfs_modules_do_not_change_argv() -> None:
+    """The initramfs is a LaunchContext path: choosing its modules is not an argv change."""
+    ctx = LaunchContext(qemu_binary="qemu", accel="tcg", kernel="k", initrd="i",
+                        root_image="r", qmp_socket="q", console_socket="c", console_log="l")
+    plain = MachineSpec()
+    assert to_argv(plain, ctx) == to_argv(plain.replace(initramfs_modules=("virtio_pci",)), ctx)
+
+
+@pytest.mark.parametrize("bad", [["virtio blk"], [3], ["x;reboot"]])
+def test_initramfs_modules_rejects_non_names(bad: Any) -> None:
+    with pytest.raises(ConfigError, match="initramfs_modules"):
+        MachineSpec(initramfs_modules=bad)
+
+
+def test_guest_modules_cover_data_disks_and_devices() -> None:
+    spec = MachineSpec(
+        disks=(Disk(name="a", bus="ahci"), Disk(name="l", bus="lsi"), Disk(name="v")),
+        devices=(Rng(), CdRom(iso="/x.iso", bus="ide")),
+    )
+    mods = S.guest_modules(spec)
+    for name in ("ahci", "sd_mod", "sym53c8xx", "virtio_blk", "virtio_rng", "sr_mod"):
+        assert name in mods
+    assert len(mods) == len(set(mods))
+    assert S.guest_modules(MachineSpec()) == ()
