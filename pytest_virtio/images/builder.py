@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import lzma
 import os
 import shutil
 import subprocess
 import tomllib
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,6 +212,47 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+#: Compressed-payload signatures inside a bzImage, and how to inflate them.
+_PAYLOADS: tuple[tuple[bytes, Callable[[bytes], bytes]], ...] = (
+    (b"\xfd7zXZ\x00", lambda b: lzma.LZMADecompressor().decompress(b)),
+    (b"\x1f\x8b\x08", lambda b: zlib.decompressobj(wbits=31).decompress(b)),
+)
+
+
+def extract_vmlinux(bzimage: bytes) -> bytes | None:
+    """The uncompressed ELF kernel inside a bzImage, or None if not found.
+
+    Why: QEMU boots an ELF kernel with a PVH note directly in 32-bit mode,
+    skipping real-mode setup and the in-guest decompression, which under TCG
+    costs ~2 s of every boot (measured: 5.8 s → 3.4 s to shell).
+    """
+    for magic, inflate in _PAYLOADS:
+        start = bzimage.find(magic)
+        if start < 0:
+            continue
+        try:
+            out = inflate(bzimage[start:])
+        except (lzma.LZMAError, zlib.error):
+            continue
+        if out[:4] == b"\x7fELF":
+            return out
+    return None
+
+
+def _pvh_kernel(image_dir: Path) -> Path:
+    """``vmlinux`` next to ``vmlinuz`` (made once, atomically), else ``vmlinuz``."""
+    vmlinux = image_dir / "vmlinux"
+    if vmlinux.exists():
+        return vmlinux
+    elf = extract_vmlinux((image_dir / "vmlinuz").read_bytes())
+    if elf is None:
+        return image_dir / "vmlinuz"
+    tmp = image_dir / f".vmlinux-{os.getpid()}"
+    tmp.write_bytes(elf)
+    os.replace(tmp, vmlinux)
+    return vmlinux
+
+
 def verify(image_dir: Path) -> GuestImage:
     """Check a cached image against its manifest; ImageError says how to rebuild."""
     fix = f"remove {image_dir} (or run: python -m pytest_virtio.images build --force)"
@@ -231,7 +274,7 @@ def verify(image_dir: Path) -> GuestImage:
     except (OSError, KeyError, ValueError) as exc:
         raise ImageError(f"cached guest image {image_dir} is unreadable: {exc}; {fix}") from exc
     return GuestImage(
-        key=manifest["key"], kernel=kernel, rootfs=rootfs, kernel_version=kver,
+        key=manifest["key"], kernel=_pvh_kernel(image_dir), rootfs=rootfs, kernel_version=kver,
         modules_dir=image_dir / "modules" / kver,
     )
 
