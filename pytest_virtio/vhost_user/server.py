@@ -147,7 +147,7 @@ class VhostUserBlkServer:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             listener.bind(self.socket_path)
-            listener.listen(1)
+            listener.listen(8)
         except OSError as exc:
             listener.close()
             raise BackendError(f"cannot listen on {self.socket_path}: {exc}") from exc

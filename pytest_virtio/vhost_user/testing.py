@@ -315,8 +315,8 @@ class MockFrontend:
 
     def __init__(self, path: str, timeout: float = 5.0) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(path)  # blocking: waits if the backlog is momentarily full
         self.sock.settimeout(timeout)
-        self.sock.connect(path)
         self.queue_fds: list[QueueFds] = []
 
     def send(self, request: int, payload: bytes = b"", fds: Sequence[int] = (),
