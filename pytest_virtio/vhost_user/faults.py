@@ -14,7 +14,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from pytest_virtio.errors import BackendError
 
@@ -90,14 +90,25 @@ class Stats:
             "queues": queues,
         }
 
+    def snapshot(self) -> Stats:
+        """An independent copy, for before/after comparisons in a test."""
+        copy = Stats(self.num_queues)
+        copy.requests = [row[:] for row in self.requests]
+        copy.bytes = [row[:] for row in self.bytes]
+        copy.status = [row[:] for row in self.status]
+        copy.notifications = self.notifications[:]
+        copy.kicks = self.kicks[:]
+        copy.high_water = self.high_water[:]
+        copy.broken = dict(self.broken)
+        return copy
+
     def total_requests(self, rtype: BlkType | None = None) -> int:
         if rtype is None:
             return sum(sum(row) for row in self.requests)
         return sum(row[int(rtype)] for row in self.requests)
 
 
-@dataclass(frozen=True, slots=True)
-class TraceEntry:
+class TraceEntry(NamedTuple):
     """One completed request: (queue, type, sector, data length, status)."""
 
     queue: int

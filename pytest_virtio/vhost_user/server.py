@@ -21,6 +21,7 @@ import collections
 import contextlib
 import mmap
 import os
+import select
 import selectors
 import socket
 import threading
@@ -88,6 +89,7 @@ class VhostUserBlkServer:
         self.stats = Stats(num_queues)
         self.faults = FaultInjector()
         self.trace = Trace()
+        readonly = readonly or bool(getattr(storage, "readonly", False))
         self.device = BlkDevice(
             storage, readonly=readonly, serial=serial, num_queues=num_queues,
             stats=self.stats, faults=self.faults, trace=self.trace,
@@ -320,6 +322,8 @@ class VhostUserBlkServer:
             conn, _ = self._listener.accept()
         except BlockingIOError:
             return
+        if self._conn is not None and self._peer_gone(self._conn):
+            self._disconnect()  # its EOF was still queued behind this reconnect
         if self._conn is not None:
             conn.close()  # one front-end at a time
             return
@@ -329,6 +333,17 @@ class VhostUserBlkServer:
         self.connections += 1
         self._sel.register(conn, selectors.EVENT_READ, "conn")
         self._connected.set()
+
+    @staticmethod
+    def _peer_gone(conn: socket.socket) -> bool:
+        """True if the connection has hung up (EOF is all that is left to read)."""
+        try:
+            readable, _, _ = select.select([conn], [], [], 0)
+            if not readable:
+                return False
+            return conn.recv(1, socket.MSG_PEEK) == b""  # readable: cannot block
+        except OSError:
+            return True
 
     def _disconnect(self) -> None:
         """EOF or a broken front-end: drop everything it gave us, await the next one."""
