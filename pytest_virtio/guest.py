@@ -80,6 +80,14 @@ for b in /sys/block/*; do
 done
 """
 
+_DRIVER_CHAIN = r"""
+d=$(readlink -f {path})
+while [ "$d" != / ] && [ "$d" != /sys/devices ]; do
+  [ -e "$d/driver" ] && basename "$(readlink "$d/driver")"
+  d=$(dirname "$d")
+done
+"""
+
 _PCI_SCRIPT = r"""
 for dev in /sys/bus/pci/devices/*; do
   drv=-; [ -e "$dev/driver" ] && drv=$(basename "$(readlink "$dev/driver")")
@@ -266,6 +274,38 @@ class Guest:
         names = tuple(modules) if modules is not None else guest_modules(self.spec)
         if names:
             self.check(f"modprobe -a {' '.join(shlex.quote(n) for n in names)}")
+
+    def disk_drivers(self, name: str) -> list[str]:
+        """Drivers on the sysfs path from data disk ``name`` up to its PCI function.
+
+        Nearest first, e.g. ``['sd', 'virtio_scsi', 'virtio-pci']``: this is how a
+        test proves the disk it found by serial really goes through the driver
+        under test, not just that the module is loaded.
+        """
+        dev = self.disk_path(name).removeprefix("/dev/")
+        return self.check(_DRIVER_CHAIN.format(path=f"/sys/block/{dev}/device")).stdout.split()
+
+    def nic_interface(self, name: str) -> str:
+        """The guest interface (``eth0``...) of NIC ``name``, matched by its MAC."""
+        from .spec import nic_mac
+
+        nics = list(getattr(self.spec, "nics", ()))
+        index = next((i for i, n in enumerate(nics) if n.name == name), None)
+        if index is None:
+            raise ConfigError(f"no NIC named {name!r} in this guest's spec")
+        mac = nic_mac(nics[index], index)
+        out = self.check('for i in /sys/class/net/*; do echo "${i##*/} $(cat $i/address)"; done')
+        for line in out.stdout.splitlines():
+            iface, _, addr = line.partition(" ")
+            if addr.strip() == mac:
+                return iface
+        raise GuestError(f"no guest interface has MAC {mac} (NIC {name!r})", self.console_tail())
+
+    def nic_drivers(self, name: str) -> list[str]:
+        """Drivers from NIC ``name``'s device up to its PCI function (nearest first)."""
+        iface = self.nic_interface(name)
+        chain = _DRIVER_CHAIN.format(path=f"/sys/class/net/{iface}/device")
+        return self.check(chain).stdout.split()
 
     # -- hotplug -------------------------------------------------------------
     def hotplug(self, disk: Disk, timeout: float | None = None) -> str:

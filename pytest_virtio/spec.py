@@ -53,6 +53,7 @@ __all__ = [
     "hotplug_commands",
     "hotplug_props",
     "matrix_params",
+    "nic_mac",
     "parse_size",
     "required_qemu_devices",
     "spec_from_kwargs",
@@ -879,11 +880,16 @@ def _disk_argv(disk: Disk, ctx: LaunchContext, placed: Mapping[str, Props]) -> l
     return argv + _block_device(disk.bus, disk.name, disk.drive_id, placement, disk)
 
 
+def nic_mac(nic: Nic, index: int) -> str:
+    """The NIC's MAC: its own, else one derived from its position (how the guest finds it)."""
+    return nic.mac or f"52:54:00:12:34:{0x56 + index:02x}"
+
+
 def _nic_argv(nic: Nic, index: int) -> list[str]:
     netdev = [("id", nic.name)]
     if nic.hostfwd_ssh:
         netdev.append(("hostfwd", "tcp:127.0.0.1:0-:22"))
-    mac = nic.mac or f"52:54:00:12:34:{0x56 + index:02x}"
+    mac = nic_mac(nic, index)
     props = [("netdev", nic.name), ("id", f"{nic.name}-dev"), ("mac", mac)]
     props += _transport_props(nic.transport)
     return ["-netdev", _opts("user", netdev), "-device", _opts(_NIC_DEVICE[nic.model], props)]
