@@ -117,7 +117,60 @@ def guest(
         from .plugin import expect_drivers_args
 
         check_drivers(g, *expect_drivers_args(exp))
+    _run_marked_workload(request, g)
     return g
+
+
+def _run_marked_workload(request: pytest.FixtureRequest, g: Guest) -> None:
+    """``@pytest.mark.workload``: run it now (before the body), file the result.
+
+    In the guest fixture rather than a separate one so a test that never asks
+    for ``workload`` still gets measured; the result goes to the item (for the
+    ``workload`` fixture and the perf check) and to the session's report.
+    """
+    marker = request.node.get_closest_marker("workload")
+    if marker is None:
+        return
+    from .plugin import MEASURED_KEY, RESULTS_KEY
+    from .workloads.run import WorkloadSpec, run_workload
+
+    measured = run_workload(g, WorkloadSpec.from_marker(marker.args, marker.kwargs))
+    request.node.stash[MEASURED_KEY] = measured
+    record, check = record_measurement(request.node, g.accel, measured)
+    results = request.config.stash[RESULTS_KEY]
+    results.records.append(record)
+    if check is not None:
+        results.checks.append(check)
+
+
+def record_measurement(node: Any, accel: str, measured: Any) -> tuple[Any, Any]:
+    """The report Record (and relative perf check, if the test has one) of a measurement;
+    the record's figures also become junit properties of the test."""
+    from .perf import PerfSpec
+    from .report import RelativeCheck, junit_properties
+
+    group = f"{node.nodeid.rsplit('::', 1)[0]}::{getattr(node, 'originalname', node.name)}"
+    record = measured.to_record(node.nodeid, accel, group)
+    node.user_properties.extend(junit_properties(record))
+    marker = node.get_closest_marker("perf")
+    spec = PerfSpec.from_marker(marker.args, marker.kwargs) if marker else None
+    reference = spec.reference_for(record.device) if spec is not None else None
+    if spec is None or reference is None:
+        return record, None
+    return record, RelativeCheck(node.nodeid, group, record.device, record.workload, accel,
+                                 reference, spec.by, spec.metric)
+
+
+@pytest.fixture
+def workload(request: pytest.FixtureRequest, guest: Guest) -> Any:
+    """The result of this test's ``@pytest.mark.workload`` (a FioResult for fio,
+    DdResult for dd, NetResult for iperf3), measured before the test body."""
+    from .plugin import MEASURED_KEY
+
+    measured = request.node.stash.get(MEASURED_KEY, None)
+    if measured is None:
+        raise VirtioError("the `workload` fixture needs @pytest.mark.workload('fio', ...)")
+    return measured.result
 
 
 def check_drivers(g: Guest, present: tuple[str, ...], absent: tuple[str, ...]) -> None:

@@ -22,7 +22,23 @@ from .qemu.machine import Machine
 
 if TYPE_CHECKING:
     from .spec import Disk, LaunchContext
+    from .workloads.dd import DdResult
     from .workloads.fio import FioResult
+
+
+def _seconds(runtime: object) -> float:
+    """fio's ``runtime`` (``5``, ``"5s"``, ``"500ms"``) in seconds; 10 when unset or odd."""
+    from .units import parse_duration
+
+    if runtime is None or isinstance(runtime, bool):
+        return 10.0
+    if isinstance(runtime, int | float):
+        return float(runtime)
+    try:
+        text = str(runtime)
+        return parse_duration(text if text[-1:].isalpha() else text + "s") / 1e9
+    except (ConfigError, IndexError):
+        return 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,10 +250,25 @@ class Guest:
             if device is None:
                 raise ConfigError("guest.fio(): give device= (e.g. '/dev/vdb') or jobfile=")
             cmd = fio_mod.fio_shell(fio_mod.FioJob(filename=device, **job))
-        runtime = float(job.get("runtime", 10) or 10)
-        t = timeout if timeout is not None else self.default_timeout() + runtime * 3
+        t = timeout if timeout is not None else self.default_timeout() + _seconds(
+            job.get("runtime")) * 3
         res = self.run(cmd, timeout=t)
         return fio_mod.check_fio_run(res.rc, res.stdout, res.stderr)
+
+    def dd(self, source: str, dest: str, *, bs: str | int = "1M", count: int | None = None,
+           iflag: str | None = None, oflag: str | None = None, conv: str | None = None,
+           timeout: float | None = None) -> DdResult:
+        """Run coreutils ``dd`` in the guest; WorkloadError carries dd's stderr.
+
+        The console merges stderr into stdout, so the summary is parsed from both;
+        the rootfs has GNU dd (busybox's prints no rate and would fail to parse).
+        """
+        from .workloads import dd as dd_mod
+
+        cmd = dd_mod.dd_shell(source, dest, bs=bs, count=count, iflag=iflag, oflag=oflag,
+                              conv=conv)
+        res = self.run(f"{cmd} 2>&1", timeout=timeout)
+        return dd_mod.check_dd_run(res.rc, res.stdout + (res.stderr or ""))
 
     def block_devices(self) -> dict[str, str]:
         """Guest block devices → their serial number ("" if none).
@@ -256,11 +287,32 @@ class Guest:
     def disk_path(self, name: str) -> str:
         """The guest device node of data disk ``name`` (matched by its serial)."""
         serial = self.disk_serials.get(name, name)
-        for dev, ser in self.block_devices().items():
-            if ser == serial:
-                return f"/dev/{dev}"
-        raise GuestError(f"no guest block device has serial {serial!r} (disk {name!r})",
-                         self.console_tail())
+        deadline = time.monotonic() + 10 * self.timeout_scale
+        loaded = False
+        while True:
+            for dev, ser in self.block_devices().items():
+                if ser == serial:
+                    return f"/dev/{dev}"
+            if time.monotonic() > deadline:
+                raise GuestError(f"no guest block device has serial {serial!r} (disk {name!r})",
+                                 self.console_tail())
+            if not loaded:
+                self._load_disk_driver(name)
+                loaded = True
+            time.sleep(0.2)
+
+    def _load_disk_driver(self, name: str) -> None:
+        """Load the data disk's storage driver (its disks then appear asynchronously).
+
+        No udev runs in the guest and the initramfs loads only the root bus's
+        modules, so an IDE/AHCI/SCSI/NVMe data disk has no driver until asked.
+        """
+        from .spec import ROOT_MODULES
+
+        disk = next((d for d in getattr(self.spec, "disks", ()) if d.name == name), None)
+        mods = ROOT_MODULES.get(disk.bus, ()) if disk is not None else ()
+        if mods:
+            self.run(f"modprobe -a {' '.join(mods)}")
 
     def load_drivers(self, modules: Iterable[str] | None = None) -> None:
         """Load the drivers the spec's data disks and devices need (default), or ``modules``.

@@ -20,10 +20,11 @@ bare latency number is nanoseconds (write ``"2ms"``).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from pytest_virtio.errors import ConfigError
+from pytest_virtio.report import Record, RelativeCheck
 from pytest_virtio.units import (
     format_count,
     format_duration,
@@ -40,9 +41,15 @@ __all__ = [
     "PERF_KEYS",
     "PerfSpec",
     "check_absolute",
+    "check_applicable",
     "check_relative",
     "metric_value",
+    "relative_outcomes",
 ]
+
+#: A measurement the checks understand: fio's own result, or a report Record
+#: (the controller of an xdist run only has Records, shipped from the workers).
+Measured = FioResult | Record
 
 MARKER = "perf"
 ACCELERATORS = ("kvm", "tcg")
@@ -119,9 +126,31 @@ class PerfSpec:
     min_bw: Threshold | None = None
     max_lat_p99: Threshold | None = None
     max_lat_mean: Threshold | None = None
-    faster_than: str | None = None
+    faster_than: str | tuple[tuple[str, str], ...] | None = None
     by: float = 1.0
     metric: str = "iops"
+
+    def reference_for(self, device: str) -> str | None:
+        """The device ``device`` must beat, or None when it has no relative promise.
+
+        ``faster_than="ide"``: every other device of the matrix must beat IDE (IDE
+        itself is the yardstick).  ``faster_than={"virtio-blk": "ide",
+        "virtio-scsi": "ahci"}``: each paravirtual bus against its own counterpart.
+        """
+        if self.faster_than is None:
+            return None
+        if isinstance(self.faster_than, str):
+            return None if device == self.faster_than else self.faster_than
+        return dict(self.faster_than).get(device)
+
+    @property
+    def references(self) -> tuple[str, ...]:
+        """Every device named by ``faster_than`` (both sides of the pairs)."""
+        if self.faster_than is None:
+            return ()
+        if isinstance(self.faster_than, str):
+            return (self.faster_than,)
+        return tuple(d for pair in self.faster_than for d in pair)
 
     @classmethod
     def from_kwargs(cls, kwargs: Mapping[str, object]) -> PerfSpec:
@@ -137,9 +166,7 @@ class PerfSpec:
             for key in THRESHOLD_KEYS
             if kwargs.get(key) is not None
         }
-        faster_than = kwargs.get("faster_than")
-        if faster_than is not None and (not isinstance(faster_than, str) or not faster_than):
-            raise ConfigError(f"{_where('faster_than')}: {faster_than!r} must be a device name")
+        faster_than = _parse_faster_than(kwargs.get("faster_than"))
         by = kwargs.get("by", 1.0)
         if isinstance(by, bool) or not isinstance(by, int | float) or not math.isfinite(by):
             raise ConfigError(f"{_where('by')}: {by!r} must be a positive number")
@@ -165,8 +192,27 @@ class PerfSpec:
         return cls.from_kwargs(kwargs)
 
 
-def metric_value(result: FioResult, metric: str) -> float | None:
+def _parse_faster_than(value: object) -> str | tuple[tuple[str, str], ...] | None:
+    """A device name, or a ``{device: reference}`` dict of matrix pairs."""
+    if value is None:
+        return None
+    if isinstance(value, str) and value:
+        return value
+    if isinstance(value, Mapping) and value and all(
+        isinstance(k, str) and k and isinstance(v, str) and v and k != v
+        for k, v in value.items()
+    ):
+        return tuple((str(k), str(v)) for k, v in value.items())
+    raise ConfigError(
+        f"{_where('faster_than')}: {value!r} must be a device name or a dict "
+        "{device: reference device}, e.g. {'virtio-blk': 'ide'}"
+    )
+
+
+def metric_value(result: Measured, metric: str) -> float | None:
     """The number a metric names; ``None`` when fio did not report it (p99 disabled)."""
+    if isinstance(result, Record):
+        return _record_value(result, metric)
     if metric == "iops":
         return result.iops
     if metric == "bw":
@@ -178,16 +224,27 @@ def metric_value(result: FioResult, metric: str) -> float | None:
     raise ConfigError(f"unknown metric {metric!r}; allowed: {', '.join(METRICS)}")
 
 
-def _workload_name(result: FioResult, workload: str | None) -> str:
+def _record_value(record: Record, metric: str) -> float | None:
+    if metric == "lat_mean":
+        value = record.extra.get("lat_mean_ns")
+        return float(value) if isinstance(value, int | float) else None
+    if metric not in METRICS:
+        raise ConfigError(f"unknown metric {metric!r}; allowed: {', '.join(METRICS)}")
+    return {"iops": record.iops, "bw": record.bw, "lat_p99": record.lat_p99_ns}[metric]
+
+
+def _workload_name(result: Measured, workload: str | None) -> str:
     """The name the failure line starts with: explicit, else the fio jobs' rw."""
     if workload:
         return workload
+    if isinstance(result, Record):
+        return result.workload
     modes = sorted({j.options.get("rw", "") for j in result.jobs} - {""})
     return "+".join(modes) or "fio"
 
 
 def check_absolute(
-    spec: PerfSpec, result: FioResult, accel: str, device: str, *, workload: str | None = None
+    spec: PerfSpec, result: Measured, accel: str, device: str, *, workload: str | None = None
 ) -> list[str]:
     """One failure line per threshold ``result`` misses under ``accel``."""
     name = _workload_name(result, workload)
@@ -216,7 +273,7 @@ def check_absolute(
 
 def check_relative(
     spec: PerfSpec,
-    results_by_device: Mapping[str, FioResult],
+    results_by_device: Mapping[str, Measured],
     device: str,
     *,
     workload: str | None = None,
@@ -228,7 +285,10 @@ def check_relative(
     missing result for either device is a failure, not a pass, because a
     comparison that silently did not happen is the bug this check exists to find.
     """
-    reference = spec.faster_than
+    if spec.faster_than is None:
+        return []
+    reference = (spec.faster_than if isinstance(spec.faster_than, str)
+                 else spec.reference_for(device))
     if reference is None:
         return []
     metric, label, fmt = spec.metric, _LABELS[spec.metric], _FORMATTERS[spec.metric]
@@ -254,3 +314,79 @@ def check_relative(
         f"{head}: {label} {fmt(value)} vs {reference} {fmt(ref)} is {ratio:.2f}x; "
         f"required {spec.by:g}x"
     ]
+
+
+def _mean_record(records: list[Record], metric: str) -> Record | None:
+    """Repeated measurements of one device are averaged, as the baselines do."""
+    values = [v for r in records if (v := metric_value(r, metric)) is not None]
+    if not records:
+        return None
+    mean = sum(values) / len(values) if values else None
+    base = records[0]
+    numbers = {"iops": base.iops, "bw": base.bw, "lat_p99_ns": base.lat_p99_ns}
+    extra = dict(base.extra)
+    if metric == "lat_mean":
+        extra["lat_mean_ns"] = mean
+    else:
+        numbers[{"iops": "iops", "bw": "bw", "lat_p99": "lat_p99_ns"}[metric]] = mean
+    return Record(base.test_id, base.device, base.workload, base.accel, base.machine,
+                  iops=float(numbers["iops"] or 0.0), bw=float(numbers["bw"] or 0.0),
+                  lat_p99_ns=numbers["lat_p99_ns"], extra=extra)
+
+
+def _peers(records: Iterable[Record], check: RelativeCheck) -> dict[str, Record]:
+    """The check's matrix siblings by device: same test function, workload, accelerator."""
+    peers: dict[str, list[Record]] = {}
+    for r in records:
+        if (r.extra.get("group"), r.workload, r.accel) == (check.group, check.workload,
+                                                           check.accel):
+            peers.setdefault(r.device, []).append(r)
+    return {d: m for d, rs in peers.items() if (m := _mean_record(rs, check.metric))}
+
+
+def ratio(check: RelativeCheck, by_device: Mapping[str, Record]) -> float | None:
+    """How many times better the device is than the reference (None if not measurable)."""
+    mine, theirs = by_device.get(check.device), by_device.get(check.faster_than)
+    if mine is None or theirs is None:
+        return None
+    value, ref = metric_value(mine, check.metric), metric_value(theirs, check.metric)
+    if value is None or ref is None or not value or not ref:
+        return None
+    return value / ref if _HIGHER_IS_BETTER[check.metric] else ref / value
+
+
+def relative_outcomes(
+    records: Iterable[Record], checks: Iterable[RelativeCheck]
+) -> list[tuple[RelativeCheck, float | None, list[str]]]:
+    """Every ``faster_than`` check of the session: (check, measured ratio, failure lines)."""
+    pool = list(records)
+    outcomes: list[tuple[RelativeCheck, float | None, list[str]]] = []
+    for check in checks:
+        by_device = _peers(pool, check)
+        spec = PerfSpec(faster_than=check.faster_than, by=check.by, metric=check.metric)
+        failures = check_relative(spec, by_device, check.device, workload=check.workload)
+        outcomes.append((check, ratio(check, by_device), failures))
+    return outcomes
+
+
+#: What each workload kind measures; a threshold on anything else can never be checked.
+_KIND_METRICS = {
+    "fio": frozenset(METRICS),
+    "dd": frozenset({"iops", "bw"}),
+    "iperf3": frozenset({"bw"}),
+}
+
+
+def check_applicable(spec: PerfSpec, kind: str) -> None:
+    """Refuse thresholds the workload cannot measure (iperf3 has no IOPS, dd no latency)."""
+    have = _KIND_METRICS.get(kind, frozenset(METRICS))
+    wanted = [(key, _THRESHOLD_METRIC[key]) for key in THRESHOLD_KEYS
+              if getattr(spec, key) is not None]
+    if spec.faster_than is not None:
+        wanted.append(("metric", spec.metric))
+    for key, metric in wanted:
+        if metric not in have:
+            raise ConfigError(
+                f"{_where(key)}: a {kind} workload does not measure {_LABELS[metric]}; "
+                f"it measures: {', '.join(_LABELS[m] for m in METRICS if m in have)}"
+            )

@@ -36,6 +36,7 @@ __all__ = [
     "Bar",
     "Panel",
     "build_panels",
+    "is_network",
     "is_sequential",
     "is_virtio",
     "render_svg",
@@ -56,12 +57,18 @@ BAR_GAP = 4
 GROUP_GAP = 36
 MIN_PLOT_WIDTH = 300.0
 HEADROOM = 1.08
+_BIT_UNITS = (("bit/s", 1), ("kbit/s", 10**3), ("Mbit/s", 10**6), ("Gbit/s", 10**9))
 _BW_UNITS = (("B/s", 1), ("KiB/s", 1 << 10), ("MiB/s", 1 << 20), ("GiB/s", 1 << 30))
 
 
 def is_virtio(device: str) -> bool:
     """Paravirtual devices: ``virtio-*`` and ``vhost-*`` (vhost-user-blk is virtio too)."""
     return device.lower().startswith(("virtio", "vhost"))
+
+
+def is_network(record: Record) -> bool:
+    """Network transfers (iperf3) get their own panel, in bits per second."""
+    return record.extra.get("kind") == "net" or record.workload.lower().startswith("iperf")
 
 
 def is_sequential(workload: str) -> bool:
@@ -119,6 +126,8 @@ def build_panels(records: Sequence[Record]) -> list[Panel]:
     """The panels to draw: IOPS for random workloads, bandwidth for sequential ones."""
     mixed = len({r.accel for r in records}) > 1
     panels: list[Panel] = []
+    network = [r for r in records if is_network(r)]
+    records = [r for r in records if not is_network(r)]
     random = [r for r in records if not is_sequential(r.workload)]
     if random:
         means = _mean_by(random, "iops", mixed)
@@ -153,7 +162,22 @@ def build_panels(records: Sequence[Record]) -> list[Panel]:
         panels.append(
             Panel("Sequential I/O — bandwidth (higher is better)", f"bandwidth ({unit})", groups)
         )
+    if network:
+        panels.append(_network_panel(network, mixed))
     return panels
+
+
+def _network_panel(records: Sequence[Record], mixed: bool) -> Panel:
+    """Throughput in bit/s, as network people quote it (``bw`` holds bytes/s)."""
+    means = _mean_by(records, "bw", mixed)
+    peak = max(v for devs in means.values() for v in devs.values()) * 8
+    unit, scale = next(((u, s) for u, s in reversed(_BIT_UNITS) if peak >= s), _BIT_UNITS[0])
+    groups = tuple(
+        (g, tuple(Bar(d, means[g][d] * 8 / scale, f"{means[g][d] * 8 / scale:.3g}")
+                  for d in _device_order(means[g])))
+        for g in sorted(means)
+    )
+    return Panel("Network — TCP throughput (higher is better)", f"throughput ({unit})", groups)
 
 
 def nice_ticks(peak: float, target: int = 5) -> list[float]:

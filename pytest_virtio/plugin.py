@@ -7,6 +7,7 @@ naming the marker and the key, not a failure minutes into a boot.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import os
@@ -19,14 +20,21 @@ from typing import Any
 
 import pytest
 
+from . import perf as perf_mod
+from . import results as results_mod
 from . import spec as spec_mod
 from .errors import ConfigError, VirtioError
+from .report import SessionResults
 from .session import VirtioSession
 from .settings import OPTIONS, Settings, resolve_values
+from .workloads.run import Measurement, WorkloadSpec
 
 SETTINGS_KEY = pytest.StashKey[Settings]()
 SESSION_KEY = pytest.StashKey[VirtioSession]()
 REPORTS_KEY = pytest.StashKey[dict[str, pytest.TestReport]]()
+RESULTS_KEY = pytest.StashKey[SessionResults]()
+MEASURED_KEY = pytest.StashKey[Measurement]()
+OUTCOME_KEY = pytest.StashKey[list[str]]()
 
 MARKERS = {
     "vm": "vm(memory=, smp=, root_bus=, disks=[...], nics=[...], devices=[...], "
@@ -61,13 +69,19 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(str(exc)) from None
     config.stash[SETTINGS_KEY] = settings
     config.stash[REPORTS_KEY] = {}
+    config.stash[RESULTS_KEY] = SessionResults()
+    config.stash[OUTCOME_KEY] = []
     reporter = config.pluginmanager.get_plugin("terminalreporter")
 
     def progress(msg: str) -> None:
         if reporter is not None:
             reporter.write_line(f"pytest-virtio: {msg}")
 
-    config.stash[SESSION_KEY] = VirtioSession(settings, progress)
+    session = VirtioSession(settings, progress)
+    config.stash[SESSION_KEY] = session
+    # Also at interpreter exit: an interrupted xdist worker whose controller is
+    # gone fails in pytest_sessionfinish (cannot send) and never unconfigures.
+    atexit.register(session.close)
     install_signal_handling(config)
 
 
@@ -75,6 +89,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     session = config.stash.get(SESSION_KEY, None)
     if session is not None:
         session.close()
+        atexit.unregister(session.close)
     previous = config.stash.get(SIGTERM_KEY, None)
     if previous is not None:
         with contextlib.suppress(ValueError):
@@ -149,12 +164,38 @@ def validate_markers(node: Any) -> list[tuple[str, dict[str, str]]] | None:
     if exp is not None:
         expect_drivers_args(exp)
     matrix = _marker_kwargs(node, "virtio_matrix")
+    validate_perf_markers(node, matrix)
     if matrix is None:
         return None
     choices = spec_mod.matrix_params(matrix)
     for _, choice in choices:
         spec_mod.apply_matrix(base, choice)
     return choices
+
+
+def validate_perf_markers(node: Any, matrix: dict[str, Any] | None) -> None:
+    """``workload`` and ``perf``: bad keys, a perf without a workload, and a
+    ``faster_than`` naming a device the test's matrix never runs."""
+    wl = node.get_closest_marker("workload")
+    work = WorkloadSpec.from_marker(wl.args, wl.kwargs) if wl is not None else None
+    pm = node.get_closest_marker("perf")
+    if pm is None:
+        return
+    perf = perf_mod.PerfSpec.from_marker(pm.args, pm.kwargs)
+    if work is None:
+        raise ConfigError("@pytest.mark.perf needs @pytest.mark.workload(...) on the same test: "
+                          "it checks that workload's figures")
+    perf_mod.check_applicable(perf, work.kind)
+    axis = "nic" if work.kind == "iperf3" else "disk"
+    values = (matrix or {}).get(axis) or ()
+    values = (values,) if isinstance(values, str) else tuple(values)
+    for device in perf.references:
+        if device not in values:
+            raise ConfigError(
+                f"@pytest.mark.perf(faster_than=...): {device!r} is not in the test's "
+                f"@pytest.mark.virtio_matrix({axis}=[...]) (has: {', '.join(values) or 'none'});"
+                " relative checks compare the matrix items of one test"
+            )
 
 
 def expect_drivers_args(marker: pytest.Mark) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -215,3 +256,52 @@ def artifacts_dir(item: pytest.Item) -> Path:
     settings = item.config.stash[SETTINGS_KEY]
     safe = re.sub(r"[^A-Za-z0-9_.=-]+", "_", item.nodeid).strip("_")
     return (Path(item.config.rootpath) / settings.artifacts / safe).resolve()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
+    """After a passing body, the absolute ``perf`` thresholds fail the test's call phase."""
+    result = yield
+    marker = item.get_closest_marker("perf")
+    records = [r for r in item.config.stash[RESULTS_KEY].records if r.test_id == item.nodeid]
+    if marker is not None and records:
+        failures = results_mod.absolute_failures(marker, records[-1])
+        if failures:
+            pytest.fail("performance below threshold:\n  " + "\n  ".join(failures),
+                        pytrace=False)
+    return result
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Workers ship their results; the controller (or a plain run) judges and writes them."""
+    config = session.config
+    results = config.stash.get(RESULTS_KEY, None)
+    if results is None:
+        return
+    workeroutput = getattr(config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["pytest_virtio"] = results.to_dict()
+        return
+    lines, failed = results_mod.finish(results, config.stash[SETTINGS_KEY])
+    config.stash[OUTCOME_KEY] = lines
+    if failed and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:
+    """xdist controller: merge a finished worker's results into the session's."""
+    data = getattr(node, "workeroutput", {}).get("pytest_virtio")
+    if data:
+        node.config.stash[RESULTS_KEY].merge_dict(data)
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    """The results table, then relative-perf and baseline verdicts and written files."""
+    results = config.stash.get(RESULTS_KEY, None)
+    if results is None or (not results.records and not config.stash.get(OUTCOME_KEY, [])):
+        return
+    terminalreporter.section("pytest-virtio results")
+    outcome: list[str] = config.stash.get(OUTCOME_KEY, [])
+    for line in results_mod.summary_lines(results, outcome):
+        terminalreporter.write_line(line)

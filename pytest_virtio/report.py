@@ -36,6 +36,8 @@ __all__ = [
     "Baseline",
     "Record",
     "Regression",
+    "RelativeCheck",
+    "SessionResults",
     "compare",
     "junit_properties",
     "load_baseline",
@@ -208,6 +210,63 @@ def load_json(path: str | os.PathLike[str]) -> list[Record]:
     return records_from_json(Path(path).read_text(encoding="utf-8"))
 
 
+@dataclass(frozen=True)
+class RelativeCheck:
+    """One test's ``faster_than`` promise, as plain data that travels from an xdist worker.
+
+    Why not check inside the test: the reference device is another item of the
+    same ``virtio_matrix``, which may run later or in another worker.  So each
+    item only *declares* its check; the controller evaluates every check once
+    all records are in (``pytest_sessionfinish``) and fails the session there.
+    ``group`` is the test function (node id without the parameter part): only
+    its own matrix items, with the same workload and accelerator, are compared.
+    """
+
+    test_id: str
+    group: str
+    device: str
+    workload: str
+    accel: str
+    faster_than: str
+    by: float = 1.0
+    metric: str = "iops"
+
+    def to_dict(self) -> dict[str, str | float]:
+        return {
+            "test_id": self.test_id, "group": self.group, "device": self.device,
+            "workload": self.workload, "accel": self.accel, "faster_than": self.faster_than,
+            "by": self.by, "metric": self.metric,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object]) -> RelativeCheck:
+        try:
+            return cls(**{k: data[k] for k in (  # type: ignore[arg-type]
+                "test_id", "group", "device", "workload", "accel", "faster_than", "by",
+                "metric")})
+        except KeyError as exc:
+            raise ConfigError(f"malformed relative perf check {dict(data)!r}: no {exc}") from None
+
+
+@dataclass
+class SessionResults:
+    """What one pytest process measured; a worker ships it, the controller merges it.
+
+    Plain lists of plain data, so ``to_dict``/``merge_dict`` are all xdist needs.
+    """
+
+    records: list[Record] = field(default_factory=list)
+    checks: list[RelativeCheck] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"records": [r.to_dict() for r in self.records],
+                "checks": [c.to_dict() for c in self.checks]}
+
+    def merge_dict(self, data: Mapping[str, Any]) -> None:
+        self.records.extend(Record.from_dict(r) for r in data.get("records") or ())
+        self.checks.extend(RelativeCheck.from_dict(c) for c in data.get("checks") or ())
+
+
 # --- terminal table -------------------------------------------------------------------
 
 _HEADERS = ("test", "device", "workload", "accel", "IOPS", "bandwidth", "p99 latency")
@@ -221,7 +280,7 @@ def _row(record: Record) -> tuple[str, ...]:
         record.device,
         record.workload,
         record.accel,
-        format_count(record.iops),
+        "-" if record.extra.get("kind") == "net" else format_count(record.iops),
         format_rate(record.bw),
         lat,
     )

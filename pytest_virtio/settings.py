@@ -52,6 +52,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("keep", "failed", "keep guest artifacts (console, stderr, reproduce.sh)", KEEP),
     Option("artifacts", ".pytest-virtio", "where kept artifacts go"),
     Option("timeout_scale", None, "multiply every guest timeout (default: 1 kvm, 4 tcg)"),
+    Option("json", None, "write every workload result of the session to this JSON file"),
+    Option("plot", None, "draw a bar chart of the results to this .svg or .png file"),
+    Option("save", None, "save the results as a baseline file for this machine"),
+    Option("compare", None, "compare the results with a baseline file saved earlier"),
+    Option("compare_fail", "iops:10%", "with --virtio-compare: fail on regressions beyond "
+           "these tolerances, e.g. 'iops:10%,lat_p99:20%' (metrics iops, bw, lat_p99)"),
 )
 
 
@@ -66,6 +72,11 @@ class Settings:
     keep: str = "failed"
     artifacts: Path = Path(".pytest-virtio")
     timeout_scale: float | None = None
+    json: Path | None = None
+    plot: Path | None = None
+    save: Path | None = None
+    compare: Path | None = None
+    compare_fail: str = "iops:10%"
 
     @classmethod
     def from_values(cls, values: dict[str, str | None]) -> Settings:
@@ -94,6 +105,7 @@ class Settings:
         if scale_f is not None and scale_f <= 0:
             raise ConfigError(f"--virtio-timeout-scale: {scale!r} must be positive")
         cache = values.get("cache")
+        report_paths = _report_paths(values)
         return cls(
             accel=values.get("accel") or "auto",
             qemu=values.get("qemu"),
@@ -102,7 +114,31 @@ class Settings:
             keep=values.get("keep") or "failed",
             artifacts=Path(values.get("artifacts") or ".pytest-virtio"),
             timeout_scale=scale_f,
+            **report_paths,
+            compare_fail=_compare_fail(values.get("compare_fail")),
         )
+
+
+def _report_paths(values: dict[str, str | None]) -> dict[str, Path | None]:
+    """--virtio-json/-plot/-save/-compare as paths; the chart suffix is checked up front
+    so a typo fails at configure time, not after a long run."""
+    paths = {k: Path(v).expanduser() if (v := values.get(k)) else None
+             for k in ("json", "plot", "save", "compare")}
+    plot = paths["plot"]
+    if plot is not None and plot.suffix.lower() not in (".svg", ".png"):
+        raise ConfigError(f"--virtio-plot: {str(plot)!r} must end in .svg or .png")
+    return paths
+
+
+def _compare_fail(spec: str | None) -> str:
+    from .report import parse_compare_fail
+
+    text = spec or "iops:10%"
+    try:
+        parse_compare_fail(text)
+    except ConfigError as exc:
+        raise ConfigError(f"--virtio-compare-fail: {exc}") from None
+    return text
 
 
 def _check_readable_file(name: str, path: str) -> None:

@@ -1,0 +1,330 @@
+"""``@pytest.mark.workload(...)``: validate it at collection, run it on a guest.
+
+The only module under ``workloads/`` that does I/O: it asks the guest to run the
+command the pure builders produce (fio, dd, iperf3) and, for iperf3, starts the
+host-side server.  The result comes back as a :class:`Measurement` — the
+workload's own result object plus the few numbers the report, the baselines and
+the ``perf`` marker use — so every consumer reads one shape whatever ran.
+
+Marker forms::
+
+    workload("fio", disk="disk0", rw="randread", bs="4k", iodepth=16, runtime="5s")
+    workload("fio", disk="disk0", jobfile="[j]\\nfilename=${DISK}\\nrw=read\\n...")
+    workload("dd", disk="disk0", direction="write", bs="1M", count=64)
+    workload("iperf3", nic="net0", seconds=3, reverse=False)
+
+The disk is named as in ``@pytest.mark.vm`` (found in the guest by serial) and
+the *device* a result is filed under is that disk's bus (or the NIC's model), so
+the rows of a ``virtio_matrix`` line up by device in the table and the chart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shlex
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from pytest_virtio.errors import ConfigError, WorkloadError
+from pytest_virtio.report import Record, machine_id
+from pytest_virtio.units import format_size, parse_size
+from pytest_virtio.workloads import dd as dd_mod
+from pytest_virtio.workloads import fio as fio_mod
+from pytest_virtio.workloads import iperf as iperf_mod
+
+__all__ = ["KINDS", "Measurement", "WorkloadSpec", "host_iperf3_server", "run_workload"]
+
+MARKER = "workload"
+KINDS = ("fio", "dd", "iperf3")
+#: Defaults that make a bare ``workload("fio")`` a short, comparable benchmark.
+FIO_DEFAULTS: Mapping[str, Any] = {
+    "rw": "randread", "bs": "4k", "iodepth": 16, "runtime": "5s", "time_based": True,
+}
+DD_KEYS = ("disk", "direction", "bs", "count", "timeout")
+IPERF_KEYS = ("nic", "seconds", "reverse", "timeout")
+#: Slirp's address for the host: its loopback, so traffic never leaves the machine.
+SLIRP_HOST = "10.0.2.2"
+_FIO_FIELDS = tuple(f for f in fio_mod.FioJob.__dataclass_fields__ if f != "filename")
+
+
+class GuestLike(Protocol):
+    """What a workload needs from :class:`pytest_virtio.guest.Guest`."""
+
+    spec: Any
+    timeout_scale: float
+
+    def default_timeout(self) -> float: ...
+    def disk_path(self, name: str) -> str: ...
+    def fio(self, device: str | None = None, *, jobfile: str | None = None,
+            timeout: float | None = None, **job: Any) -> fio_mod.FioResult: ...
+    def dd(self, source: str, dest: str, *, bs: str | int = ..., count: int | None = ...,
+           iflag: str | None = ..., oflag: str | None = ..., conv: str | None = ...,
+           timeout: float | None = ...) -> dd_mod.DdResult: ...
+    def run(self, cmd: str, timeout: float | None = None, via: str = ...) -> Any: ...
+
+
+def _where(key: str | None = None) -> str:
+    return f"@pytest.mark.{MARKER}" + (f"({key}=...)" if key else "")
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    """A validated ``workload`` marker: which program, on what, with which options."""
+
+    kind: str
+    target: str
+    options: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+    @classmethod
+    def from_marker(cls, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> WorkloadSpec:
+        """Validate everything a guest is not needed for; errors name marker and key."""
+        if len(args) != 1 or args[0] not in KINDS:
+            raise ConfigError(
+                f"{_where()}: first argument must be the workload kind, one of "
+                f"{', '.join(KINDS)}; got {args!r}"
+            )
+        kind = str(args[0])
+        opts = dict(kwargs)
+        if kind == "fio":
+            return cls(kind, _name(opts.pop("disk", "disk0"), "disk"), _fio_options(opts))
+        if kind == "dd":
+            _only(opts, DD_KEYS, kind)
+            return cls(kind, _name(opts.pop("disk", "disk0"), "disk"), _dd_options(opts))
+        _only(opts, IPERF_KEYS, kind)
+        return cls(kind, _name(opts.pop("nic", "net0"), "nic"), _iperf_options(opts))
+
+    @property
+    def name(self) -> str:
+        """The workload column of the report, e.g. ``randread 4k qd16``.
+
+        Short and made of the options that change the numbers, so two tests
+        running the same job share a row label (and a chart group).
+        """
+        o = self.options
+        if self.kind == "fio":
+            if "jobfile" in o:
+                return str(o.get("label") or "fio jobfile")
+            bs = format_size(parse_size(o["bs"])).replace(" ", "").replace("iB", "")
+            return f"{o['rw']} {bs} qd{o['iodepth']}"
+        if self.kind == "dd":
+            bs = format_size(parse_size(o["bs"])).replace(" ", "").replace("iB", "")
+            return f"dd {o['direction']} {bs}"
+        return f"iperf3 tcp {'host→guest' if o['reverse'] else 'guest→host'}"
+
+
+def _name(value: object, key: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{_where(key)}: {value!r} must be the {key} name from @pytest.mark.vm")
+    return value
+
+
+def _only(opts: Mapping[str, Any], allowed: tuple[str, ...], kind: str) -> None:
+    unknown = sorted(set(opts) - set(allowed))
+    if unknown:
+        raise ConfigError(
+            f"{_where()}: unknown key {unknown[0]!r} for {kind!r}; allowed: {', '.join(allowed)}"
+        )
+
+
+def _fio_options(opts: dict[str, Any]) -> dict[str, Any]:
+    """fio options are FioJob fields; building a throw-away job validates them all."""
+    timeout = opts.pop("timeout", None)
+    if "jobfile" in opts:
+        _only(opts, ("jobfile", "label"), "fio with jobfile")
+        if not isinstance(opts["jobfile"], str):
+            raise ConfigError(f"{_where('jobfile')}: must be the text of a fio job file")
+        try:
+            fio_mod.fio_jobfile_shell(opts["jobfile"])
+        except ConfigError as exc:
+            raise ConfigError(f"{_where('jobfile')}: {exc}") from None
+        return {**opts, "timeout": timeout}
+    _only(opts, _FIO_FIELDS, "fio")
+    merged = {**FIO_DEFAULTS, **opts}
+    try:
+        fio_mod.FioJob(filename="/dev/null", **merged)
+    except ConfigError as exc:
+        raise ConfigError(f"{_where()}: {exc}") from None
+    except TypeError as exc:  # a wrongly typed value (e.g. extra=3)
+        raise ConfigError(f"{_where()}: {exc}") from None
+    return {**merged, "timeout": timeout}
+
+
+def _dd_options(opts: dict[str, Any]) -> dict[str, Any]:
+    merged = {"direction": "write", "bs": "1M", "count": 64, "timeout": None, **opts}
+    if merged["direction"] not in ("read", "write"):
+        raise ConfigError(f"{_where('direction')}: {merged['direction']!r}; allowed: read, write")
+    try:
+        dd_mod.dd_shell("/dev/zero", "/dev/null", bs=merged["bs"], count=merged["count"])
+    except ConfigError as exc:
+        raise ConfigError(f"{_where()}: {exc}") from None
+    return merged
+
+
+def _iperf_options(opts: dict[str, Any]) -> dict[str, Any]:
+    merged = {"seconds": 3, "reverse": False, "timeout": None, **opts}
+    try:
+        iperf_mod.iperf3_client_shell(SLIRP_HOST, 5201, merged["seconds"], bool(merged["reverse"]))
+    except ConfigError as exc:
+        raise ConfigError(f"{_where()}: {exc}") from None
+    return merged
+
+
+# --- running ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What a workload produced: its own result plus the report's numbers."""
+
+    device: str
+    workload: str
+    kind: str
+    result: fio_mod.FioResult | dd_mod.DdResult | iperf_mod.NetResult
+    iops: float
+    bw: float
+    lat_p99_ns: float | None = None
+    extra: Mapping[str, str | int | float | bool | None] = field(default_factory=dict)
+
+    def to_record(self, test_id: str, accel: str, group: str) -> Record:
+        """The report's view: ``group`` (the test function) lets relative perf checks
+        find the other matrix items of the same test; ``kind`` picks the chart panel."""
+        return Record(test_id, self.device, self.workload, accel, machine_id(),
+                      iops=self.iops, bw=self.bw, lat_p99_ns=self.lat_p99_ns,
+                      extra={**self.extra, "group": group, "kind": self.kind})
+
+
+def _device_of(guest: GuestLike, spec: WorkloadSpec) -> str:
+    """The bus of the named disk / model of the named NIC: the report's device column."""
+    items = getattr(guest.spec, "nics" if spec.kind == "iperf3" else "disks", ())
+    for item in items:
+        if item.name == spec.target:
+            return str(item.model if spec.kind == "iperf3" else item.bus)
+    what = "nic" if spec.kind == "iperf3" else "disk"
+    have = ", ".join(i.name for i in items) or "none"
+    raise ConfigError(
+        f"{_where(what)}: this guest has no {what} named {spec.target!r} (it has: {have}); "
+        "name one from @pytest.mark.vm"
+    )
+
+
+def run_workload(guest: GuestLike, spec: WorkloadSpec) -> Measurement:
+    """Run ``spec`` on ``guest``; WorkloadError (with the program's stderr) if it failed."""
+    device = _device_of(guest, spec)
+    opts = dict(spec.options)
+    timeout = opts.pop("timeout", None)
+    if spec.kind == "fio":
+        return _run_fio(guest, spec, device, opts, timeout)
+    if spec.kind == "dd":
+        return _run_dd(guest, spec, device, opts, timeout)
+    return _run_iperf3(guest, spec, device, opts, timeout)
+
+
+def _run_fio(guest: GuestLike, spec: WorkloadSpec, device: str, opts: dict[str, Any],
+             timeout: float | None) -> Measurement:
+    path = guest.disk_path(spec.target)
+    if "jobfile" in opts:
+        # fio expands ${DISK} in job files from the environment.
+        text = opts["jobfile"]
+        cmd = f"export DISK={shlex.quote(path)}; {fio_mod.fio_jobfile_shell(text)}"
+        t = timeout or guest.default_timeout() * 4
+        res = guest.run(cmd, timeout=t)
+        result = fio_mod.check_fio_run(res.rc, res.stdout, res.stderr)
+    else:
+        result = guest.fio(path, timeout=timeout, **opts)
+    return Measurement(
+        device, spec.name, "fio", result, iops=result.iops, bw=result.bw,
+        lat_p99_ns=result.lat_p99_ns,
+        extra={"lat_mean_ns": result.lat_mean_ns, "guest_device": path},
+    )
+
+
+def _run_dd(guest: GuestLike, spec: WorkloadSpec, device: str, opts: dict[str, Any],
+            timeout: float | None) -> Measurement:
+    path = guest.disk_path(spec.target)
+    if opts["direction"] == "write":
+        src, dst, flags = "/dev/zero", path, {"oflag": "direct"}
+    else:
+        src, dst, flags = path, "/dev/null", {"iflag": "direct"}
+    result = guest.dd(src, dst, bs=opts["bs"], count=opts["count"], timeout=timeout, **flags)
+    ios = opts["count"] / result.seconds if result.seconds > 0 else 0.0
+    return Measurement(device, spec.name, "dd", result, iops=ios, bw=result.bw,
+                       extra={"guest_device": path})
+
+
+def _run_iperf3(guest: GuestLike, spec: WorkloadSpec, device: str, opts: dict[str, Any],
+                timeout: float | None) -> Measurement:
+    seconds = float(opts["seconds"])
+    with host_iperf3_server() as port:
+        cmd = iperf_mod.iperf3_client_shell(SLIRP_HOST, port, seconds, bool(opts["reverse"]))
+        t = timeout or guest.default_timeout() + seconds * 3
+        res = guest.run(cmd, timeout=t)
+    if res.rc != 0 and "{" not in res.stdout:
+        raise WorkloadError(
+            f"iperf3 in the guest exited with status {res.rc} (is the NIC up?)\n"
+            f"--- iperf3 output ---\n{(res.stdout + res.stderr).strip()[-2000:]}"
+        )
+    result = iperf_mod.parse_iperf3_json(res.stdout)
+    return Measurement(
+        device, spec.name, "net", result, iops=0.0, bw=result.bits_per_second / 8,
+        extra={"bits_per_second": result.bits_per_second, "retransmits": result.retransmits},
+    )
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _listening(port: int) -> bool:
+    """Is something listening on 127.0.0.1:port?  Read from /proc, because a test
+    connection would be taken by the one-shot iperf3 server as its client."""
+    want = f"0100007F:{port:04X}"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            cols = line.split()
+            if len(cols) > 3 and cols[1] == want and cols[3] == "0A":
+                return True
+    return False
+
+
+@contextlib.contextmanager
+def host_iperf3_server(timeout: float = 10.0) -> Iterator[int]:
+    """A one-shot ``iperf3 -s`` on host loopback; yields its port, always stopped after.
+
+    Loopback only: the guest reaches it as 10.0.2.2 through QEMU user-mode
+    networking, so no traffic leaves the machine and no firewall is involved.
+    """
+    tool = shutil.which("iperf3")
+    if tool is None:
+        raise WorkloadError("iperf3 is not installed on the host (Debian package iperf3)")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [tool, "-s", "-B", "127.0.0.1", "-p", str(port), "-1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        deadline = time.monotonic() + timeout
+        while not _listening(port):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                out = proc.stdout.read() if proc.stdout and proc.poll() is not None else ""
+                raise WorkloadError(f"host iperf3 server on port {port} did not start: {out}")
+            time.sleep(0.05)
+        yield port
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc.stdout:
+            proc.stdout.close()
+
