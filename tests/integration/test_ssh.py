@@ -16,6 +16,7 @@ import pytest
 from pytest_virtio import ssh as ssh_mod
 from pytest_virtio.errors import GuestError, GuestTimeout
 from pytest_virtio.guest import Guest
+from pytest_virtio.session import VirtioSession
 
 pytestmark = pytest.mark.vm(nics=["virtio-net"])
 
@@ -93,38 +94,53 @@ def test_failure_modes_are_clear_errors_not_hangs(guest: Guest, tmp_path: Path) 
 
 XDIST_TEST = '''
 import json, os, time
+from pathlib import Path
 import pytest
+
+OUT = Path(os.environ["PV_XDIST_OUT"])
+
+def _barrier(n):
+    """Hold this guest's SSH session until all four are up: they overlap by design."""
+    (OUT / f"ready-{n}").touch()
+    deadline = time.time() + 240
+    while len(list(OUT.glob("ready-*"))) < 4:
+        assert time.time() < deadline, "the other workers never got their guests up"
+        time.sleep(0.1)
 
 @pytest.mark.vm(nics=["virtio-net"])
 @pytest.mark.parametrize("n", range(4))
 def test_ssh_in_parallel(guest, n):
-    start = time.time()
     assert guest.run("id -u", via="ssh").stdout == "0\\n"
     guest.run(f"echo {n} > /root/n", via="ssh")
-    time.sleep(2)  # hold the connection so the four overlap
+    start = time.time()
+    _barrier(n)
     assert guest.run("cat /root/n", via="ssh").stdout == f"{n}\\n"
-    out = os.path.join(os.environ["PV_XDIST_OUT"], f"{n}.json")
-    with open(out, "w") as f:
-        json.dump({"port": guest.ssh_session().port, "start": start, "end": time.time(),
-                   "worker": os.environ.get("PYTEST_XDIST_WORKER")}, f)
+    (OUT / f"{n}.json").write_text(json.dumps({
+        "port": guest.ssh_session().port, "start": start, "end": time.time(),
+        "worker": os.environ.get("PYTEST_XDIST_WORKER")}))
 '''
 
 
 def test_four_guests_under_xdist_get_distinct_ports(
-    pytester: pytest.Pytester, request: pytest.FixtureRequest,
+    pytester: pytest.Pytester, virtio_session: VirtioSession,
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
 ) -> None:
+    """Four workers, four guests, four SSH sessions open at once, four ports.
+
+    The inner run shares this run's image cache (pytester moves $HOME, which
+    would otherwise mean a fresh image build) and accelerator verdict.
+    """
     out = tmp_path / "out"
     out.mkdir()
     monkeypatch.setenv("PV_XDIST_OUT", str(out))
+    monkeypatch.setenv("PYTEST_VIRTIO_CACHE", str(virtio_session.settings.cache_dir))
     pytester.makepyfile(test_par=XDIST_TEST)
-    accel = request.config.getoption("--virtio-accel", default=None) or "tcg"
+    accel = virtio_session.accel().accel
     result = pytester.runpytest_subprocess(
-        "-n", "4", "-p", "no:cacheprovider", f"--virtio-accel={accel}", "-q", timeout=300,
+        "-n", "4", "-p", "no:cacheprovider", f"--virtio-accel={accel}", "-q", timeout=400,
     )
     result.assert_outcomes(passed=4)
     runs = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
     assert len({r["port"] for r in runs}) == 4, runs
     assert len({r["worker"] for r in runs}) == 4, runs
-    # All four held SSH sessions at the same moment.
     assert max(r["start"] for r in runs) < min(r["end"] for r in runs), runs
