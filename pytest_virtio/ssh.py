@@ -22,6 +22,7 @@ import base64
 import os
 import re
 import stat
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,6 +60,9 @@ POLL = 0.005
 #: paramiko's exit status until the server sends one; a channel that closes
 #: while it still reads -1 was cut, not finished (real statuses are 0..255).
 NO_EXIT_STATUS = -1
+#: Past a command's deadline, how long before the watchdog cuts a link that hangs
+#: paramiko itself (a frozen guest); normally ``_collect``'s own deadline fires first.
+WATCHDOG_GRACE = 2.0
 
 _FORWARD_RE = re.compile(
     r"TCP\[HOST_FORWARD\]\s+\d+\s+(?P<src>\S+)\s+(?P<port>\d+)\s+\S+\s+(?P<gport>\d+)"
@@ -214,10 +218,15 @@ class SshSession:
         assert self._client is not None
         return self._client
 
-    def reconnect(self) -> paramiko.SSHClient:
-        """Drop any old connection and connect afresh (until ``connect_timeout``)."""
+    def reconnect(self, timeout: float | None = None) -> paramiko.SSHClient:
+        """Drop any old connection and connect afresh.
+
+        Retries until ``connect_timeout`` (or the shorter ``timeout`` a command
+        has left), because dropbear may still be starting or restarting.
+        """
         self.close()
-        deadline = time.monotonic() + self.connect_timeout
+        budget = self.connect_timeout if timeout is None else min(timeout, self.connect_timeout)
+        deadline = time.monotonic() + budget
         last: Exception | None = None
         while time.monotonic() < deadline:
             self.alive()
@@ -228,7 +237,7 @@ class SshSession:
                 last = exc
                 time.sleep(RETRY_PAUSE)
         raise GuestError(
-            f"SSH to the guest at {HOST}:{self.port} failed for {self.connect_timeout:.0f}s "
+            f"SSH to the guest at {HOST}:{self.port} failed for {budget:.0f}s "
             f"(last error: {last!r}); is dropbear running in the guest?",
             self.console_tail(),
         )
@@ -296,31 +305,54 @@ class SshSession:
         the console) instead of an SSH exit-signal paramiko cannot read.
         """
         start = time.monotonic()
-        channel = self._open_channel()
+        watchdog = threading.Timer(timeout + WATCHDOG_GRACE, self.close)
+        watchdog.daemon = True
+        watchdog.start()
         try:
-            channel.exec_command(f"( {cmd}\n) </dev/null; exit $?")
-            out, err, rc = self._collect(channel, cmd, start + timeout, timeout)
+            channel = self._start(cmd, timeout)
+            try:
+                out, err, rc = self._collect(channel, cmd, start + timeout, timeout)
+            finally:
+                channel.close()
         finally:
-            channel.close()
+            watchdog.cancel()
         return Result(cmd=cmd, rc=rc, stdout=out, stderr=err,
                       duration=time.monotonic() - start, via="ssh")
 
-    def _open_channel(self) -> paramiko.Channel:
-        """A session channel; a stale transport (guest dropped it) gets one reconnect.
-
-        Retrying is safe only here: no command has been sent yet.
-        """
+    def _start(self, cmd: str, timeout: float) -> paramiko.Channel:
+        """Open a channel and exec ``cmd``; paramiko waits here without a timeout,
+        which is why ``run`` keeps a watchdog that closes the link past the deadline."""
         try:
-            return self._new_session(self.client)
+            channel = self._open_channel(timeout)
+            channel.exec_command(f"( {cmd}\n) </dev/null; exit $?")
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            self.close()
+            raise GuestTimeout(
+                f"SSH could not start {cmd!r} within {timeout:.0f}s ({exc!r})",
+                self.console_tail(),
+            ) from exc
+        return channel
+
+    def _open_channel(self, timeout: float) -> paramiko.Channel:
+        """A session channel; a transport found dead on the way gets one reconnect.
+
+        Retrying is safe only here (no command has been sent yet) and only for
+        a dead link: a live one that does not answer is a timeout, not staleness.
+        """
+        client = self.client if self.connected else self.reconnect(timeout)
+        try:
+            return self._new_session(client, timeout)
         except (OSError, EOFError, paramiko.SSHException):
-            return self._new_session(self.reconnect())
+            if self.connected:
+                raise
+            return self._new_session(self.reconnect(timeout), timeout)
 
     @staticmethod
-    def _new_session(client: paramiko.SSHClient) -> paramiko.Channel:
+    def _new_session(client: paramiko.SSHClient, timeout: float) -> paramiko.Channel:
         transport = client.get_transport()
         if transport is None:
             raise paramiko.SSHException("no transport")
-        return transport.open_session()
+        return transport.open_session(timeout=timeout)
 
     def _collect(self, channel: paramiko.Channel, cmd: str, deadline: float,
                  timeout: float) -> tuple[str, str, int]:

@@ -76,6 +76,15 @@ def test_failure_modes_are_clear_errors_not_hangs(guest: Guest, tmp_path: Path) 
     with pytest.raises(GuestTimeout):
         guest.run("sleep 60", timeout=2, via="ssh")
     assert time.monotonic() - start < 10
+    # A frozen guest (vCPUs stopped over QMP) cannot hang a command either.
+    guest.machine.qmp("stop")
+    start = time.monotonic()
+    try:
+        with pytest.raises(GuestTimeout):
+            guest.run("true", timeout=3, via="ssh")
+    finally:
+        guest.machine.qmp("cont")
+    assert time.monotonic() - start < 10
     # The connection dropping mid-command is an error (EOF), then SSH reconnects.
     start = time.monotonic()
     with pytest.raises(GuestError, match="dropped") as dropped:
