@@ -1,0 +1,1 @@
+"""Example suites (a package so their module names cannot clash with tests/)."""
