@@ -23,8 +23,11 @@ unit: setup
 test: image lint
 	$(PYTEST) -n $(JOBS) tests
 
+DEMO_OUT ?= .pytest-virtio/demo
+
 demo: image
-	$(PYTEST) -n auto examples -v
+	$(PYTEST) -n auto examples -v \
+	    --virtio-plot=$(DEMO_OUT)/chart.png --virtio-json=$(DEMO_OUT)/results.json
 
 bench: image
 	$(PY) benchmarks/boot.py

@@ -1,0 +1,200 @@
+"""workload/perf markers and the session report, as a user meets them.
+
+Collection errors need no guest.  The rest boot real (TCG) guests in an inner
+pytest run: short fio jobs on virtio-blk/IDE data disks, ~5-8 s per guest.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pytest_virtio.report import Record, machine_id, save_baseline
+
+TCG = "--virtio-accel=tcg"
+
+QUICK = 'rw="randread", bs="4k", iodepth=4, runtime="1s"'
+
+
+def _errors(pytester: pytest.Pytester, marks: str) -> str:
+    pytester.makepyfile(f"import pytest\n{marks}\ndef test_x(guest):\n    pass\n")
+    result = pytester.runpytest(TCG)
+    result.assert_outcomes(errors=1)
+    out = result.stdout.str()
+    assert "Traceback" not in out
+    return out
+
+
+@pytest.mark.parametrize(
+    ("marks", "expected"),
+    [
+        ('@pytest.mark.workload("fio", disk="disk0", iodepht=4)',
+         ["@pytest.mark.workload", "'iodepht'", "iodepth"]),
+        ('@pytest.mark.workload("fio", rw="randreed")', ["workload", "randreed", "randread"]),
+        ('@pytest.mark.workload("bonnie")', ["workload", "fio, dd, iperf3"]),
+        ('@pytest.mark.workload("iperf3", port=1)', ["workload", "'port'", "seconds"]),
+        ('@pytest.mark.workload("fio")\n@pytest.mark.perf(min_iopz=1)',
+         ["@pytest.mark.perf", "'min_iopz'", "min_iops"]),
+        ('@pytest.mark.workload("fio")\n@pytest.mark.perf(max_lat_p99="2 fortnights")',
+         ["max_lat_p99", "fortnights"]),
+        ("@pytest.mark.perf(min_iops=1)", ["perf needs @pytest.mark.workload"]),
+        ('@pytest.mark.virtio_matrix(disk=["virtio-blk"])\n@pytest.mark.workload("fio")\n'
+         '@pytest.mark.perf(faster_than="ide")', ["faster_than", "'ide'", "virtio_matrix"]),
+        ('@pytest.mark.workload("iperf3")\n@pytest.mark.perf(min_iops=1)',
+         ["min_iops", "iperf3", "does not measure IOPS"]),
+    ],
+)
+def test_bad_marker_is_collection_error(
+    pytester: pytest.Pytester, marks: str, expected: list[str]
+) -> None:
+    out = _errors(pytester, marks)
+    for text in expected:
+        assert text in out, f"{text!r} missing from:\n{out}"
+
+
+@pytest.mark.parametrize(
+    ("option", "text"),
+    [("--virtio-compare-fail=iops:ten", "--virtio-compare-fail"),
+     ("--virtio-plot=chart.gif", "--virtio-plot")],
+)
+def test_bad_report_option_is_usage_error(
+    pytester: pytest.Pytester, option: str, text: str
+) -> None:
+    result = pytester.runpytest(option)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"*{text}*"])
+
+
+def test_perf_failure_and_fio_error_are_readable(
+    pytester: pytest.Pytester, inner_tmp: Path, find_qemus: object
+) -> None:
+    """A missed threshold prints measured vs required and the device; a fio that fails in
+    the guest shows fio's own complaint."""
+    pytester.makepyfile(
+        f"""
+        import pytest
+
+        @pytest.mark.vm(disks=[{{"name": "disk0", "bus": "virtio-blk"}}])
+        @pytest.mark.workload("fio", disk="disk0", {QUICK})
+        @pytest.mark.perf(min_iops={{"tcg": "50M", "kvm": "50M"}}, max_lat_p99="1ns")
+        def test_too_slow(guest, workload):
+            assert workload.iops > 0
+
+        @pytest.mark.vm(disks=[{{"name": "disk0", "bus": "virtio-blk"}}])
+        @pytest.mark.workload("fio", disk="disk0", {QUICK}, extra={{"ioscheduler": "bogus"}})
+        def test_fio_fails(guest, workload):
+            pass
+        """
+    )
+    result = pytester.runpytest_subprocess(TCG, "-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1, errors=1)
+    out = result.stdout.str()
+    result.stdout.fnmatch_lines([
+        "*performance below threshold:*",
+        "*randread 4K qd4 on virtio-blk: IOPS * < required 50,000,000 (tcg)*",
+        "*randread 4K qd4 on virtio-blk: p99 latency * > allowed 1 ns (tcg)*",
+    ])
+    assert "WorkloadError" in out and "fio" in out
+    assert "bogus" in out  # fio's complaint about the option, from the guest
+    assert find_qemus(inner_tmp) == []
+
+
+def test_table_json_plot_baseline_and_compare_fail(
+    pytester: pytest.Pytester, inner_tmp: Path, find_qemus: object, tmp_path: Path
+) -> None:
+    """One run writes every output; a baseline claiming far more IOPS makes it fail."""
+    baseline = tmp_path / "baseline.json"
+    impossible = Record("old", "virtio-blk", "randread 4K qd4", "tcg", machine_id(),
+                        iops=1e9, bw=1e12, lat_p99_ns=1.0)
+    save_baseline([impossible], baseline, machine_id())
+    pytester.makepyfile(
+        f"""
+        import pytest
+
+        @pytest.mark.vm(disks=[{{"name": "disk0", "bus": "virtio-blk"}}])
+        @pytest.mark.workload("fio", disk="disk0", {QUICK})
+        def test_measured(guest):
+            pass
+        """
+    )
+    out_json, chart, saved = tmp_path / "r.json", tmp_path / "c.svg", tmp_path / "saved.json"
+    result = pytester.runpytest_subprocess(
+        TCG, "-p", "no:cacheprovider", f"--virtio-json={out_json}", f"--virtio-plot={chart}",
+        f"--virtio-save={saved}", f"--virtio-compare={baseline}",
+        "--virtio-compare-fail=iops:10%,lat_p99:50%",
+    )
+    result.assert_outcomes(passed=1)
+    assert result.ret == pytest.ExitCode.TESTS_FAILED  # the regression fails the session
+    result.stdout.fnmatch_lines([
+        "*pytest-virtio results*",
+        "test*device*workload*accel*IOPS*bandwidth*p99 latency",
+        "*test_measured*virtio-blk*randread 4K qd4*tcg*",
+        "*1 comparable result(s)*",
+        "REGRESSION randread 4K qd4 on virtio-blk (tcg): IOPS * vs baseline 1,000,000,000*",
+        "REGRESSION randread 4K qd4 on virtio-blk (tcg): p99 latency*",
+        f"results JSON written to {out_json}",
+        f"chart written to {chart}",
+    ])
+    [record] = json.loads(out_json.read_text())["records"]
+    assert record["device"] == "virtio-blk" and record["iops"] > 0
+    assert record["extra"]["group"].endswith("::test_measured")
+    assert "<svg" in chart.read_text() and "virtio-blk" in chart.read_text()
+    assert json.loads(saved.read_text())["machine_id"] == machine_id()
+    assert find_qemus(inner_tmp) == []
+
+
+def test_junit_properties(pytester: pytest.Pytester, inner_tmp: Path, tmp_path: Path) -> None:
+    pytester.makepyfile(
+        f"""
+        import pytest
+
+        @pytest.mark.vm(disks=[{{"name": "disk0", "bus": "virtio-blk"}}])
+        @pytest.mark.workload("fio", disk="disk0", {QUICK})
+        def test_measured(guest):
+            pass
+        """
+    )
+    xml = tmp_path / "junit.xml"
+    result = pytester.runpytest_subprocess(TCG, "-p", "no:cacheprovider", f"--junitxml={xml}")
+    result.assert_outcomes(passed=1)
+    text = xml.read_text()
+    assert '<property name="virtio_device" value="virtio-blk"' in text
+    assert '<property name="virtio_iops"' in text
+
+
+def test_two_workers_one_report_and_relative_check(
+    pytester: pytest.Pytester, inner_tmp: Path, find_qemus: object, tmp_path: Path
+) -> None:
+    """Matrix items on different xdist workers: one table, and the relative check
+    (judged in the controller) sees both devices."""
+    pytester.makepyfile(
+        f"""
+        import pytest
+
+        @pytest.mark.vm(disks=[{{"name": "disk0"}}])
+        @pytest.mark.virtio_matrix(disk=["ide", "virtio-blk"])
+        @pytest.mark.workload("fio", disk="disk0", {QUICK})
+        @pytest.mark.perf(faster_than="ide", by=1000)
+        def test_pair(guest):
+            pass
+        """
+    )
+    out_json = tmp_path / "r.json"
+    result = pytester.runpytest_subprocess(
+        TCG, "-p", "no:cacheprovider", "-n", "2", "-v", f"--virtio-json={out_json}"
+    )
+    result.assert_outcomes(passed=2)
+    out = result.stdout.str()
+    assert "[gw0]" in out and "[gw1]" in out  # really two workers
+    result.stdout.fnmatch_lines([
+        "*test_pair?disk=ide?*ide*randread 4K qd4*",
+        "*test_pair?disk=virtio-blk?*virtio-blk*randread 4K qd4*",
+        "FAILED virtio-blk vs ide (randread 4K qd4, iops, tcg): *x, required 1000x",
+        "*IOPS * vs ide * is *x; required 1000x",
+    ])
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    devices = sorted(r["device"] for r in json.loads(out_json.read_text())["records"])
+    assert devices == ["ide", "virtio-blk"]
+    assert find_qemus(inner_tmp) == []
