@@ -60,14 +60,51 @@ class MissingDevices(LaunchError):
         )
 
 
+def mem_available_mib(meminfo: str = "/proc/meminfo") -> int | None:
+    """The host's MemAvailable in MiB (None where /proc/meminfo is unreadable)."""
+    try:
+        with open(meminfo) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) // 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_memory_available(spec: spec_mod.MachineSpec) -> None:
+    """Refuse a guest bigger than the host's free RAM before launching it.
+
+    QEMU allocates guest RAM lazily, so it would start fine and the OOM killer
+    would later pick QEMU (or pytest) in the middle of a test.
+    """
+    avail = mem_available_mib()
+    if avail is not None and spec.memory_mib > avail:
+        raise LaunchError(
+            f"vm(memory={spec.memory!r}) needs {spec.memory_mib} MiB but the host has only "
+            f"{avail} MiB available (MemAvailable): ask for less memory, or run fewer "
+            "guests at once (lower -n)"
+        )
+
+
 def _pid_alive(pid: int) -> bool:
+    """True for a running process; a zombie counts as dead.
+
+    A SIGKILLed xdist worker stays a zombie until its controller reaps it, and
+    ``kill(pid, 0)`` succeeds on zombies: without this the replacement worker's
+    sweep would keep the dead worker's run directory.
+    """
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rpartition(")")[2].split()[:1] != ["Z"]
 
 
 def sweep_stale_runs(base: Path) -> list[Path]:
@@ -185,6 +222,7 @@ class VirtioSession:
         missing = capabilities.missing_devices(spec, self.qemu)
         if missing:
             raise MissingDevices(self.qemu, missing)
+        check_memory_available(spec)
         accel = self.accel().accel
         scale = self.timeout_scale
         guest = self._launch(spec, name, accel=accel, boot_timeout=BOOT_TIMEOUT * scale,
