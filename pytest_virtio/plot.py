@@ -248,10 +248,19 @@ def _colours(devices: Sequence[str]) -> dict[str, str]:
     return result
 
 
+LABEL_CHAR_WIDTH = 7.5  # a 13 px sans-serif character, generously
+
+
+def _group_width(name: str, bars: Sequence[Bar]) -> float:
+    """As wide as its own bars (a sparse group leaves no hole), but never narrower than
+    its label: two 2-bar network groups would otherwise print their names over each other."""
+    span = len(bars) * (BAR_WIDTH + BAR_GAP) - BAR_GAP
+    return max(span, len(name) * LABEL_CHAR_WIDTH)
+
+
 def _panel_width(panel: Panel) -> float:
-    """Each group is as wide as its own bars, so a sparse group leaves no hole."""
-    bars = sum(len(group_bars) * (BAR_WIDTH + BAR_GAP) - BAR_GAP for _, group_bars in panel.groups)
-    return bars + (len(panel.groups) + 1) * GROUP_GAP
+    widths = sum(_group_width(name, bars) for name, bars in panel.groups)
+    return widths + (len(panel.groups) + 1) * GROUP_GAP
 
 
 def _draw_panel(
@@ -275,16 +284,18 @@ def _draw_panel(
     svg.text(left - 62, top + PANEL_HEIGHT / 2, panel.y_label, size=13, rotate=-90)
     svg.text(left + plot_width / 2, bottom + 44, "workload", size=13)
 
-    x = left + GROUP_GAP
+    start = left + GROUP_GAP
     for group, bars in panel.groups:
-        start = x
+        width = _group_width(group, bars)
+        span = len(bars) * (BAR_WIDTH + BAR_GAP) - BAR_GAP
+        x = start + (width - span) / 2
         for bar in bars:
             y = y_of(bar.value)
             svg.rect(x, y, BAR_WIDTH, bottom - y, colours[bar.device], f"{bar.device}: {bar.label}")
             svg.text(x + BAR_WIDTH / 2, y - 5, bar.label, size=11)
             x += BAR_WIDTH + BAR_GAP
-        x += GROUP_GAP - BAR_GAP
-        svg.text((start + x - GROUP_GAP) / 2, bottom + 20, group, size=13)
+        svg.text(start + width / 2, bottom + 20, group, size=13)
+        start += width + GROUP_GAP
 
 
 def _draw_legend(
