@@ -284,7 +284,7 @@ def _draw_panel(
     svg.text(left - 62, top + PANEL_HEIGHT / 2, panel.y_label, size=13, rotate=-90)
     svg.text(left + plot_width / 2, bottom + 44, "workload", size=13)
 
-    start = left + GROUP_GAP
+    start: float = left + GROUP_GAP
     for group, bars in panel.groups:
         width = _group_width(group, bars)
         span = len(bars) * (BAR_WIDTH + BAR_GAP) - BAR_GAP
