@@ -324,11 +324,22 @@ class VirtioSession:
 def prepare_disk_file(disk: spec_mod.Disk, run_dir: Path) -> str:
     """A sparse file for a sized data disk; a user image is used in place."""
     if disk.image:
+        _check_disk_image(disk.name, Path(disk.image))
         return str(disk.image)
     path = run_dir / f"disk-{disk.name}.img"
     with path.open("wb") as f:
         f.truncate(spec_mod.parse_size(disk.size))
     return str(path)
+
+
+def _check_disk_image(name: str, image: Path) -> None:
+    """A missing or unreadable image is the test's mistake: say so before QEMU starts."""
+    if not image.is_file():
+        raise ConfigError(f"disk {name!r}: image {image} does not exist or is not a file; "
+                          "give the path of an existing raw or qcow2 image")
+    if not os.access(image, os.R_OK):
+        raise ConfigError(f"disk {name!r}: image {image} is not readable by this user; "
+                          f"fix its permissions (e.g. chmod a+rw {image})")
 
 
 def backend_socket(run_dir: Path, name: str) -> str:
