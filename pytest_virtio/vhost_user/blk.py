@@ -185,6 +185,8 @@ class FileStorage(Storage):
             raise BackendError(f"cannot open disk image {self.path}: {exc}") from exc
         size = os.fstat(self.fd).st_size
         self.size = size - size % SECTOR_SIZE
+        #: fdatasync calls made for FLUSH: lets a test see a guest flush reach the disk.
+        self.fdatasyncs = 0
 
     def readv(self, offset: int, bufs: Sequence[memoryview]) -> int:
         if len(bufs) <= _IOV_MAX:
@@ -208,6 +210,7 @@ class FileStorage(Storage):
 
     def flush(self) -> None:
         os.fdatasync(self.fd)
+        self.fdatasyncs += 1
 
     def _falloc(self, mode: int, offset: int, length: int) -> bool:
         if _fallocate is None:

@@ -144,6 +144,7 @@ class VhostUserBlkServer:
         """Bind and listen now (before QEMU starts), then serve in a daemon thread."""
         if self._thread is not None:
             raise BackendError("vhost-user server already started")
+        self._stopping = False  # a stopped server may be started again (reconnect tests)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket_path)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
