@@ -274,6 +274,9 @@ class Disk:
     transport: str = "default"
     discard: bool = False
     reconnect: int | None = None
+    #: vhost-user-blk served by an outside daemon listening here (e.g. for comparing
+    #: against qemu-storage-daemon): no in-process backend is started for the disk.
+    external_socket: str | None = None
 
     def __post_init__(self) -> None:
         _check_name(self.name, "disk")
@@ -314,6 +317,8 @@ class Disk:
             self._check_vhost_user()
         elif self.reconnect is not None:
             raise ConfigError(f"{where}: reconnect= only applies to bus 'vhost-user-blk'")
+        elif self.external_socket is not None:
+            raise ConfigError(f"{where}: external_socket= only applies to bus 'vhost-user-blk'")
         if self.readonly and self.bus in ("ide", "ahci"):
             raise ConfigError(
                 f"{where}: QEMU's ide-hd cannot use a read-only drive; use one of "
