@@ -252,7 +252,8 @@ class VirtioSession:
                 console_socket=str(run_dir / "con.sock"),
                 console_log=str(run_dir / "console.log"),
                 disk_files=disk_files,
-                vhost_sockets={n: backend_socket(run_dir, n) for n in backends},
+                vhost_sockets={**{n: backend_socket(run_dir, n) for n in backends},
+                               **external_sockets(spec)},
                 serial_sockets={},
                 name=name,
                 fw_cfg=fw_cfg,
@@ -291,7 +292,8 @@ class VirtioSession:
     def _start_backends(self, spec: spec_mod.MachineSpec, run_dir: Path,
                         disk_files: dict[str, str]) -> dict[str, Any]:
         """Start one in-process vhost-user-blk server per such disk, before QEMU."""
-        wanted = [d for d in spec.disks if d.bus == "vhost-user-blk"]
+        wanted = [d for d in spec.disks
+                  if d.bus == "vhost-user-blk" and d.external_socket is None]
         servers: dict[str, Any] = {}
         try:
             for disk in wanted:
@@ -340,6 +342,11 @@ def _check_disk_image(name: str, image: Path) -> None:
     if not os.access(image, os.R_OK):
         raise ConfigError(f"disk {name!r}: image {image} is not readable by this user; "
                           f"fix its permissions (e.g. chmod a+rw {image})")
+
+
+def external_sockets(spec: spec_mod.MachineSpec) -> dict[str, str]:
+    """vhost-user-blk disks another process serves (``Disk.external_socket``), by name."""
+    return {d.name: d.external_socket for d in spec.disks if d.external_socket is not None}
 
 
 def backend_socket(run_dir: Path, name: str) -> str:
