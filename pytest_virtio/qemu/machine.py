@@ -171,8 +171,21 @@ class Machine:
                                   f"{self.stderr_tail()}")
             time.sleep(0.01)
         qmp = QEMUMonitorProtocol(self.qmp_socket)
-        qmp.connect(negotiate=True)
+        try:
+            qmp.connect(negotiate=True)
+        except Exception as exc:
+            # QEMU listens before it opens its drives: a start-up failure (an
+            # image lock, say) looks like EOF here.  Report QEMU's reason instead.
+            self._wait_exit(2.0)
+            self.check_alive()
+            raise LaunchError(f"QMP handshake with QEMU failed: {exc}\n{self.stderr_tail()}"
+                              ) from exc
         return qmp
+
+    def _wait_exit(self, timeout: float) -> None:
+        if self._proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(timeout)
 
     @property
     def pid(self) -> int | None:

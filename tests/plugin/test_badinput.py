@@ -1,0 +1,160 @@
+"""Bad input everywhere: each mistake is one line that names the fix.
+
+Only one case boots a guest (the disk held by another guest); the rest are
+caught at configure, collection or before QEMU starts.  docs/troubleshooting.md
+lists every message asserted here.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from pytest_virtio.session import mem_available_mib
+
+TCG = "--virtio-accel=tcg"
+
+
+def _line_with(text: str, needle: str) -> str:
+    """The single output line carrying ``needle`` (the message must fit on it)."""
+    lines = [ln for ln in text.splitlines()
+             if needle in ln and not ln.startswith((" ", ">"))]  # not traceback source
+    assert lines, f"{needle!r} not in output:\n{text}"
+    return lines[0]
+
+
+def test_unknown_option_is_a_usage_error(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest("--virtio-acel=tcg")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    line = _line_with(result.stderr.str(), "--virtio-acel")
+    assert "unrecognized arguments" in line
+
+
+def test_bad_marker_value_is_a_collection_error(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+        @pytest.mark.vm(memory="lots")
+        def test_x(guest):
+            pass
+        """
+    )
+    result = pytester.runpytest(TCG)
+    result.assert_outcomes(errors=1)
+    line = _line_with(result.stdout.str(), "'lots'")
+    assert "memory" in line
+
+
+@pytest.mark.parametrize("which", ["kernel", "initrd", "rootfs"])
+def test_missing_custom_image_is_a_usage_error(pytester: pytest.Pytester, which: str) -> None:
+    paths = {k: pytester.makefile(f".{k}", "x") for k in ("kernel", "initrd", "rootfs")}
+    paths[which] = pytester.path / f"no-such-{which}"
+    args = [f"--virtio-{k}={p}" for k, p in paths.items()]
+    result = pytester.runpytest(TCG, *args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    line = _line_with(result.stderr.str(), f"--virtio-{which}")
+    assert f"no-such-{which} does not exist" in line and "give the path" in line
+
+
+def test_directory_as_kernel_is_a_usage_error(pytester: pytest.Pytester) -> None:
+    files = [pytester.makefile(f".{k}", "x") for k in ("initrd", "rootfs")]
+    result = pytester.runpytest(TCG, f"--virtio-kernel={pytester.path}",
+                                f"--virtio-initrd={files[0]}", f"--virtio-rootfs={files[1]}")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "is not a regular file" in _line_with(result.stderr.str(), "--virtio-kernel")
+
+
+def test_kernel_without_initrd_and_rootfs(pytester: pytest.Pytester) -> None:
+    kernel = pytester.makefile(".kernel", "x")
+    result = pytester.runpytest(TCG, f"--virtio-kernel={kernel}")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "give all three or none" in _line_with(result.stderr.str(), "go together")
+
+
+def test_bad_timeout_scale(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest(TCG, "--virtio-timeout-scale=-2")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "must be positive" in _line_with(result.stderr.str(), "--virtio-timeout-scale")
+
+
+def test_memory_beyond_available_is_refused_before_launch(
+    pytester: pytest.Pytester, inner_tmp: Path, find_qemus
+) -> None:
+    avail = mem_available_mib()
+    if avail is None or avail >= 60 * 1024:
+        pytest.skip("needs a host with less than 60 GiB available")
+    pytester.makepyfile(
+        """
+        import pytest
+        @pytest.mark.vm(memory="64G")
+        def test_x(guest):
+            pass
+        """
+    )
+    result = pytester.runpytest(TCG)
+    result.assert_outcomes(errors=1)
+    line = _line_with(result.stdout.str(), "MemAvailable")
+    assert "needs 65536 MiB" in line and "ask for less memory" in line
+    assert find_qemus(inner_tmp) == []
+
+
+def test_missing_disk_image_is_refused_before_launch(
+    pytester: pytest.Pytester, inner_tmp: Path, find_qemus
+) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+        @pytest.mark.vm(disks=[dict(name="data", image="/nonexistent/disk.img",
+                                    bus="virtio-blk")])
+        def test_x(guest):
+            pass
+        """
+    )
+    result = pytester.runpytest(TCG)
+    result.assert_outcomes(errors=1)
+    line = _line_with(result.stdout.str(), "image /nonexistent/disk.img")
+    assert "disk 'data'" in line and "does not exist" in line and "give the path" in line
+    assert find_qemus(inner_tmp) == []
+
+
+def test_socket_dir_too_long_names_tmpdir(
+    pytester: pytest.Pytester, inner_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    deep = inner_tmp / ("d" * 60) / ("e" * 40)
+    deep.mkdir(parents=True)
+    monkeypatch.setenv("TMPDIR", str(deep))
+    pytester.makepyfile("def test_x(guest): pass")
+    result = pytester.runpytest_subprocess(TCG)
+    result.assert_outcomes(errors=1)
+    line = _line_with(result.stdout.str(), "too long for unix socket paths")
+    assert "set TMPDIR to a shorter directory" in line
+
+
+def test_disk_in_use_by_another_guest_names_the_file(
+    pytester: pytest.Pytester, inner_tmp: Path, find_qemus
+) -> None:
+    image = pytester.path / "shared.img"
+    with image.open("wb") as f:
+        f.truncate(16 << 20)
+    pytester.makepyfile(
+        f"""
+        from pytest_virtio.errors import LaunchError
+
+        def test_two_writers(make_guest):
+            disk = dict(name="shared", image={str(image)!r}, bus="virtio-blk")
+            make_guest(name="first", disks=[disk])
+            make_guest(name="second", disks=[disk])
+        """
+    )
+    # keep=never: the failure must not leave an artifacts directory or section.
+    result = pytester.runpytest_subprocess(TCG, "--virtio-keep=never")
+    result.assert_outcomes(failed=1)
+    out = result.stdout.str()
+    line = _line_with(out, "is in use by another QEMU")
+    assert str(image) in line and "readonly=True" in line and "own copy" in line
+    assert "pytest-virtio artifacts" not in out
+    assert not (pytester.path / ".pytest-virtio").exists()
+    assert find_qemus(inner_tmp) == []
+    assert os.path.getsize(image) == 16 << 20
