@@ -150,7 +150,9 @@ def test_file_storage_zero_copy_and_flush(tmp_path: Path) -> None:
         r.dev = BlkDevice(fs, stats=r.stats)
         payload = os.urandom(8192)
         assert _do(r, BlkType.OUT, 16, payload)[2] == BlkStatus.OK
+        assert fs.fdatasyncs == 0
         assert _do(r, BlkType.FLUSH)[2] == BlkStatus.OK
+        assert fs.fdatasyncs == 1  # FLUSH reached fdatasync
         req, _, st = _do(r, BlkType.IN, 16, 8192)
         assert st == BlkStatus.OK and r.q.data(req) == payload
         assert img.read_bytes()[8192:16384] == payload

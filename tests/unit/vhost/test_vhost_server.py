@@ -184,6 +184,25 @@ def test_eof_then_reconnect(server: VhostUserBlkServer, mem: MockMemory) -> None
     server.check()
 
 
+def test_stop_then_start_again_serves_a_new_front_end(
+    server: VhostUserBlkServer, mem: MockMemory
+) -> None:
+    """A stopped server restarts on the same socket (QEMU's reconnect= redials it)."""
+    fe, _ = _started(server, mem)
+    server.stop()
+    fe.close()
+    assert not server.connected and not os.path.exists(server.socket_path)
+    server.start()
+    fe2, (q,) = _started(server, mem)
+    with fe2:
+        r = q.blk_request(BlkType.IN, 0, 512)
+        q.publish(r.head)
+        fe2.kick()
+        fe2.wait_call()
+    assert server.connections == 2
+    server.check()
+
+
 def test_second_concurrent_connection_is_refused(server: VhostUserBlkServer) -> None:
     with MockFrontend(server.socket_path) as fe:
         fe.get_u64(Request.GET_FEATURES)
