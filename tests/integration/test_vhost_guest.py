@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from pytest_virtio.errors import BackendError
+from pytest_virtio.errors import BackendError, ConfigError
 from pytest_virtio.guest import Guest
-from pytest_virtio.session import VirtioSession
+from pytest_virtio.session import VirtioSession, external_sockets
+from pytest_virtio.settings import Settings
 from pytest_virtio.spec import Disk, MachineSpec
 from pytest_virtio.vhost_user import BlkStatus, BlkType, VhostUserBlkServer
 from pytest_virtio.workloads.fio import FioResult, check_fio_run
@@ -286,3 +288,22 @@ def test_backend_exception_fails_the_test(make_guest: Any) -> None:
     with pytest.raises(BackendError, match="injected backend bug"):
         g.run("true")
     assert len(server.clear_errors()) == 1
+
+
+def test_external_socket_disk_gets_no_in_process_backend(tmp_path: Path) -> None:
+    """``Disk(external_socket=)`` (the benchmark's qemu-storage-daemon disk): QEMU dials
+    that socket and the session starts no backend of its own. No guest needed."""
+    ext = Disk(name="ext", bus="vhost-user-blk", image="/x.img", external_socket="/s.sock")
+    spec = MachineSpec(disks=(ext, Disk(name="own", bus="vhost-user-blk")))
+    assert external_sockets(spec) == {"ext": "/s.sock"}
+    img = tmp_path / "own.img"
+    img.write_bytes(bytes(1 << 20))
+    session = VirtioSession(Settings.from_values({}))
+    servers = session._start_backends(spec, tmp_path, {"ext": "/x.img", "own": str(img)})
+    try:
+        assert set(servers) == {"own"}
+    finally:
+        for server in servers.values():
+            server.stop()
+    with pytest.raises(ConfigError, match="external_socket"):
+        Disk(bus="virtio-blk", external_socket="/s.sock")
