@@ -62,6 +62,8 @@ POLL = 0.005
 NO_EXIT_STATUS = -1
 #: Past a command's deadline, how long before the watchdog cuts a link that hangs
 #: paramiko itself (a frozen guest); normally ``_collect``'s own deadline fires first.
+#: How often a refused channel open is retried on a live link.
+CHANNEL_OPEN_TRIES = 5
 WATCHDOG_GRACE = 2.0
 
 _FORWARD_RE = re.compile(
@@ -340,12 +342,20 @@ class SshSession:
         a dead link: a live one that does not answer is a timeout, not staleness.
         """
         client = self.client if self.connected else self.reconnect(timeout)
-        try:
-            return self._new_session(client, timeout)
-        except (OSError, EOFError, paramiko.SSHException):
-            if self.connected:
-                raise
-            return self._new_session(self.reconnect(timeout), timeout)
+        for attempt in range(CHANNEL_OPEN_TRIES):
+            try:
+                return self._new_session(client, timeout)
+            except (OSError, EOFError, paramiko.SSHException) as exc:
+                if not self.connected:
+                    return self._new_session(self.reconnect(timeout), timeout)
+                # dropbear refuses a channel whose id paramiko reuses before the
+                # server has finished closing the previous one (seen right after
+                # an SFTP transfer): a refusal, not a dead link, so try again.
+                if "Unable to open channel" not in str(exc) or \
+                        attempt == CHANNEL_OPEN_TRIES - 1:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+        raise AssertionError("unreachable")
 
     @staticmethod
     def _new_session(client: paramiko.SSHClient, timeout: float) -> paramiko.Channel:
