@@ -180,6 +180,12 @@ def _check_name(name: object, what: str) -> None:
         raise ConfigError(f"{what} name {name!r} is reserved for the root disk; pick another")
 
 
+def _check_virtio_identity(name: object, transport: object, what: str) -> None:
+    """A virtio device's name and transport, validated the same way for every kind."""
+    _check_name(name, what)
+    _check_choice(transport, TRANSPORTS, f"{what} {name!r}: transport")
+
+
 def _check_count(value: object, what: str, low: int, high: int) -> None:
     if value is None:
         return
@@ -420,8 +426,7 @@ class Balloon:
     transport: str = "default"
 
     def __post_init__(self) -> None:
-        _check_name(self.name, "balloon")
-        _check_choice(self.transport, TRANSPORTS, f"balloon {self.name!r}: transport")
+        _check_virtio_identity(self.name, self.transport, "balloon")
 
 
 @dataclass(frozen=True, slots=True)
@@ -432,8 +437,7 @@ class Rng:
     transport: str = "default"
 
     def __post_init__(self) -> None:
-        _check_name(self.name, "rng")
-        _check_choice(self.transport, TRANSPORTS, f"rng {self.name!r}: transport")
+        _check_virtio_identity(self.name, self.transport, "rng")
 
 
 @dataclass(frozen=True, slots=True)
@@ -449,8 +453,7 @@ class SerialPorts:
     transport: str = "default"
 
     def __post_init__(self) -> None:
-        _check_name(self.name, "serial")
-        _check_choice(self.transport, TRANSPORTS, f"serial {self.name!r}: transport")
+        _check_virtio_identity(self.name, self.transport, "serial")
         names = _str_tuple(self.names, f"serial {self.name!r}: names")
         object.__setattr__(self, "names", names)
         if not names or len(names) > 30:
