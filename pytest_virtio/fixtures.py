@@ -8,6 +8,7 @@ lifetime, keep artifacts of failures and check ``expect_drivers``.
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -87,8 +88,6 @@ def _keep_artifacts(guest: Guest, dest: Any) -> None:
         if guest.machine.state.value == "running":
             res = guest.run("dmesg", timeout=10 * guest.timeout_scale)
             (guest.run_dir / "dmesg.txt").write_text(res.stdout)
-    import json
-
     with contextlib.suppress(OSError, TypeError):
         (guest.run_dir / "qmp-events.json").write_text(
             json.dumps(guest.machine.events, indent=1, default=str)

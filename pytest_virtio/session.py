@@ -395,4 +395,4 @@ def booted(spec: spec_mod.MachineSpec | None = None, settings: Settings | None =
         yield session.boot(spec)
 
 
-__all__ = ["ConfigError", "MissingDevices", "VirtioSession", "booted", "sweep_stale_runs"]
+__all__ = ["MissingDevices", "VirtioSession", "booted", "sweep_stale_runs"]
