@@ -1,7 +1,7 @@
 """Bad input everywhere: each mistake is one line that names the fix.
 
 Only one case boots a guest (the disk held by another guest); the rest are
-caught at configure, collection or before QEMU starts.  docs/troubleshooting.md
+caught at configure, collection or before QEMU starts.  README.md#troubleshooting
 lists every message asserted here.
 """
 
