@@ -55,10 +55,28 @@ class Result:
         if self.rc != 0:
             raise CommandFailed(
                 f"guest command failed (exit {self.rc}, via {self.via}): {self.cmd}\n"
-                f"--- stdout ---\n{self.stdout}--- stderr ---\n{self.stderr}",
+                + _section("stdout", self.stdout) + _section("stderr", self.stderr),
                 console_tail,
             )
         return self
+
+
+FRAME_LINE_RE = re.compile(r"^[0-9a-f]{16}(?:[SFZ]|E \d+)$")
+
+
+def unframe(lines: list[str]) -> list[str]:
+    """Drop :meth:`Console.run`'s nonce markers (and the blank line printed before each).
+
+    They mean nothing to a person reading an error; what is left is the
+    commands' output interleaved with the kernel's messages, as on a terminal.
+    """
+    kept = []
+    for i, line in enumerate(lines):
+        nxt = lines[i + 1] if i + 1 < len(lines) else ""
+        if FRAME_LINE_RE.match(line) or (not line and FRAME_LINE_RE.match(nxt)):
+            continue
+        kept.append(line)
+    return kept
 
 
 def tail_of(path: Path, lines: int = 40) -> str:
@@ -67,7 +85,7 @@ def tail_of(path: Path, lines: int = 40) -> str:
         data = path.read_bytes()[-16384:].decode("utf-8", "replace")
     except OSError:
         return ""
-    return "\n".join(data.replace("\r", "").splitlines()[-lines:])
+    return "\n".join(unframe(data.replace("\r", "").splitlines())[-lines:])
 
 
 @dataclass
@@ -211,6 +229,12 @@ class Console:
         self.send(f"\nprintf '%s\\n' {nonce}Z\n")
         self.expect(f"{nonce}Z", timeout, "resynchronising the console after a timeout")
         self._dirty = False
+
+
+def _section(title: str, text: str) -> str:
+    if not text:
+        return f"--- {title}: (empty) ---\n"
+    return f"--- {title} ---\n{text}" + ("" if text.endswith("\n") else "\n")
 
 
 def _clean(text: str) -> str:

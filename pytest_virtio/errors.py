@@ -42,7 +42,7 @@ class GuestError(VirtioError):
     def __init__(self, message: str, console_tail: str = "") -> None:
         self.console_tail = console_tail
         if console_tail:
-            message = f"{message}\n--- console tail ---\n{console_tail}"
+            message = f"{message.rstrip()}\n--- console tail ---\n{console_tail}"
         super().__init__(message)
 
 

@@ -23,6 +23,7 @@ import pytest
 from . import perf as perf_mod
 from . import results as results_mod
 from . import spec as spec_mod
+from . import tracebacks
 from .errors import ConfigError, VirtioError
 from .report import SessionResults
 from .session import VirtioSession
@@ -238,8 +239,12 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-    """Remember each phase's report so fixtures can keep artifacts of failures."""
+    """Shorten reports of our own errors; remember each phase's report for artifacts."""
     report = yield
+    if call.excinfo is not None and report.failed:
+        concise = tracebacks.concise_longrepr(item, call.excinfo)
+        if concise is not None:
+            report.longrepr = concise
     item.stash.setdefault(REPORTS_KEY, {})[report.when] = report
     kept = artifacts_dir(item)
     if report.failed and report.when == "call" and item.stash.get(USES_GUEST_KEY, False):

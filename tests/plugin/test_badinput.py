@@ -158,3 +158,75 @@ def test_disk_in_use_by_another_guest_names_the_file(
     assert not (pytester.path / ".pytest-virtio").exists()
     assert find_qemus(inner_tmp) == []
     assert os.path.getsize(image) == 16 << 20
+
+
+MISSING_DISK_TEST = """
+import pytest
+@pytest.mark.vm(disks=[dict(name="data", image="/nonexistent/disk.img", bus="virtio-blk")])
+def test_x(guest):
+    pass
+"""
+
+
+def test_setup_error_is_reported_as_its_message_alone(
+    pytester: pytest.Pytester, inner_tmp: Path
+) -> None:
+    """No forty lines of fixture and session frames above the one line that matters."""
+    pytester.makepyfile(MISSING_DISK_TEST)
+    result = pytester.runpytest(TCG)
+    result.assert_outcomes(errors=1)
+    out = result.stdout.str()
+    section = out.split("ERROR at setup of test_x", 1)[1].split("short test summary", 1)[0]
+    body = [ln for ln in section.splitlines()[1:] if ln and not ln.startswith("=")]
+    assert len(body) == 1, section
+    assert body[0].startswith("pytest_virtio.errors.ConfigError: disk 'data': image")
+    assert body[0].endswith("give the path of an existing raw or qcow2 image")
+    assert "session.py" not in out and "fixtures.py" not in out
+    result.stdout.fnmatch_lines(["ERROR *::test_x - *"])  # the summary keeps its line
+
+
+def test_fulltrace_restores_the_internal_frames(
+    pytester: pytest.Pytester, inner_tmp: Path
+) -> None:
+    pytester.makepyfile(MISSING_DISK_TEST)
+    result = pytester.runpytest(TCG, "--fulltrace")
+    result.assert_outcomes(errors=1)
+    assert "session.py" in result.stdout.str()
+
+
+def test_error_in_the_test_body_keeps_only_the_tests_frames(pytester: pytest.Pytester) -> None:
+    """A library call that raises deep inside pytest-virtio points at the caller's line."""
+    pytester.makepyfile(
+        """
+        from pytest_virtio.spec import MachineSpec
+
+        def build():
+            return MachineSpec(memory="lots")
+
+        def test_x():
+            build()
+        """
+    )
+    result = pytester.runpytest()
+    result.assert_outcomes(failed=1)
+    out = result.stdout.str()
+    assert "spec.py" not in out
+    result.stdout.fnmatch_lines([
+        ">*build()", "*>*return MachineSpec(memory=\"lots\")",
+        "E*ConfigError:*memory must be like*",
+    ])
+
+
+def test_other_exceptions_keep_their_traceback(pytester: pytest.Pytester) -> None:
+    """Only errors pytest-virtio raises on purpose are shortened; a bug stays debuggable."""
+    pytester.makepyfile(
+        """
+        from pytest_virtio.spec import MachineSpec, to_argv
+
+        def test_x():
+            to_argv(MachineSpec(memory="1G"), None)
+        """
+    )
+    result = pytester.runpytest()
+    result.assert_outcomes(failed=1)
+    assert "spec.py" in result.stdout.str()
