@@ -1,4 +1,4 @@
-"""``python -m pytest_virtio.images build|info|path``: manage the image cache by hand."""
+"""``python -m pytest_virtio.images build|info|path|prune``: manage the image cache by hand."""
 
 from __future__ import annotations
 
@@ -8,19 +8,23 @@ import sys
 from pathlib import Path
 
 from ..errors import VirtioError
-from .builder import MANIFEST, ensure_image, image_dir, load_recipe
+from .builder import MANIFEST, current_keys, ensure_image, image_dir, load_recipe, prune_images
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pytest_virtio.images")
-    parser.add_argument("command", choices=("build", "info", "path"))
+    parser.add_argument("command", choices=("build", "info", "path", "prune"))
     parser.add_argument("--recipe", default="bookworm")
     parser.add_argument("--cache-dir", type=Path, default=None)
     parser.add_argument("--force", action="store_true", help="rebuild even if cached")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="prune: list what would be removed, remove nothing")
     args = parser.parse_args(argv)
     try:
         recipe = load_recipe(args.recipe)
         where = image_dir(recipe, args.cache_dir)
+        if args.command == "prune":
+            return _prune(args.cache_dir, args.dry_run)
         if args.command == "path":
             print(where)
         elif args.command == "info":
@@ -38,6 +42,17 @@ def main(argv: list[str] | None = None) -> int:
     except VirtioError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _prune(cache_dir: Path | None, dry_run: bool) -> int:
+    """Remove images no shipped recipe uses any more (each recipe change makes a new one)."""
+    removed = prune_images(current_keys(), cache_dir, dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    for path, size in removed:
+        print(f"{verb} {path} ({size / 2**20:.0f} MiB)")
+    total = sum(size for _, size in removed)
+    print(f"{verb} {len(removed)} stale image(s), {total / 2**20:.0f} MiB")
     return 0
 
 

@@ -315,3 +315,66 @@ def ensure_image(
             shutil.rmtree(tmp, ignore_errors=True)
         progress(f"guest image ready: {final}")
     return verify(final)
+
+
+def _tree_size(path: Path) -> int:
+    """Bytes on disk (the rootfs is sparse: its apparent size overstates it)."""
+    return sum(p.stat().st_blocks * 512 for p in path.rglob("*")
+               if p.is_file() and not p.is_symlink())
+
+
+def _build_owner_alive(entry: Path) -> bool:
+    """A ``.build-<key>-<pid>`` directory belongs to a build still running?"""
+    pid = entry.name.rsplit("-", 1)[-1]
+    return pid.isdigit() and Path(f"/proc/{pid}").exists()
+
+
+def stale_images(keep: set[str], cache_dir: Path | None = None) -> list[Path]:
+    """Image directories (and dead half-builds) no current recipe would use.
+
+    Every change to a recipe, the guest init or the builder makes a new key,
+    so without pruning the cache grows by ~1 GiB per change.
+    """
+    root = (cache_dir or default_cache_dir()) / "images"
+    if not root.is_dir():
+        return []
+    stale = []
+    for entry in sorted(root.iterdir()):
+        if not entry.is_dir():
+            continue
+        if entry.name.startswith(".build-"):
+            if not _build_owner_alive(entry):
+                stale.append(entry)
+        elif entry.name not in keep:
+            stale.append(entry)
+    return stale
+
+
+def prune_images(
+    keep: set[str], cache_dir: Path | None = None, dry_run: bool = False
+) -> list[tuple[Path, int]]:
+    """Remove :func:`stale_images`; returns each removed path and its size in bytes.
+
+    An image whose lock another process holds (a session that is building or
+    verifying it) is left alone.
+    """
+    removed = []
+    for entry in stale_images(keep, cache_dir):
+        size = _tree_size(entry)
+        if dry_run:
+            removed.append((entry, size))
+            continue
+        lock = FileLock(str(entry) + ".lock", timeout=0)
+        try:
+            with lock:
+                shutil.rmtree(entry)
+        except TimeoutError:
+            continue
+        Path(str(entry) + ".lock").unlink(missing_ok=True)
+        removed.append((entry, size))
+    return removed
+
+
+def current_keys(data_dir: Path = DATA_DIR) -> set[str]:
+    """Cache keys of every recipe shipped with this version of pytest-virtio."""
+    return {load_recipe(p.stem, data_dir).key() for p in sorted(data_dir.glob("*.toml"))}
