@@ -101,6 +101,16 @@ def test_perf_failure_and_fio_error_are_readable(
     assert find_qemus(inner_tmp) == []
 
 
+MEASURED_TEST = f"""
+import pytest
+
+@pytest.mark.vm(disks=[{{"name": "disk0", "bus": "virtio-blk"}}])
+@pytest.mark.workload("fio", disk="disk0", {QUICK})
+def test_measured(guest):
+    pass
+"""
+
+
 def test_table_json_plot_baseline_and_compare_fail(
     pytester: pytest.Pytester, inner_tmp: Path, find_qemus: object, tmp_path: Path
 ) -> None:
@@ -109,16 +119,7 @@ def test_table_json_plot_baseline_and_compare_fail(
     impossible = Record("old", "virtio-blk", "randread 4K qd4", "tcg", machine_id(),
                         iops=1e9, bw=1e12, lat_p99_ns=1.0)
     save_baseline([impossible], baseline, machine_id())
-    pytester.makepyfile(
-        f"""
-        import pytest
-
-        @pytest.mark.vm(disks=[{{"name": "disk0", "bus": "virtio-blk"}}])
-        @pytest.mark.workload("fio", disk="disk0", {QUICK})
-        def test_measured(guest):
-            pass
-        """
-    )
+    pytester.makepyfile(MEASURED_TEST)
     out_json, chart, saved = tmp_path / "r.json", tmp_path / "c.svg", tmp_path / "saved.json"
     result = pytester.runpytest_subprocess(
         TCG, "-p", "no:cacheprovider", f"--virtio-json={out_json}", f"--virtio-plot={chart}",
@@ -146,16 +147,7 @@ def test_table_json_plot_baseline_and_compare_fail(
 
 
 def test_junit_properties(pytester: pytest.Pytester, inner_tmp: Path, tmp_path: Path) -> None:
-    pytester.makepyfile(
-        f"""
-        import pytest
-
-        @pytest.mark.vm(disks=[{{"name": "disk0", "bus": "virtio-blk"}}])
-        @pytest.mark.workload("fio", disk="disk0", {QUICK})
-        def test_measured(guest):
-            pass
-        """
-    )
+    pytester.makepyfile(MEASURED_TEST)
     xml = tmp_path / "junit.xml"
     result = pytester.runpytest_subprocess(TCG, "-p", "no:cacheprovider", f"--junitxml={xml}")
     result.assert_outcomes(passed=1)
