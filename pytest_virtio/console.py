@@ -28,6 +28,9 @@ HOSTKEY_RE = r"PYTEST-VIRTIO-HOSTKEY (\S+ \S+)"
 NO_ROOT_RE = r"PYTEST-VIRTIO-NO-ROOT ([^\r\n]*)"
 #: Lines that mean the guest kernel died; matched in every wait.
 PANIC_RE = r"(Kernel panic - not syncing[^\r\n]*)"
+#: While streaming, a line counts only once its end has arrived: ``[^\r\n]*``
+#: would otherwise match whatever part of it the last read happened to hold.
+WHOLE_LINE = r"\r?\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +150,8 @@ class Console:
 
         Waits in short slices so a dead QEMU is noticed by ``alive()``.
         """
-        patterns = [pattern, PANIC_RE, NO_ROOT_RE, pexpect.EOF, pexpect.TIMEOUT]
+        patterns = [pattern, PANIC_RE + WHOLE_LINE, NO_ROOT_RE + WHOLE_LINE,
+                    pexpect.EOF, pexpect.TIMEOUT]
         deadline = time.monotonic() + timeout
         while True:
             slice_ = max(0.05, min(0.5, deadline - time.monotonic()))

@@ -11,6 +11,10 @@ from __future__ import annotations
 class VirtioError(Exception):
     """Root of every error pytest-virtio raises on purpose."""
 
+    #: The guest whose boot failed with this error (already shut down), so the
+    #: fixture can keep its console log and command line as artifacts.
+    failed_guest: object | None = None
+
 
 class ConfigError(VirtioError):
     """A bad option, ini value, environment variable or marker argument."""

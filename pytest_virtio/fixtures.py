@@ -64,6 +64,13 @@ def make_guest(
             # A QEMU build without the model cannot run this test: skip, naming it.
             pytest.skip(f"QEMU lacks device model(s) {', '.join(sorted(exc.missing))} "
                         f"({exc.qemu})")
+        except VirtioError as exc:
+            failed = exc.failed_guest
+            if isinstance(failed, Guest) and virtio_session.settings.keep != "never":
+                dest = artifacts_dir(request.node) / failed.name
+                _keep_artifacts(failed, dest)
+                exc.add_note(f"pytest-virtio artifacts: {dest}")
+            raise
         made.append(guest)
         return guest
 

@@ -241,6 +241,7 @@ class VirtioSession:
         fw_cfg = {ssh_mod.AUTHORIZED_KEYS_FW_CFG: str(self.ssh_key().public_path)
                   } if ssh_nic else {}
         backends = self._start_backends(spec, run_dir, disk_files)
+        guest: Guest | None = None
         try:
             initrd = initramfs_for(image, spec.root_modules)
             ctx = spec_mod.LaunchContext(
@@ -267,9 +268,11 @@ class VirtioSession:
                           run_dir=run_dir, spec=spec, backends=backends,
                           disk_serials=serials, ctx=ctx)
             machine.launch()
-        except BaseException:
+        except BaseException as exc:
             for b in backends.values():
                 b.stop()
+            if isinstance(exc, VirtioError) and guest is not None:
+                exc.failed_guest = guest
             raise
         try:
             guest.boot_uptime = _wait_ready(machine, spec, boot_timeout)
@@ -277,8 +280,10 @@ class VirtioSession:
                 guest.load_drivers()
             if ssh_nic is not None:
                 self._attach_ssh(guest, ssh_nic.name, scale)
-        except BaseException:
+        except BaseException as exc:
             guest.close()
+            if isinstance(exc, VirtioError):
+                exc.failed_guest = guest
             raise
         return guest
 

@@ -36,12 +36,11 @@ def _is_users_frame(entry: TracebackEntry) -> bool:
 
 
 def _message_only(excinfo: pytest.ExceptionInfo[BaseException]) -> ExceptionRepr:
-    """The error's class and message, no frames; the short summary keeps its text."""
+    """The error's class, message and notes, no frames; the short summary keeps its text."""
     body = excinfo.getrepr(style="value")
-    name = f"{type(excinfo.value).__module__}.{type(excinfo.value).__qualname__}"
     for entry in body.reprtraceback.reprentries:
-        if isinstance(entry, ReprEntry) and entry.lines:
-            entry.lines = [f"{name}: {entry.lines[0]}", *entry.lines[1:]]
+        if isinstance(entry, ReprEntry):
+            entry.lines = excinfo.exconly().split("\n")
     return body
 
 

@@ -151,3 +151,40 @@ def test_hanging_command_fails_with_console_tail_and_keeps_artifacts(
     assert "PYTEST-VIRTIO-READY" in console.read_text(errors="replace")
     assert os.access(kept[0], os.X_OK)
     assert find_qemus(inner_tmp) == []
+
+
+NO_ROOT_TEST = """
+import pytest
+
+@pytest.mark.vm(initramfs_modules=["virtio_pci"])  # no virtio_blk: the root disk never appears
+def test_no_root(guest):
+    pass
+"""
+
+
+def test_boot_failure_keeps_artifacts_and_names_them(
+    pytester: pytest.Pytester, inner_tmp: Path, find_qemus
+) -> None:
+    """A guest that never reaches its shell is the case that most needs its console log."""
+    pytester.makepyfile(NO_ROOT_TEST)
+    result = pytester.runpytest_subprocess(TCG)
+    result.assert_outcomes(errors=1)
+    out = result.stdout.str()
+    assert "no root disk labelled 'pvroot'" in out and "lacks virtio_blk" in out
+    assert "session.py" not in out
+    result.stdout.fnmatch_lines(["pytest-virtio artifacts: *test_no_root/guest"])
+    kept = next((pytester.path / ".pytest-virtio").glob("*test_no_root")) / "guest"
+    assert (kept / "reproduce.sh").is_file() and (kept / "qemu.stderr").is_file()
+    assert "virtio" in (kept / "console.log").read_text(errors="replace")
+    assert json.loads((kept / "qmp-events.json").read_text()) is not None
+    assert find_qemus(inner_tmp) == []
+
+
+def test_keep_never_keeps_nothing_of_a_failed_boot(
+    pytester: pytest.Pytester, inner_tmp: Path
+) -> None:
+    pytester.makepyfile(NO_ROOT_TEST)
+    result = pytester.runpytest_subprocess(TCG, "--virtio-keep=never")
+    result.assert_outcomes(errors=1)
+    assert "pytest-virtio artifacts" not in result.stdout.str()
+    assert not (pytester.path / ".pytest-virtio").exists()
