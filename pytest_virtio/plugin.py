@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
-import os
 import re
 import signal
 import threading
@@ -20,10 +18,10 @@ from typing import Any
 
 import pytest
 
+from . import interrupts, tracebacks
 from . import perf as perf_mod
 from . import results as results_mod
 from . import spec as spec_mod
-from . import tracebacks
 from .errors import ConfigError, VirtioError
 from .report import SessionResults
 from .session import VirtioSession
@@ -98,40 +96,36 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 SIGTERM_KEY = pytest.StashKey[Any]()
-PR_SET_PDEATHSIG = 1
-
-
-def _sigterm_to_interrupt(signum: int, frame: Any) -> None:
-    """SIGTERM (CI cancel, ``timeout``, a dying xdist controller) → KeyboardInterrupt.
-
-    Python's default SIGTERM ends the process without unwinding: QEMU would die
-    by PDEATHSIG but run directories and sockets would stay until a later sweep.
-    As KeyboardInterrupt, pytest unwinds, tears fixtures down and ``unconfigure``
-    reaps every guest.  A second SIGTERM kills at once (default restored).
-    """
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    raise KeyboardInterrupt(f"pytest-virtio: received signal {signum} (SIGTERM)")
 
 
 def install_signal_handling(config: pytest.Config) -> None:
     """Turn SIGTERM into a clean teardown; make an xdist worker die with its controller."""
     if threading.current_thread() is not threading.main_thread():
         return
-    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        config.stash[SIGTERM_KEY] = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
+    previous = interrupts.install_sigterm_handler()
+    if previous is not None:
+        config.stash[SIGTERM_KEY] = previous
     if hasattr(config, "workerinput"):
-        _term_with_parent()
+        interrupts.term_with_parent()
+    else:
+        config.pluginmanager.register(ControllerInterrupts(config), "pytest_virtio_interrupts")
 
 
-def _term_with_parent() -> None:
-    """An xdist worker outlives a SIGKILLed controller (it sits in a test): ask the
-    kernel for SIGTERM when the parent goes, which the handler turns into teardown."""
-    parent = os.getppid()
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    if os.getppid() != parent:  # the controller died before prctl took effect
-        os.kill(os.getpid(), signal.SIGTERM)
+class ControllerInterrupts:
+    """On an xdist controller, pass an interrupt on to the workers.
+
+    A SIGTERM or SIGINT sent to the controller alone would otherwise reach the
+    workers only when xdist kills them ten seconds later (see :mod:`.interrupts`).
+    Whether this process is a controller is asked when the interrupt comes:
+    xdist registers its ``dsession`` plugin after our ``pytest_configure``.
+    """
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+
+    def pytest_keyboard_interrupt(self, excinfo: pytest.ExceptionInfo[BaseException]) -> None:
+        if self.config.pluginmanager.has_plugin("dsession"):
+            interrupts.forward_to_children()
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

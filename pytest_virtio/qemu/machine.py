@@ -13,7 +13,6 @@ Why these choices:
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import enum
 import os
 import re
@@ -30,8 +29,7 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from ..console import PANIC_RE, Console, tail_of
 from ..errors import GuestPanic, LaunchError
-
-PR_SET_PDEATHSIG = 1
+from ..interrupts import set_parent_death_signal
 
 
 class RunState(enum.Enum):
@@ -84,8 +82,7 @@ def describe_exit(rc: int) -> str:
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    set_parent_death_signal(signal.SIGKILL)
 
 
 _LIVE: weakref.WeakSet[Machine] = weakref.WeakSet()

@@ -25,6 +25,8 @@ TCG = "--virtio-accel=tcg"
 #: Generous: under -n 2 the inner boot competes with the outer suite for CPUs.
 BOOTED_WITHIN = 120.0
 REAPED_WITHIN = 10.0
+#: xdist waits 10 s (EXIT_TIMEOUT) for workers before killing them.
+WORKER_TOLD_WITHIN = 7.0
 
 HOLD = """
 import os, time
@@ -42,6 +44,16 @@ SWEEP_AFTER = """
 def test_after(virtio_session):
     # A new session's first run root sweeps the dead worker's directory.
     assert virtio_session.run_root.is_dir()
+"""
+
+#: Tests still queued on the worker: without being told, it would start them.
+MORE_QUEUED = """
+
+import pytest
+
+@pytest.mark.parametrize("i", range(3))
+def test_more(guest, i):
+    pass
 """
 
 
@@ -174,6 +186,28 @@ def test_sigkilled_xdist_controller_takes_worker_guests_along(
     sweep_stale_runs(inner_tmp)
     assert _run_dirs(inner_tmp) == []
 
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM],
+                         ids=lambda s: signal.Signals(s).name)
+def test_signal_to_xdist_controller_alone_stops_workers_cleanly(
+    inner: Callable[..., Inner], inner_tmp: Path, find_qemus, sig: int
+) -> None:
+    """``kill PID`` of the controller (not its process group, as most CI runners do):
+    the workers are told at once and tear down, instead of running on until
+    xdist kills them ten seconds later and leaves their sockets behind."""
+    run = inner("-n", "1", "-p", "xdist", extra=MORE_QUEUED)
+    worker_pid, qemu_pid = run.wait_booted()
+    assert worker_pid != run.proc.pid
+    os.kill(run.proc.pid, sig)
+    # Before xdist's own 10 s shutdown timeout would have ended the worker.
+    assert _until(lambda: _pid_gone(worker_pid), WORKER_TOLD_WITHIN), \
+        "the worker ran on after its controller was interrupted"
+    rc = run.wait()
+    assert rc == pytest.ExitCode.INTERRUPTED, run.output()
+    assert _until(lambda: _pid_gone(qemu_pid), REAPED_WITHIN)
+    assert find_qemus(inner_tmp) == []
+    assert _run_dirs(inner_tmp) == []  # the worker removed its own, no sweep needed
 
 def test_fixture_raising_half_way_leaves_nothing(
     pytester: pytest.Pytester, inner_tmp: Path, find_qemus
