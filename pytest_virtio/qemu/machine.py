@@ -265,11 +265,16 @@ class Machine:
         self.events.extend(new)
         return new
 
-    def wait_event(self, name: str, timeout: float, match: dict[str, Any] | None = None
-                   ) -> dict[str, Any]:
-        """Wait for a QMP event whose data contains ``match``; events stay recorded."""
+    def wait_event(self, name: str, timeout: float, match: dict[str, Any] | None = None,
+                   since: int = 0) -> dict[str, Any]:
+        """Wait for a QMP event whose data contains ``match``; events stay recorded.
+
+        ``since`` is an index into :attr:`events` (take ``len(events)`` before
+        the command): an older event with the same data, e.g. the previous
+        unplug of a reused device id, must not answer for the new one.
+        """
         deadline = time.monotonic() + timeout
-        seen = 0
+        seen = since
         while True:
             for ev in self.events[seen:]:
                 data = ev.get("data", {})
