@@ -62,9 +62,9 @@ POLL = 0.005
 NO_EXIT_STATUS = -1
 #: Past a command's deadline, how long before the watchdog cuts a link that hangs
 #: paramiko itself (a frozen guest); normally ``_collect``'s own deadline fires first.
+WATCHDOG_GRACE = 2.0
 #: How often a refused channel open is retried on a live link.
 CHANNEL_OPEN_TRIES = 5
-WATCHDOG_GRACE = 2.0
 
 _FORWARD_RE = re.compile(
     r"TCP\[HOST_FORWARD\]\s+\d+\s+(?P<src>\S+)\s+(?P<port>\d+)\s+\S+\s+(?P<gport>\d+)"
