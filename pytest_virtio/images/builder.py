@@ -283,6 +283,11 @@ def image_dir(recipe: Recipe, cache_dir: Path | None = None) -> Path:
     return (cache_dir or default_cache_dir()) / "images" / recipe.key()
 
 
+def _lock_path(image: Path) -> Path:
+    """The lock beside an image directory: held while it is built, checked or pruned."""
+    return image.with_name(image.name + ".lock")
+
+
 def ensure_image(
     recipe: Recipe | None = None,
     cache_dir: Path | None = None,
@@ -299,7 +304,7 @@ def ensure_image(
     if not force and (final / MANIFEST).exists():
         return verify(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(final) + ".lock"):
+    with FileLock(_lock_path(final)):
         if (final / MANIFEST).exists():
             if not force:
                 return verify(final)
@@ -364,13 +369,13 @@ def prune_images(
         if dry_run:
             removed.append((entry, size))
             continue
-        lock = FileLock(str(entry) + ".lock", timeout=0)
+        lock = FileLock(_lock_path(entry), timeout=0)
         try:
             with lock:
                 shutil.rmtree(entry)
         except TimeoutError:
             continue
-        Path(str(entry) + ".lock").unlink(missing_ok=True)
+        _lock_path(entry).unlink(missing_ok=True)
         removed.append((entry, size))
     return removed
 
