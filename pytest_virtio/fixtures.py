@@ -104,8 +104,10 @@ def _keep_artifacts(guest: Guest, dest: Any) -> None:
 
 
 def spec_for(node: Any, choice: Mapping[str, str] | None) -> spec_mod.MachineSpec:
-    marker = node.get_closest_marker("vm")
-    spec = spec_mod.spec_from_kwargs(dict(marker.kwargs) if marker else {}, where="vm")
+    """The machine a test's ``vm`` marks (merged, closest key wins) and matrix choice ask for."""
+    from .plugin import vm_kwargs
+
+    spec = spec_mod.spec_from_kwargs(vm_kwargs(node), where="vm")
     if choice:
         spec = spec_mod.apply_matrix(spec, dict(choice))
     return spec

@@ -26,6 +26,7 @@ from .errors import ConfigError, VirtioError
 from .report import SessionResults
 from .session import VirtioSession
 from .settings import OPTIONS, Settings, resolve_values
+from .workloads import run as workload_mod
 from .workloads.run import Measurement, WorkloadSpec
 
 SETTINGS_KEY = pytest.StashKey[Settings]()
@@ -35,18 +36,38 @@ RESULTS_KEY = pytest.StashKey[SessionResults]()
 MEASURED_KEY = pytest.StashKey[Measurement]()
 OUTCOME_KEY = pytest.StashKey[list[str]]()
 
-MARKERS = {
-    "vm": "vm(memory=, smp=, root_bus=, disks=[...], nics=[...], devices=[...], "
-    "kernel_args=[...]): the machine the `guest` fixture boots for this test.",
-    "virtio_matrix": "virtio_matrix(disk=[...], nic=[...], root_bus=[...]): run the test "
-    "once per device choice, ids like [disk=ahci-nic=e1000].",
-    "expect_drivers": "expect_drivers(*names, absent=[...]): after boot, fail unless these "
-    "guest drivers are bound/loaded (built-ins count) and the absent ones are not.",
-    "workload": "workload('fio', rw=, bs=, iodepth=, runtime=, ...): run a workload in the "
-    "guest before the test body; its result is the `workload` fixture.",
-    "perf": "perf(min_iops=, min_bw=, max_lat_p99=, faster_than=, by=): assert the "
-    "workload's figures; per-accelerator values as {'kvm': .., 'tcg': ..}.",
-}
+def _keys(keys: tuple[str, ...] | list[str], fmt: str = "{}=") -> str:
+    return ", ".join(fmt.format(k) for k in keys)
+
+
+def _marker_docs() -> dict[str, str]:
+    """``pytest --markers`` text, built from the tables the validators use.
+
+    Why generated: a hand-written line drifts (``vm`` once lacked
+    ``initramfs_modules`` and ``extra_args``); these are the keys that pass.
+    """
+    items = "; ".join(f"{kind}: {_keys(keys, '{}')}"
+                      for kind, keys in spec_mod.item_keys().items())
+    workload = "; ".join(
+        f"{kind}: {_keys(keys)}" for kind, keys in workload_mod.MARKER_KEYS.items()
+    )
+    return {
+        "vm": f"vm({_keys(spec_mod.SPEC_KEYS)}): the machine the `guest` fixture boots for "
+        f"this test. disks=/nics=/devices= items are a bus, model or kind name, or "
+        f"a dict of — {items}.",
+        "virtio_matrix": f"virtio_matrix({_keys(spec_mod.MATRIX_AXES, '{}=[...]')}): run the "
+        "test once per device choice, ids like [disk=ahci-nic=e1000]; the choice is the "
+        "`virtio_choice` fixture.",
+        "expect_drivers": "expect_drivers(*names, absent=[...]): after boot, fail unless these "
+        "guest drivers are bound/loaded (built-ins count) and the absent ones are not.",
+        "workload": f"workload(kind, ...): run a workload in the guest before the test body; "
+        f"its result is the `workload` fixture. Keys per kind — {workload}.",
+        "perf": f"perf({_keys(perf_mod.PERF_KEYS)}): assert the workload's figures; "
+        "per-accelerator values as {'kvm': .., 'tcg': ..}.",
+    }
+
+
+MARKERS = _marker_docs()
 
 pytest_plugins = ["pytest_virtio.fixtures"]
 
@@ -54,8 +75,9 @@ pytest_plugins = ["pytest_virtio.fixtures"]
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("virtio", "pytest-virtio: QEMU guests and virtio devices")
     for opt in OPTIONS:
-        group.addoption(opt.flag, default=None, help=f"{opt.help} (ini {opt.ini}, "
-                        f"env {opt.env})", choices=opt.choices)
+        # argparse %-formats help text: a literal '%' (as in 'iops:10%') must be doubled.
+        text = f"{opt.help} (ini {opt.ini}, env {opt.env})".replace("%", "%%")
+        group.addoption(opt.flag, default=None, help=text, choices=opt.choices)
         parser.addini(opt.ini, help=opt.help, default=None)
 
 
@@ -141,20 +163,36 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         return [f"virtio: guests unavailable: {str(exc).splitlines()[0]}"]
 
 
-def _marker_kwargs(node: Any, name: str) -> dict[str, Any] | None:
-    marker = node.get_closest_marker(name)
-    if marker is None:
-        return None
+def _keywords(marker: pytest.Mark) -> dict[str, Any]:
     if marker.args:
-        raise ConfigError(f"@pytest.mark.{name}: takes keyword arguments only, "
+        raise ConfigError(f"@pytest.mark.{marker.name}: takes keyword arguments only, "
                           f"got positional {marker.args!r}")
     return dict(marker.kwargs)
 
 
+def _marker_kwargs(node: Any, name: str) -> dict[str, Any] | None:
+    marker = node.get_closest_marker(name)
+    return None if marker is None else _keywords(marker)
+
+
+def vm_kwargs(node: Any) -> dict[str, Any]:
+    """The test's ``vm`` keywords: stacked marks merged key by key, the closest winning.
+
+    Why merge rather than take the closest mark whole: ``vm(memory="1G")`` on a
+    class plus ``vm(smp=2)`` on a method silently lost the memory. pytest lists
+    marks closest first (function, class, module), so the farthest is applied
+    first and nearer ones override per key; a list key (``disks``) is replaced,
+    not extended, so a method can say exactly which disks it wants.
+    """
+    merged: dict[str, Any] = {}
+    for marker in reversed(list(node.iter_markers("vm"))):
+        merged.update(_keywords(marker))
+    return merged
+
+
 def validate_markers(node: Any) -> list[tuple[str, dict[str, str]]] | None:
     """Check every pytest-virtio marker of a test; returns the matrix choices."""
-    vm = _marker_kwargs(node, "vm")
-    base = spec_mod.spec_from_kwargs(vm or {}, where="vm")
+    base = spec_mod.spec_from_kwargs(vm_kwargs(node), where="vm")
     exp = node.get_closest_marker("expect_drivers")
     if exp is not None:
         expect_drivers_args(exp)
@@ -210,16 +248,49 @@ def expect_drivers_args(marker: pytest.Mark) -> tuple[tuple[str, ...], tuple[str
     return names, tuple(absent)
 
 
+class BadMarkers(pytest.Collector):
+    """Stands in for a test whose markers are invalid: collecting it raises their error.
+
+    Why a node of its own: raising from ``pytest_generate_tests`` aborts the
+    whole module, so only the first bad test of a file was reported; as one
+    failing collector per test, pytest lists every one (as it does for files).
+    """
+
+    def __init__(self, *, error: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.error = error
+
+    def collect(self) -> list[pytest.Item | pytest.Collector]:
+        raise self.CollectError(self.error)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_pycollect_makeitem(
+    collector: pytest.Module | pytest.Class, name: str, obj: object
+) -> Generator[None, Any, Any]:
+    """Turn one test's marker error into its own collection error (see BadMarkers)."""
+    try:
+        return (yield)
+    except pytest.Collector.CollectError as exc:
+        if not getattr(exc, "virtio_markers", False):
+            raise
+        return BadMarkers.from_parent(collector, name=name, error=str(exc.args[0]))
+
+
+def _marker_error(message: str) -> pytest.Collector.CollectError:
+    error = pytest.Collector.CollectError(message)
+    error.virtio_markers = True  # type: ignore[attr-defined]
+    return error
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     try:
         choices = validate_markers(metafunc.definition)
     except ConfigError as exc:
-        raise pytest.Collector.CollectError(
-            f"{metafunc.definition.nodeid}: {exc}"
-        ) from None
+        raise _marker_error(f"{metafunc.definition.nodeid}: {exc}") from None
     if choices is not None:
         if "virtio_choice" not in metafunc.fixturenames:
-            raise pytest.Collector.CollectError(
+            raise _marker_error(
                 f"{metafunc.definition.nodeid}: @pytest.mark.virtio_matrix needs the "
                 "`guest` fixture (or `virtio_choice`)"
             )

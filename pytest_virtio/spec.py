@@ -36,6 +36,7 @@ __all__ = [
     "NIC_MODELS",
     "ROOT_BUSES",
     "ROOT_MODULES",
+    "SPEC_KEYS",
     "TRANSPORTS",
     "Balloon",
     "CdRom",
@@ -52,6 +53,7 @@ __all__ = [
     "guest_modules",
     "hotplug_commands",
     "hotplug_props",
+    "item_keys",
     "matrix_params",
     "nic_mac",
     "parse_size",
@@ -420,13 +422,27 @@ class Nic:
 
 @dataclass(frozen=True, slots=True)
 class Balloon:
-    """virtio-balloon: lets a test shrink guest RAM through QMP ``balloon``."""
+    """virtio-balloon: ``guest.balloon(target)`` resizes guest RAM, ``balloon_stats()`` reads it.
+
+    ``deflate_on_oom`` (virtio 1.2 §5.5.3, VIRTIO_BALLOON_F_DEFLATE_ON_OOM): the
+    guest may take pages back from the balloon instead of OOM-killing.
+    ``free_page_reporting`` (§5.5.3, VIRTIO_BALLOON_F_PAGE_REPORTING): the guest
+    reports freed pages so the host can reclaim them.
+    """
 
     name: str = "balloon0"
     transport: str = "default"
+    deflate_on_oom: bool = False
+    free_page_reporting: bool = False
 
     def __post_init__(self) -> None:
         _check_virtio_identity(self.name, self.transport, "balloon")
+        for key in ("deflate_on_oom", "free_page_reporting"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(
+                    f"balloon {self.name!r}: {key} must be True or False, "
+                    f"got {getattr(self, key)!r}"
+                )
 
 
 @dataclass(frozen=True, slots=True)
@@ -928,6 +944,10 @@ def _cdrom_argv(dev: CdRom, placed: Mapping[str, Props]) -> list[str]:
 def _other_device_argv(dev: Device, ctx: LaunchContext, placed: Mapping[str, Props]) -> list[str]:
     if isinstance(dev, Balloon):
         props = [("id", dev.name), *_transport_props(dev.transport)]
+        if dev.deflate_on_oom:
+            props.append(("deflate-on-oom", "on"))
+        if dev.free_page_reporting:
+            props.append(("free-page-reporting", "on"))
         return ["-device", _opts("virtio-balloon-pci", props)]
     if isinstance(dev, Rng):
         obj = _opts("rng-random", [("id", dev.name), ("filename", "/dev/urandom")])
@@ -1127,11 +1147,23 @@ def hotplug_commands(disk: Disk, ctx: LaunchContext) -> list[tuple[str, dict[str
 
 # --------------------------------------------------------------------------- user input
 
-_SPEC_KEYS: Final = tuple(f.name for f in dataclasses.fields(MachineSpec))
+#: Every key ``@pytest.mark.vm`` / ``make_guest`` accepts (the MachineSpec fields).
+SPEC_KEYS: Final = tuple(f.name for f in dataclasses.fields(MachineSpec))
 
 
 def _fields_of(cls: type[Any]) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def item_keys() -> dict[str, tuple[str, ...]]:
+    """The dict keys each ``disks=``/``nics=``/``devices=`` item accepts, by item kind.
+
+    ``disk``, ``nic``, then one entry per device kind (its dict also takes
+    ``kind``). What ``pytest --markers`` and the README list, and what passes.
+    """
+    keys = {"disk": _fields_of(Disk), "nic": _fields_of(Nic)}
+    keys.update({kind: _fields_of(cls) for kind, cls in _DEVICE_CLASS.items()})
+    return keys
 
 
 def _build(cls: type[Any], data: Mapping[str, Any], what: str) -> Any:
@@ -1202,24 +1234,24 @@ def spec_from_kwargs(marker_kwargs: Mapping[str, Any], *, where: str = "vm") -> 
     unnamed disks and NICs are numbered by position (disk0, net0...). Every
     error names ``where`` (the marker) so the collection error points at it.
     """
-    unknown = sorted(set(marker_kwargs) - set(_SPEC_KEYS))
+    unknown = sorted(set(marker_kwargs) - set(SPEC_KEYS))
     if unknown:
         raise ConfigError(
             f"@pytest.mark.{where}: unknown key(s) {_choices(unknown)}; "
-            f"allowed: {_choices(_SPEC_KEYS)}"
+            f"allowed: {_choices(SPEC_KEYS)}"
         )
     data = dict(marker_kwargs)
     label = f"@pytest.mark.{where}"
-    if "disks" in data:
-        items = _as_tuple(data["disks"], "disks")
-        data["disks"] = tuple(_disk_from(x, i, label) for i, x in enumerate(items))
-    if "nics" in data:
-        items = _as_tuple(data["nics"], "nics")
-        data["nics"] = tuple(_nic_from(x, i, label) for i, x in enumerate(items))
-    if "devices" in data:
-        items = _as_tuple(data["devices"], "devices")
-        data["devices"] = tuple(_device_from(x, i, label) for i, x in enumerate(items))
     try:
+        if "disks" in data:
+            items = _as_tuple(data["disks"], "disks")
+            data["disks"] = tuple(_disk_from(x, i, label) for i, x in enumerate(items))
+        if "nics" in data:
+            items = _as_tuple(data["nics"], "nics")
+            data["nics"] = tuple(_nic_from(x, i, label) for i, x in enumerate(items))
+        if "devices" in data:
+            items = _as_tuple(data["devices"], "devices")
+            data["devices"] = tuple(_device_from(x, i, label) for i, x in enumerate(items))
         return MachineSpec(**data)
     except ConfigError as exc:
         if str(exc).startswith(label):

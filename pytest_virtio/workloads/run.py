@@ -38,7 +38,9 @@ from pytest_virtio.workloads import dd as dd_mod
 from pytest_virtio.workloads import fio as fio_mod
 from pytest_virtio.workloads import iperf as iperf_mod
 
-__all__ = ["KINDS", "Measurement", "WorkloadSpec", "host_iperf3_server", "run_workload"]
+__all__ = [
+    "KINDS", "MARKER_KEYS", "Measurement", "WorkloadSpec", "host_iperf3_server", "run_workload",
+]
 
 MARKER = "workload"
 KINDS = ("fio", "dd", "iperf3")
@@ -51,6 +53,12 @@ IPERF_KEYS = ("nic", "seconds", "reverse", "timeout")
 #: Slirp's address for the host: its loopback, so traffic never leaves the machine.
 SLIRP_HOST = "10.0.2.2"
 _FIO_FIELDS = tuple(f for f in fio_mod.FioJob.__dataclass_fields__ if f != "filename")
+#: Every key the marker takes, per kind (``pytest --markers`` lists these).
+MARKER_KEYS: Mapping[str, tuple[str, ...]] = {
+    "fio": ("disk", *_FIO_FIELDS, "jobfile", "label", "timeout"),
+    "dd": DD_KEYS,
+    "iperf3": IPERF_KEYS,
+}
 
 
 class GuestLike(Protocol):

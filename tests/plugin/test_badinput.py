@@ -230,3 +230,70 @@ def test_other_exceptions_keep_their_traceback(pytester: pytest.Pytester) -> Non
     result = pytester.runpytest()
     result.assert_outcomes(failed=1)
     assert "spec.py" in result.stdout.str()
+
+
+def test_every_bad_marker_of_a_file_is_reported(pytester: pytest.Pytester) -> None:
+    """Like pytest's own collection errors, each bad test is listed, not only the first;
+    the good tests of the file are still collected."""
+    pytester.makepyfile(
+        """
+        import pytest
+        @pytest.mark.vm(memory="lots")
+        def test_a(guest): pass
+        @pytest.mark.vm(smp=99)
+        def test_b(guest): pass
+        def test_ok(): pass
+        class TestC:
+            @pytest.mark.vm(bogus=1)
+            def test_d(self, guest): pass
+        """
+    )
+    result = pytester.runpytest(TCG, "--collect-only")
+    result.assert_outcomes(errors=3)
+    out = result.stdout.str()
+    assert "test_a: @pytest.mark.vm: memory must be like" in _line_with(out, "'lots'")
+    assert "test_b: @pytest.mark.vm: smp must be" in _line_with(out, "got 99")
+    assert "TestC::test_d: @pytest.mark.vm: unknown key(s) 'bogus'" in _line_with(out, "bogus")
+    assert "<Function test_ok>" in out
+
+
+def test_stacked_vm_marks_merge_closest_key_first(pytester: pytest.Pytester) -> None:
+    """Module, class and method ``vm`` marks merge per key; the nearest mark wins a key."""
+    pytester.makepyfile(
+        """
+        import pytest
+        from pytest_virtio.fixtures import spec_for
+
+        pytestmark = pytest.mark.vm(machine="q35", smp=4)
+
+        @pytest.mark.vm(memory="1G", disks=["ahci", "lsi"])
+        class TestStack:
+            @pytest.mark.vm(smp=2, disks=["nvme"])
+            def test_merged(self, request):
+                spec = spec_for(request.node, None)
+                assert (spec.machine, spec.memory_mib, spec.smp) == ("q35", 1024, 2)
+                assert [d.bus for d in spec.disks] == ["nvme"]
+
+            def test_class_and_module(self, request):
+                spec = spec_for(request.node, None)
+                assert (spec.machine, spec.memory_mib, spec.smp) == ("q35", 1024, 4)
+        """
+    )
+    result = pytester.runpytest(TCG)
+    result.assert_outcomes(passed=2)
+
+
+def test_bad_key_on_a_class_vm_mark_fails_each_method(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+        @pytest.mark.vm(memroy="1G")
+        class TestX:
+            @pytest.mark.vm(smp=2)
+            def test_a(self, guest): pass
+        """
+    )
+    result = pytester.runpytest(TCG)
+    result.assert_outcomes(errors=1)
+    assert "TestX::test_a: @pytest.mark.vm: unknown key(s) 'memroy'" in _line_with(
+        result.stdout.str(), "memroy")

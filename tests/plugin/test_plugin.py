@@ -4,20 +4,58 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 
+from pytest_virtio import perf, spec
 from pytest_virtio.images import builder
+from pytest_virtio.settings import OPTIONS
+from pytest_virtio.workloads import run as workload_run
 
 TCG = "--virtio-accel=tcg"
 
 
-def test_markers_are_documented(pytester: pytest.Pytester) -> None:
+def _marker_line(text: str, name: str) -> str:
+    lines = [ln for ln in text.splitlines() if ln.startswith(f"@pytest.mark.{name}:")]
+    assert len(lines) == 1, f"@pytest.mark.{name} not in pytest --markers"
+    return lines[0]
+
+
+def test_markers_document_every_key(pytester: pytest.Pytester) -> None:
+    """Every key the validators accept is in ``pytest --markers`` (keys from the code's tables)."""
     result = pytester.runpytest("--markers", TCG)
-    for name in ("vm", "virtio_matrix", "expect_drivers", "workload", "perf"):
-        result.stdout.fnmatch_lines([f"@pytest.mark.{name}*"])
+    assert result.ret == 0
+    text = result.stdout.str()
+    vm = _marker_line(text, "vm")
+    for key in spec.SPEC_KEYS:
+        assert f"{key}=" in vm, key
+    for kind, keys in spec.item_keys().items():
+        assert f"{kind}: {', '.join(keys)}" in vm, (kind, keys)
+    matrix = _marker_line(text, "virtio_matrix")
+    for axis in spec.MATRIX_AXES:
+        assert f"{axis}=" in matrix
+    assert "absent=" in _marker_line(text, "expect_drivers")
+    wl = _marker_line(text, "workload")
+    for kind, keys in workload_run.MARKER_KEYS.items():
+        assert f"{kind}: {', '.join(k + '=' for k in keys)}" in wl, kind
+    pm = _marker_line(text, "perf")
+    for key in perf.PERF_KEYS:
+        assert f"{key}=" in pm
+
+
+def test_help_documents_every_option(pytester: pytest.Pytester) -> None:
+    """``pytest --help`` works (a bare '%' in a help text once crashed it) and lists all options."""
+    result = pytester.runpytest("--help")
+    assert result.ret == 0, result.stderr.str()
+    text = result.stdout.str()
+    flat = "".join(text.split())
+    for opt in OPTIONS:
+        assert opt.flag in text, opt.flag
+        assert f"{opt.ini} (" in text, opt.ini
+        assert opt.env in flat, opt.env
 
 
 def test_header_names_qemu_accel_and_image(pytester: pytest.Pytester) -> None:
@@ -188,3 +226,21 @@ def test_keep_never_keeps_nothing_of_a_failed_boot(
     result.assert_outcomes(errors=1)
     assert "pytest-virtio artifacts" not in result.stdout.str()
     assert not (pytester.path / ".pytest-virtio").exists()
+
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def test_readme_documents_every_fixture_and_marker_key(pytester: pytest.Pytester) -> None:
+    """Each fixture the plugin registers and each key a marker accepts is in README.md."""
+    text = README.read_text()
+    listed = pytester.runpytest("--fixtures").stdout.str()
+    section = listed.split("fixtures defined from pytest_virtio.fixtures", 1)[1]
+    section = section.split("\n---", 1)[0]
+    fixtures = re.findall(r"^(\w+)(?: \[\w+ scope\])? -- ", section, re.MULTILINE)
+    assert "guest" in fixtures and "virtio_choice" in fixtures
+    keys = [*spec.SPEC_KEYS, *(k for keys in spec.item_keys().values() for k in keys),
+            *spec.MATRIX_AXES, *perf.PERF_KEYS,
+            *(k for keys in workload_run.MARKER_KEYS.values() for k in keys)]
+    missing = sorted({name for name in (*fixtures, *keys) if f"`{name}" not in text})
+    assert not missing, f"README.md does not mention: {missing}"

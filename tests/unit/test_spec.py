@@ -423,6 +423,9 @@ def test_duplicate_names() -> None:
     _raises(lambda: MachineSpec(disks=(Disk(), Disk())), "duplicate", "disk0")
     _raises(lambda: MachineSpec(disks=(Disk(name="x"),), nics=(Nic(name="x"),)), "duplicate")
     _raises(lambda: MachineSpec(devices=(Balloon(), Balloon(name="b2"))), "one balloon")
+    _raises(lambda: Balloon(deflate_on_oom="yes"), "deflate_on_oom", "True or False")  # type: ignore[arg-type]
+    _raises(lambda: spec_from_kwargs({"devices": [{"kind": "balloon", "free_page_reporting": 1}]}),
+            "@pytest.mark.vm", "free_page_reporting")
     _raises(lambda: MachineSpec(devices=(SerialPorts(), SerialPorts(name="v2"))), "port names")
 
 

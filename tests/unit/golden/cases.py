@@ -100,6 +100,9 @@ def _nic_cases() -> dict[str, MachineSpec]:
 def _device_cases() -> dict[str, MachineSpec]:
     cases = {
         "dev-balloon": MachineSpec(devices=(Balloon(),)),
+        "dev-balloon-options": MachineSpec(
+            devices=(Balloon(deflate_on_oom=True, free_page_reporting=True),)
+        ),
         "dev-rng": MachineSpec(devices=(Rng(),)),
         "dev-serial": MachineSpec(devices=(SerialPorts(names=("org.test.0", "org.test.1")),)),
         "dev-pvpanic": MachineSpec(devices=(Pvpanic(),)),
