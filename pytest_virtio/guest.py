@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from .console import Result
 from .errors import ConfigError, GuestError, LaunchError
 from .qemu.machine import Machine
+from .serial import SerialPort, guest_link_script
 
 if TYPE_CHECKING:
     from .spec import Disk, LaunchContext
@@ -133,6 +134,8 @@ class Guest:
     _ssh: Any = field(default=None, repr=False)
     #: The launch's paths (sockets, disk files): hotplug needs them for QMP arguments.
     ctx: LaunchContext | None = None
+    #: Host ends of the virtio-serial ports, by port name (connected at launch).
+    serial_ports: dict[str, SerialPort] = field(default_factory=dict)
 
     # -- commands ------------------------------------------------------------
     def default_timeout(self) -> float:
@@ -330,6 +333,21 @@ class Guest:
         names = tuple(modules) if modules is not None else guest_modules(self.spec)
         if names:
             self.check(f"modprobe -a {' '.join(shlex.quote(n) for n in names)}")
+        if modules is None and self.serial_ports:
+            self.check(guest_link_script(tuple(self.serial_ports)))
+
+    # -- virtio-serial -------------------------------------------------------
+    def serial_port(self, name: str) -> SerialPort:
+        """The host end of virtio-serial port ``name``; the guest has ``/dev/virtio-ports/<name>``.
+
+        ``send(data)``, ``recv()``, ``recv_exactly(n)``, ``recv_until(b"\\n")``, each
+        with ``timeout=`` (default: the guest's command timeout).
+        """
+        if name not in self.serial_ports:
+            have = ", ".join(self.serial_ports) or "none (add devices=['serial'] to the vm)"
+            raise ConfigError(f"guest.serial_port({name!r}): no such virtio-serial port; "
+                              f"this guest has: {have}")
+        return self.serial_ports[name]
 
     def disk_drivers(self, name: str) -> list[str]:
         """Drivers on the sysfs path from data disk ``name`` up to its PCI function.
@@ -488,6 +506,8 @@ class Guest:
         """Stop QEMU (soft, then hard), then the backends; always both."""
         if self._ssh is not None:
             self._ssh.close()
+        for port in self.serial_ports.values():
+            port.close()
         try:
             self.machine.shutdown(timeout=5.0)
         finally:

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from . import serial as serial_mod
 from . import spec as spec_mod
 from . import ssh as ssh_mod
 from .errors import ConfigError, GuestError, LaunchError, VirtioError
@@ -255,7 +256,7 @@ class VirtioSession:
                 disk_files=disk_files,
                 vhost_sockets={**{n: backend_socket(run_dir, n) for n in backends},
                                **external_sockets(spec)},
-                serial_sockets={},
+                serial_sockets=serial_sockets(spec, run_dir),
                 name=name,
                 fw_cfg=fw_cfg,
             )
@@ -268,6 +269,7 @@ class VirtioSession:
                           run_dir=run_dir, spec=spec, backends=backends,
                           disk_serials=serials, ctx=ctx)
             machine.launch()
+            guest.serial_ports = connect_serial_ports(ctx, guest.default_timeout())
         except BaseException as exc:
             for b in backends.values():
                 b.stop()
@@ -347,6 +349,26 @@ def _check_disk_image(name: str, image: Path) -> None:
     if not os.access(image, os.R_OK):
         raise ConfigError(f"disk {name!r}: image {image} is not readable by this user; "
                           f"fix its permissions (e.g. chmod a+rw {image})")
+
+
+def serial_sockets(spec: spec_mod.MachineSpec, run_dir: Path) -> dict[str, str]:
+    """QEMU's socket of every virtio-serial port, by port name (numbered: names are long)."""
+    names = [p for d in spec.devices if isinstance(d, spec_mod.SerialPorts) for p in d.names]
+    return {name: serial_mod.socket_path(run_dir, i) for i, name in enumerate(names)}
+
+
+def connect_serial_ports(ctx: spec_mod.LaunchContext, timeout: float
+                         ) -> dict[str, serial_mod.SerialPort]:
+    """Connect the host end of every port right after launch (see :mod:`.serial` why)."""
+    ports: dict[str, serial_mod.SerialPort] = {}
+    try:
+        for name, path in ctx.serial_sockets.items():
+            ports[name] = serial_mod.SerialPort.connect(name, path, timeout)
+    except BaseException:
+        for port in ports.values():
+            port.close()
+        raise
+    return ports
 
 
 def external_sockets(spec: spec_mod.MachineSpec) -> dict[str, str]:
