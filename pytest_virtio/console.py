@@ -21,7 +21,14 @@ from pathlib import Path
 import pexpect
 import pexpect.fdpexpect
 
-from .errors import CommandFailed, GuestError, GuestPanic, GuestTimeout, LaunchError
+from .errors import (
+    BackendError,
+    CommandFailed,
+    GuestError,
+    GuestPanic,
+    GuestTimeout,
+    LaunchError,
+)
 
 READY_RE = r"PYTEST-VIRTIO-READY ([0-9.]+)\r?\n"
 HOSTKEY_RE = r"PYTEST-VIRTIO-HOSTKEY (\S+ \S+)"
@@ -145,10 +152,12 @@ class Console:
             raise LaunchError(f"cannot write to the guest console: {exc}\n{self.tail()}"
                               ) from exc
 
-    def expect(self, pattern: str, timeout: float, what: str) -> re.Match[str]:
+    def expect(self, pattern: str, timeout: float, what: str,
+               watch: Callable[[], None] | None = None) -> re.Match[str]:
         """Wait for ``pattern``; a panic, an EOF or the deadline raise precisely.
 
-        Waits in short slices so a dead QEMU is noticed by ``alive()``.
+        Waits in short slices so a dead QEMU is noticed by ``alive()``, and a
+        failed in-process backend by ``watch()`` (it raises), at once.
         """
         patterns = [pattern, PANIC_RE + WHOLE_LINE, NO_ROOT_RE + WHOLE_LINE,
                     pexpect.EOF, pexpect.TIMEOUT]
@@ -177,6 +186,8 @@ class Console:
                 self.alive()
                 raise LaunchError(f"QEMU closed the console while {what}\n{self.tail()}")
             self.alive()
+            if watch is not None:
+                watch()
             if time.monotonic() >= deadline:
                 raise GuestTimeout(f"guest did not answer within {timeout:.0f}s while {what}",
                                    self.tail())
@@ -198,8 +209,13 @@ class Console:
         match = self.expect(READY_RE, timeout, "booting")
         return float(match.group(1))
 
-    def run(self, cmd: str, timeout: float) -> Result:
-        """Run ``cmd`` in the guest shell; stdout and stderr come back separately."""
+    def run(self, cmd: str, timeout: float,
+            watch: Callable[[], None] | None = None) -> Result:
+        """Run ``cmd`` in the guest shell; stdout and stderr come back separately.
+
+        ``watch`` is called while waiting; what it raises ends the wait (the
+        command is interrupted, as on a timeout).
+        """
         if self._dirty:
             self._resync(timeout)
         nonce = secrets.token_hex(8)
@@ -217,8 +233,8 @@ class Console:
             rf"(?P<err>.*?)\r?\n{nonce}F\r?\n"
         )
         try:
-            match = self.expect(f"(?s){pattern}", timeout, f"running {cmd!r}")
-        except GuestTimeout:
+            match = self.expect(f"(?s){pattern}", timeout, f"running {cmd!r}", watch)
+        except (GuestTimeout, BackendError):
             self.send("\x03")
             raise
         self._dirty = False

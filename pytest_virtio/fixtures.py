@@ -91,6 +91,8 @@ def make_guest(
 
 
 def _keep_artifacts(guest: Guest, dest: Any) -> None:
+    if not any(guest.run_dir.glob("vhost-state-*.json")):  # none written at a timeout
+        guest.dump_backend_state()
     with contextlib.suppress(VirtioError, OSError):
         if guest.machine.state.value == "running":
             res = guest.run("dmesg", timeout=10 * guest.timeout_scale)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import re
 import shlex
 import time
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .console import Result
-from .errors import ConfigError, GuestError, LaunchError
+from .errors import ConfigError, GuestError, GuestTimeout, LaunchError
 from .qemu.machine import Machine
 from .serial import SerialPort, guest_link_script
 
@@ -142,15 +143,28 @@ class Guest:
         return 30.0 * self.timeout_scale
 
     def run(self, cmd: str, timeout: float | None = None, via: str = "console") -> Result:
-        """Run ``cmd`` through ``sh`` in the guest; never raises on non-zero exit."""
+        """Run ``cmd`` through ``sh`` in the guest; never raises on non-zero exit.
+
+        A failure of an in-process disk backend (a broken queue, a bug in its
+        thread) ends the wait at once with its BackendError, because the
+        command could only time out.  On a timeout each backend's queue state
+        is written next to the console log (see :meth:`dump_backend_state`).
+        """
         self.raise_backend_errors()
         t = timeout if timeout is not None else self.default_timeout()
-        if via == "console":
-            return self.machine.console.run(cmd, t)
-        if via == "ssh":
-            result: Result = self.ssh_session().run(cmd, t)
+        if via not in ("console", "ssh"):
+            raise ConfigError(f"guest.run(via={via!r}): choose 'console' or 'ssh'")
+        watch = self.raise_backend_errors if self.backends else None
+        try:
+            if via == "console":
+                return self.machine.console.run(cmd, t, watch)
+            result: Result = self.ssh_session().run(cmd, t, watch)
             return result
-        raise ConfigError(f"guest.run(via={via!r}): choose 'console' or 'ssh'")
+        except GuestTimeout as exc:
+            for path in self.dump_backend_state():
+                exc.add_note(f"in-process disk state at the timeout: {path.name} "
+                             "(with this guest's artifacts)")
+            raise
 
     def check(self, cmd: str, timeout: float | None = None, via: str = "console") -> Result:
         """Run ``cmd``; raise CommandFailed (with output and console tail) unless exit 0."""
@@ -186,6 +200,17 @@ class Guest:
         """Re-raise in the test an exception a vhost-user backend thread hit."""
         for backend in self.backends.values():
             backend.check()
+
+    def dump_backend_state(self) -> list[Path]:
+        """Write ``vhost-state-<disk>.json`` (queues, indices, kicks, calls, stats) per
+        in-process disk into the run directory, which failure artifacts copy."""
+        paths = []
+        for name, backend in self.backends.items():
+            path = self.run_dir / f"vhost-state-{name}.json"
+            with contextlib.suppress(OSError):
+                path.write_text(json.dumps(backend.queue_state(), indent=1, default=str))
+                paths.append(path)
+        return paths
 
     # -- drivers and modules -------------------------------------------------
     def virtio_devices(self) -> list[VirtioDevice]:

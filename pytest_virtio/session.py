@@ -388,7 +388,7 @@ def start_backend(disk: spec_mod.Disk, path: str, run_dir: Path, smp: int) -> An
     server = VhostUserBlkServer(
         backend_socket(run_dir, disk.name), FileStorage(path),
         num_queues=disk.num_queues or smp, readonly=disk.readonly,
-        serial=disk.serial or disk.name,
+        serial=disk.serial or disk.name, name=disk.name,
     )
     server.start()
     return server

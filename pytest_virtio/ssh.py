@@ -300,11 +300,13 @@ class SshSession:
             self._client = None
 
     # -- commands --------------------------------------------------------------
-    def run(self, cmd: str, timeout: float) -> Result:
+    def run(self, cmd: str, timeout: float,
+            watch: Callable[[], None] | None = None) -> Result:
         """Run ``cmd`` like the console does: ``sh`` in a subshell, stdin empty.
 
         The subshell makes a command killed by a signal report 128+N (as on
         the console) instead of an SSH exit-signal paramiko cannot read.
+        ``watch`` is called while waiting; what it raises ends the wait.
         """
         start = time.monotonic()
         watchdog = threading.Timer(timeout + WATCHDOG_GRACE, self.close)
@@ -313,7 +315,7 @@ class SshSession:
         try:
             channel = self._start(cmd, timeout)
             try:
-                out, err, rc = self._collect(channel, cmd, start + timeout, timeout)
+                out, err, rc = self._collect(channel, cmd, start + timeout, timeout, watch)
             finally:
                 channel.close()
         finally:
@@ -365,10 +367,13 @@ class SshSession:
         return transport.open_session(timeout=timeout)
 
     def _collect(self, channel: paramiko.Channel, cmd: str, deadline: float,
-                 timeout: float) -> tuple[str, str, int]:
+                 timeout: float, watch: Callable[[], None] | None = None
+                 ) -> tuple[str, str, int]:
         """Read both streams until the exit status, the deadline or a dead link."""
         out, err = bytearray(), bytearray()
         while True:
+            if watch is not None:
+                watch()
             got = _drain(channel, out, err)
             if channel.exit_status_ready() and not got:
                 _drain(channel, out, err)

@@ -47,6 +47,10 @@ class Stats:
         self.notifications = [0] * n
         self.kicks = [0] * n
         self.high_water = [0] * n
+        #: Idle re-checks (Virtqueue.idle_check) that found unkicked work or
+        #: resent an owed call: 0 unless a notification was lost.
+        self.idle_rechecks_found_work = [0] * n
+        self.idle_calls_resent = [0] * n
         self.broken: dict[int, str] = {}
 
     def record(self, queue: int, rtype: int, nbytes: int, status: int) -> None:
@@ -77,6 +81,8 @@ class Stats:
                     "notifications": self.notifications[q],
                     "kicks": self.kicks[q],
                     "queue_depth_max": self.high_water[q],
+                    "idle_rechecks_found_work": self.idle_rechecks_found_work[q],
+                    "idle_calls_resent": self.idle_calls_resent[q],
                 }
             )
         return {
@@ -86,6 +92,8 @@ class Stats:
             "unsupported": sum(row[BlkStatus.UNSUPP] for row in self.status),
             "notifications": sum(self.notifications),
             "queue_depth_max": max(self.high_water, default=0),
+            "idle_rechecks_found_work": sum(self.idle_rechecks_found_work),
+            "idle_calls_resent": sum(self.idle_calls_resent),
             "broken_queues": dict(self.broken),
             "queues": queues,
         }
@@ -99,6 +107,8 @@ class Stats:
         copy.notifications = self.notifications[:]
         copy.kicks = self.kicks[:]
         copy.high_water = self.high_water[:]
+        copy.idle_rechecks_found_work = self.idle_rechecks_found_work[:]
+        copy.idle_calls_resent = self.idle_calls_resent[:]
         copy.broken = dict(self.broken)
         return copy
 

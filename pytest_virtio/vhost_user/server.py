@@ -11,8 +11,11 @@ chain and writes the call eventfd at most once.
 
 Nothing from the front-end can crash the pytest process: a malformed message
 is a :class:`ProtocolError`, recorded and answered by dropping the connection
-(QEMU with ``reconnect=1`` comes back), and a broken ring only stops that ring.
-Any exception in the thread is kept and re-raised in the test by ``check()``.
+(QEMU with ``reconnect=1`` comes back), and a broken ring only stops that ring
+(and is recorded too, naming disk, queue and reason, unless fault injection
+broke it).  Any exception in the thread is kept and re-raised in the test by
+``check()``.  About once a second the loop re-checks every queue for work or a
+call a lost notification left behind (``Virtqueue.idle_check``, counted).
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ from .blk import BlkDevice, Storage
 from .faults import FaultInjector, Stats, Trace
 from .memory import GuestMemory
 from .protocol import ProtocolFeature, Request, TransportFeature
-from .virtqueue import Virtqueue
+from .ringcheck import RingCheck
+from .virtqueue import QueueBroken, Virtqueue
 
 __all__ = ["OFFERED_PROTOCOL_FEATURES", "VhostUserBlkServer"]
 
@@ -49,6 +53,7 @@ OFFERED_PROTOCOL_FEATURES = int(
     | ProtocolFeature.RESET_DEVICE
 )
 _SOCKET_TIMEOUT = 10.0  # a front-end that stalls mid-message is dropped, not waited on forever
+IDLE_CHECK_INTERVAL = 1.0  # seconds between Virtqueue.idle_check passes
 _INFLIGHT_QUEUE_HDR = 16  # vhost-user.rst "Inflight I/O tracking": split queue region header
 _INFLIGHT_DESC = 16  # DescStateSplit
 
@@ -77,18 +82,22 @@ class VhostUserBlkServer:
         readonly: bool = False,
         serial: str = "pytest-virtio",
         queue_size_max: int = 1024,
+        name: str | None = None,
     ) -> None:
         if not 1 <= num_queues <= 256:
             raise ValueError(f"num_queues must be in 1..256, got {num_queues}")
         if queue_size_max < 2 or queue_size_max & (queue_size_max - 1) or queue_size_max > 32768:
             raise ValueError(f"queue_size_max must be a power of two <= 32768: {queue_size_max}")
         self.socket_path = socket_path
+        #: The disk this serves, for error messages (default: the socket's file name).
+        self.name = name or os.path.basename(socket_path)
         self.storage = storage
         self.num_queues = num_queues
         self.queue_size_max = queue_size_max
         self.stats = Stats(num_queues)
         self.faults = FaultInjector()
         self.trace = Trace()
+        self.ring_check: RingCheck | None = None
         readonly = readonly or bool(getattr(storage, "readonly", False))
         self.device = BlkDevice(
             storage, readonly=readonly, serial=serial, num_queues=num_queues,
@@ -223,6 +232,27 @@ class VhostUserBlkServer:
     def broken_queues(self) -> dict[int, str]:
         return dict(self.stats.broken)
 
+    def enable_ring_check(self) -> RingCheck:
+        """Check split-ring invariants on every batch from now on (see :mod:`.ringcheck`)."""
+        check = self.ring_check = RingCheck()
+        for vq in self.queues:
+            vq.check = check
+        return check
+
+    def queue_state(self) -> dict[str, Any]:
+        """Every queue's indices, kicks and calls, plus stats: what a hang report needs."""
+        now = time.monotonic()
+        return {
+            "disk": self.name, "socket": self.socket_path, "connected": self.connected,
+            "connections": self.connections, "features": hex(self.features),
+            "queues": [vq.state(now) for vq in list(self.queues)],
+            "stats": self.stats.to_dict(),
+            "errors": [repr(e) for e in self.errors],
+            "ring_check_violations": (None if self.ring_check is None
+                                      else list(self.ring_check.violations)),
+            "recent_messages": list(self.message_log)[-20:],
+        }
+
     def __enter__(self) -> VhostUserBlkServer:
         return self.start()
 
@@ -261,6 +291,9 @@ class VhostUserBlkServer:
         self.queues = [
             Virtqueue(i, self.queue_size_max, self.stats) for i in range(self.num_queues)
         ]
+        for vq in self.queues:
+            vq.on_broken = self._queue_broken
+            vq.check = self.ring_check
         self._inflight_fd = -1
         self._inflight_map: mmap.mmap | None = None
 
@@ -287,12 +320,17 @@ class VhostUserBlkServer:
     def _run(self) -> None:
         sel = self._sel
         assert sel is not None
+        next_idle_check = time.monotonic() + IDLE_CHECK_INTERVAL
         try:
             while not self._stopping:
-                for key, _events in sel.select():
+                for key, _events in sel.select(IDLE_CHECK_INTERVAL):
                     if self._stopping:
                         break
                     self._dispatch_event(key.data)
+                now = time.monotonic()
+                if now >= next_idle_check and not self._stopping:
+                    next_idle_check = now + IDLE_CHECK_INTERVAL
+                    self._dispatch_event("idle")
         except BaseException as exc:
             self.errors.append(exc)
         finally:
@@ -308,6 +346,9 @@ class VhostUserBlkServer:
                 self._accept()
             elif tag == "wake":
                 self._on_wake()
+            elif tag == "idle":
+                for vq in self.queues:
+                    vq.idle_check(self.device.handle)
         except ProtocolError as exc:
             self.errors.append(exc)
             self._disconnect()
@@ -362,13 +403,17 @@ class VhostUserBlkServer:
             os.eventfd_read(self._wake_fd)
         while self._breaks:
             index = self._breaks.popleft()
-            self.queues[index].mark_broken(f"queue {index} broken by fault injection")
+            self.queues[index].mark_broken(f"queue {index} broken by fault injection",
+                                           report=False)
+
+    def _queue_broken(self, vq: Virtqueue, reason: str) -> None:
+        """A ring broke the rules: the guest's I/O on it can never finish, so say why."""
+        self.errors.append(QueueBroken(
+            f"vhost-user-blk disk {self.name!r}: queue {vq.index} is broken: {reason}"
+        ))
 
     def _on_kick(self, vq: Virtqueue) -> None:
-        with contextlib.suppress(BlockingIOError):
-            os.eventfd_read(vq.kick_fd)
-        self.stats.kicks[vq.index] += 1
-        vq.drain(self.device.handle)
+        vq.kick(self.device.handle)
 
     # --- messages ---------------------------------------------------------------------------
 

@@ -1,0 +1,69 @@
+"""A guest command on a guest with in-process disks: backend failures end it at once,
+and a timeout leaves each backend's queue state behind (issue 16, items 1 and 5).
+
+The console is the real Console over a socketpair whose far end (the "guest")
+never answers; the backend is a real, unconnected VhostUserBlkServer.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pytest_virtio.console import Console
+from pytest_virtio.errors import GuestTimeout
+from pytest_virtio.guest import Guest
+from pytest_virtio.vhost_user import MemoryStorage, VhostUserBlkServer
+from pytest_virtio.vhost_user.virtqueue import QueueBroken
+
+
+class _Machine:
+    """The part of a Machine that Guest.run uses."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[tuple[Guest, VhostUserBlkServer, socket.socket]]:
+    ours, guest_end = socket.socketpair()
+    server = VhostUserBlkServer(str(tmp_path / "vu.sock"), MemoryStorage(4096), name="data")
+    guest = Guest(machine=_Machine(Console(ours, tmp_path / "console.log")),  # type: ignore[arg-type]
+                  name="g", accel="tcg", timeout_scale=1.0, run_dir=tmp_path,
+                  backends={"data": server})
+    yield guest, server, guest_end
+    ours.close()
+    guest_end.close()
+
+
+def test_a_broken_queue_fails_the_running_command_at_once(
+        rig: tuple[Guest, VhostUserBlkServer, socket.socket]) -> None:
+    guest, server, guest_end = rig
+    fail = threading.Timer(0.3, lambda: server.errors.append(
+        QueueBroken("vhost-user-blk disk 'data': queue 0 is broken: head 99 out of range")))
+    fail.start()
+    start = time.monotonic()
+    with pytest.raises(QueueBroken, match="disk 'data': queue 0 is broken: head 99"):
+        guest.run("fio --name=x", timeout=60)
+    assert time.monotonic() - start < 10, "waited for the command timeout"
+    time.sleep(0.1)
+    assert b"\x03" in guest_end.recv(65536), "the stuck command was not interrupted"
+    server.clear_errors()
+
+
+def test_a_timeout_keeps_every_backends_queue_state_and_names_it(
+        rig: tuple[Guest, VhostUserBlkServer, socket.socket]) -> None:
+    guest, _, _ = rig
+    with pytest.raises(GuestTimeout) as info:
+        guest.run("fio --name=x", timeout=0.5)
+    assert any("vhost-state-data.json" in note for note in info.value.__notes__)
+    state = json.loads((guest.run_dir / "vhost-state-data.json").read_text())
+    assert state["disk"] == "data"
+    assert {"queues", "stats", "errors", "recent_messages"} <= set(state)
+    assert "idle_rechecks_found_work" in state["stats"]
