@@ -24,6 +24,7 @@ from .qemu.machine import Machine
 from .serial import SerialPort, guest_link_script
 
 if TYPE_CHECKING:
+    from .balloon import BalloonStats
     from .spec import Disk, LaunchContext
     from .workloads.dd import DdResult
     from .workloads.fio import FioResult
@@ -360,6 +361,36 @@ class Guest:
             self.check(f"modprobe -a {' '.join(shlex.quote(n) for n in names)}")
         if modules is None and self.serial_ports:
             self.check(guest_link_script(tuple(self.serial_ports)))
+
+    # -- virtio-balloon ------------------------------------------------------
+    def _balloon_device(self) -> str:
+        from .spec import Balloon
+
+        dev = next((d for d in getattr(self.spec, "devices", ()) if isinstance(d, Balloon)), None)
+        if dev is None:
+            raise ConfigError("this guest has no balloon: add devices=['balloon'] to the vm")
+        return dev.name
+
+    def balloon(self, target: str | int, timeout: float | None = None) -> int:
+        """Resize the guest to ``target`` (``"256M"`` or bytes) and wait until it got there.
+
+        Returns the size reached (``query-balloon`` ``actual``, bytes); GuestTimeout
+        names the size the guest did reach when it falls short.
+        """
+        from . import balloon as balloon_mod
+        from .spec import parse_size
+
+        self._balloon_device()
+        size = parse_size(target, "guest.balloon(target)")
+        t = timeout if timeout is not None else self.default_timeout()
+        return balloon_mod.resize(self.machine.qmp, size, t, self.console_tail)
+
+    def balloon_stats(self, timeout: float | None = None) -> BalloonStats:
+        """A statistics report from the guest's balloon driver newer than this call."""
+        from . import balloon as balloon_mod
+
+        t = timeout if timeout is not None else self.default_timeout()
+        return balloon_mod.stats(self.machine.qmp, self._balloon_device(), t)
 
     # -- virtio-serial -------------------------------------------------------
     def serial_port(self, name: str) -> SerialPort:
