@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from module_guest import module_guest
 
 from pytest_virtio.errors import BackendError, ConfigError
 from pytest_virtio.guest import Guest
@@ -36,14 +37,8 @@ SECTOR = 512
 def shared(virtio_session: VirtioSession) -> Iterator[Guest]:
     """One smp=2 guest with a 64M vhost-user-blk disk for the single-guest checks."""
     spec = MachineSpec(smp=2, disks=(Disk(name="disk0", bus="vhost-user-blk", size="64M"),))
-    g = virtio_session.boot(spec, name="vhost")
-    try:
+    with module_guest(virtio_session, spec, "vhost") as g:
         yield g
-    finally:
-        g.close()
-        if g in virtio_session.guests:
-            virtio_session.guests.remove(g)
-    g.raise_backend_errors()
 
 
 @pytest.fixture
