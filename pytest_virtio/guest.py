@@ -484,7 +484,7 @@ class Guest:
         self._wait_qom_gone(name, t)
         if name in self.backends:
             self._qmp_once_released(t, "chardev-remove", id=f"vu-{name}")
-            self.backends.pop(name).stop()
+            self.backends.pop(name).close()
         else:
             self._qmp_once_released(t, "blockdev-del", **{"node-name": f"drv-{name}"})
         self._wait_block(name, present=False, timeout=t)
@@ -512,7 +512,7 @@ class Guest:
                 if "chardev-add" in done:
                     self.machine.qmp("chardev-remove", id=f"vu-{disk.name}")
             if disk.name in self.backends:
-                self.backends.pop(disk.name).stop()
+                self.backends.pop(disk.name).close()
             raise
 
     def _qmp_once_released(self, timeout: float, cmd: str, **args: Any) -> None:
@@ -568,7 +568,7 @@ class Guest:
             self.machine.shutdown(timeout=5.0)
         finally:
             for backend in self.backends.values():
-                backend.stop()
+                backend.close()
 
     def __enter__(self) -> Guest:
         return self

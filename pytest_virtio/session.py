@@ -272,7 +272,7 @@ class VirtioSession:
             guest.serial_ports = connect_serial_ports(ctx, guest.default_timeout())
         except BaseException as exc:
             for b in backends.values():
-                b.stop()
+                b.close()
             if isinstance(exc, VirtioError) and guest is not None:
                 exc.failed_guest = guest
             raise
@@ -308,7 +308,7 @@ class VirtioSession:
                                                    spec.smp)
         except BaseException:
             for s in servers.values():
-                s.stop()
+                s.close()
             raise
         return servers
 
@@ -385,12 +385,19 @@ def start_backend(disk: spec_mod.Disk, path: str, run_dir: Path, smp: int) -> An
     """Start the in-process vhost-user-blk server for ``disk`` (before QEMU connects)."""
     from .vhost_user import FileStorage, VhostUserBlkServer
 
-    server = VhostUserBlkServer(
-        backend_socket(run_dir, disk.name), FileStorage(path),
-        num_queues=disk.num_queues or smp, readonly=disk.readonly,
-        serial=disk.serial or disk.name, name=disk.name,
-    )
-    server.start()
+    storage = FileStorage(path, readonly=disk.readonly)
+    try:
+        server = VhostUserBlkServer(
+            backend_socket(run_dir, disk.name), storage,
+            num_queues=disk.num_queues or smp, readonly=disk.readonly,
+            serial=disk.serial or disk.name, name=disk.name,
+            queue_size_max=disk.queue_size or 1024,  # QEMU picks; a set size is a cap
+            block_size=disk.logical_block_size or 512,
+        )
+        server.start()
+    except BaseException:
+        storage.close()
+        raise
     return server
 
 

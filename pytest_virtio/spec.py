@@ -95,6 +95,11 @@ _NUM_QUEUES_PROP: Final[Mapping[str, str]] = MappingProxyType(
 _QUEUE_SIZE_PROP: Final[Mapping[str, str]] = MappingProxyType(
     {"virtio-blk": "queue-size", "vhost-user-blk": "queue-size", "virtio-scsi": "virtqueue_size"}
 )
+#: Ring features a virtio-blk device may be told not to offer (QEMU's common virtio
+#: device properties; virtio 1.2 §6: VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_RING_EVENT_IDX).
+RING_FEATURE_BUSES: Final = ("virtio-blk", "vhost-user-blk")
+#: A Linux guest refuses a logical block larger than its page (blk_validate_block_size).
+LOGICAL_BLOCK_SIZES: Final = (512, 1024, 2048, 4096)
 
 ROOT_MODULES: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
     {
@@ -279,6 +284,13 @@ class Disk:
     serial: str | None = None
     num_queues: int | None = None
     queue_size: int | None = None
+    #: The block size the guest sees (virtio 1.2 §5.2.4 blk_size), served by the
+    #: in-process backend; requests not in whole blocks get IOERR.
+    logical_block_size: int | None = None
+    #: False switches the ring feature off on the device (QEMU ``event_idx=off``).
+    event_idx: bool = True
+    #: False switches indirect descriptors off (QEMU ``indirect_desc=off``).
+    indirect_desc: bool = True
     transport: str = "default"
     discard: bool = False
     reconnect: int | None = None
@@ -365,6 +377,21 @@ class Disk:
         size = self.queue_size
         if size is not None and size & (size - 1):
             raise ConfigError(f"{where}: queue_size must be a power of two, got {size}")
+        for flag in ("event_idx", "indirect_desc"):
+            value = getattr(self, flag)
+            if not isinstance(value, bool):
+                raise ConfigError(f"{where}: {flag} must be True or False, got {value!r}")
+            if not value and self.bus not in RING_FEATURE_BUSES:
+                raise ConfigError(f"{where}: {flag}=False is only supported on buses: "
+                                  f"{_choices(RING_FEATURE_BUSES)}")
+        lbs = self.logical_block_size
+        if lbs is not None:
+            if self.bus != "vhost-user-blk" or self.external_socket is not None:
+                raise ConfigError(f"{where}: logical_block_size is served by the in-process "
+                                  "backend, so only bus 'vhost-user-blk' supports it")
+            if isinstance(lbs, bool) or lbs not in LOGICAL_BLOCK_SIZES:
+                raise ConfigError(f"{where}: logical_block_size must be one of "
+                                  f"{_choices(str(n) for n in LOGICAL_BLOCK_SIZES)}, got {lbs!r}")
 
     def _check_serial(self) -> None:
         if self.serial is None:
@@ -850,9 +877,15 @@ def _frontend_props(disk: Disk | None, bus: str) -> Props:
         props.append((_NUM_QUEUES_PROP[bus], str(disk.num_queues)))
     if disk.queue_size is not None and bus != "virtio-scsi":
         props.append((_QUEUE_SIZE_PROP[bus], str(disk.queue_size)))
+    props += [(k, "off") for k in _ring_features_off(disk)]
     if bus != "virtio-scsi":
         props += _transport_props(disk.transport)
     return props
+
+
+def _ring_features_off(disk: Disk) -> list[str]:
+    """QEMU property names of the ring features the disk switches off."""
+    return [flag for flag in ("event_idx", "indirect_desc") if not getattr(disk, flag)]
 
 
 _FRONTEND_MODEL: Final[Mapping[str, str]] = MappingProxyType(
@@ -1119,6 +1152,7 @@ def _qmp_frontend_props(disk: Disk) -> dict[str, Any]:
         props[_NUM_QUEUES_PROP[disk.bus]] = disk.num_queues
     if disk.queue_size is not None:
         props[_QUEUE_SIZE_PROP[disk.bus]] = disk.queue_size
+    props.update({flag: False for flag in _ring_features_off(disk)})
     if disk.transport == "modern":
         props.update({"disable-legacy": "on", "disable-modern": False})
     elif disk.transport == "legacy":
@@ -1309,8 +1343,11 @@ def _rebus(disk: Disk, bus: str) -> Disk:
         changes["num_queues"] = None
     if bus not in _QUEUE_SIZE_PROP:
         changes["queue_size"] = None
+    if bus not in RING_FEATURE_BUSES:
+        changes.update(event_idx=True, indirect_desc=True)
     if bus != "vhost-user-blk":
         changes["reconnect"] = None
+        changes["logical_block_size"] = None
     else:
         changes.update(cache="none", discard=False, serial=None)
     return dataclasses.replace(disk, **changes)

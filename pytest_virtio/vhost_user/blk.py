@@ -50,6 +50,8 @@ SEG_F_UNMAP = 1
 CONFIG = struct.Struct("<QIIHBBIBBHIBBHIIIIIB3x")
 CONFIG_WRITEBACK_OFFSET = 32
 SEG_MAX = 126  # fits QEMU's default queue-size 128 with the header and status descriptors
+#: Logical block sizes a Linux guest accepts (it refuses blk_size above PAGE_SIZE).
+BLOCK_SIZES = (512, 1024, 2048, 4096)
 MAX_DISCARD_SECTORS = 1 << 21  # 1 GiB per segment
 MAX_DISCARD_SEG = 32
 DISCARD_ALIGNMENT = 8  # sectors (4 KiB)
@@ -249,15 +251,26 @@ class BlkDevice:
         readonly: bool = False,
         serial: str = "pytest-virtio",
         num_queues: int = 1,
+        block_size: int = SECTOR_SIZE,
+        seg_max: int = SEG_MAX,
         stats: Stats | None = None,
         faults: FaultInjector | None = None,
         trace: Trace | None = None,
     ) -> None:
+        if block_size not in BLOCK_SIZES:
+            raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {block_size}")
+        if not 1 <= seg_max <= SEG_MAX:
+            raise ValueError(f"seg_max must be in 1..{SEG_MAX}, got {seg_max}")
         self.storage = storage
         self.readonly = readonly
         self.serial = serial.encode()[:ID_BYTES].ljust(ID_BYTES, b"\0")
         self.num_queues = num_queues
-        self.capacity = storage.size >> SECTOR_SHIFT
+        self.block_size = block_size
+        self.seg_max = seg_max
+        #: §5.2.4 blk_size: requests must be whole logical blocks (QEMU's
+        #: virtio_blk_sect_range_ok answers IOERR otherwise); mask in bytes.
+        self._block_mask = block_size - 1
+        self.capacity = (storage.size - storage.size % block_size) >> SECTOR_SHIFT
         self.writeback = 1
         self.stats = stats
         self.faults = faults
@@ -287,7 +300,7 @@ class BlkDevice:
     def config(self) -> bytes:
         """The whole config space, zero-padded to vhost-user's 256-byte maximum."""
         raw = CONFIG.pack(
-            self.capacity, 0, SEG_MAX, 0, 0, 0, SECTOR_SIZE, 0, 0, 0, 0,
+            self.capacity, 0, self.seg_max, 0, 0, 0, self.block_size, 0, 0, 0, 0,
             self.writeback, 0, self.num_queues,
             MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, DISCARD_ALIGNMENT,
             MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, 1,
@@ -327,8 +340,8 @@ class BlkDevice:
             data_out = readable[1:] if len(first) == OUTHDR.size else [
                 first[OUTHDR.size :], *readable[1:]]
         else:
-            joined = b"".join(readable)
-            rtype, _ioprio, sector = OUTHDR.unpack_from(joined)
+            # Split header: copy its 16 bytes only, never the data behind it.
+            rtype, _ioprio, sector = OUTHDR.unpack(_head(readable, OUTHDR.size))
             data_out = _skip(readable, OUTHDR.size)
         status, written, nbytes = self._dispatch(
             rtype, sector, data_out, rlen - OUTHDR.size, data_in, wlen - 1
@@ -345,10 +358,9 @@ class BlkDevice:
             trace.add(queue, rtype, sector, nbytes, status)
 
     def _is_readonly(self) -> bool:
+        """Read-only media stay so: a fault can make a disk read-only, never writable."""
         faults = self.faults
-        if faults is not None and faults.readonly is not None:
-            return faults.readonly
-        return self.readonly
+        return self.readonly or bool(faults is not None and faults.readonly)
 
     def _dispatch(
         self,
@@ -390,8 +402,9 @@ class BlkDevice:
     def _in_range(self, sector: int, nbytes: int) -> bool:
         """Sector range check written so it cannot overflow in C either (§5.2.6.1)."""
         nsec = nbytes >> SECTOR_SHIFT
-        return not nbytes & (SECTOR_SIZE - 1) and nsec <= self.capacity and (
-            sector <= self.capacity - nsec
+        mask = self._block_mask
+        return not nbytes & mask and not (sector << SECTOR_SHIFT) & mask and (
+            nsec <= self.capacity and sector <= self.capacity - nsec
         )
 
     def _read(self, sector: int, bufs: list[memoryview], n: int) -> tuple[int, int, int]:
@@ -442,6 +455,16 @@ class BlkDevice:
                 self.storage.write_zeroes(off, length, unmap=bool(flags & SEG_F_UNMAP))
             total += length
         return BlkStatus.OK, 0, total
+
+
+def _head(views: list[memoryview], n: int) -> bytes:
+    """The first ``n`` bytes of ``views`` (the caller checked there are that many)."""
+    out = bytearray()
+    for v in views:
+        out += v[: n - len(out)]
+        if len(out) == n:
+            break
+    return bytes(out)
 
 
 def _skip(views: list[memoryview], n: int) -> list[memoryview]:

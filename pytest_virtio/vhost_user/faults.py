@@ -210,7 +210,7 @@ class FaultInjector:
         self._lock = threading.Lock()
         self.rules: list[FaultRule] = []
         self._latency: list[_Latency] = []
-        self.readonly: bool | None = None  # None: the device's own setting
+        self.readonly: bool | None = None  # None/False: the device's own setting
         self.active = False
         self._break_hook: Callable[[int], None] | None = None
 
@@ -253,7 +253,11 @@ class FaultInjector:
             self._refresh()
 
     def set_readonly(self, readonly: bool | None) -> None:
-        """Flip the medium read-only (True), writable (False) or back to default (None)."""
+        """Flip the medium read-only (True) or back to its own setting (False/None).
+
+        A disk configured read-only stays read-only: its image may be opened
+        O_RDONLY, and a fault must not write to media the test declared immutable.
+        """
         self.readonly = readonly
 
     def break_queue(self, index: int) -> None:

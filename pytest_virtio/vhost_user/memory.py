@@ -7,11 +7,18 @@ GPAs (virtio 1.2 §2.7.5); the ring addresses in SET_VRING_ADDR are UVAs.  All o
 them come from untrusted parties, so every translation checks the full
 ``[addr, addr+len)`` range, without integer overflow, and a range may span
 regions only where they are contiguous in guest-physical space.
+
+The fds must be sealed against shrinking (``F_SEAL_SHRINK``, memfd_create(2)):
+a front-end that truncates a mapped file under us makes the next access raise
+SIGBUS, which would kill the whole pytest process.  QEMU's
+``memory-backend-memfd`` seals by default (``seal=on``: SHRINK, GROW, SEAL),
+so real guests pass; anything else is refused with a clear error.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import itertools
 import mmap
 import os
@@ -46,8 +53,23 @@ class MappedRegion:
     view: memoryview
 
 
+def _check_sealed(region: MemRegion, fd: int) -> None:
+    """Refuse an fd the front-end could still shrink under our mapping (SIGBUS)."""
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        seals = 0  # not a memfd (a plain or hugetlbfs file): it cannot be sealed
+    if not seals & fcntl.F_SEAL_SHRINK:
+        raise GuestMemoryError(
+            f"region gpa={region.gpa:#x}: the fd is not sealed against shrinking "
+            "(F_SEAL_SHRINK); a front-end truncating it would crash this process with "
+            "SIGBUS. Back guest RAM with memory-backend-memfd (QEMU seals it: seal=on)"
+        )
+
+
 def _map_region(region: MemRegion, fd: int) -> MappedRegion:
     """mmap one region; the offset is aligned down because mmap(2) demands it."""
+    _check_sealed(region, fd)  # before the size check: sealed, the size cannot drop later
     st = os.fstat(fd)
     if stat.S_ISREG(st.st_mode) and st.st_size < region.mmap_offset + region.size:
         # Touching a page past the end of a file raises SIGBUS, which would kill pytest.
@@ -133,6 +155,21 @@ class GuestMemory:
                 off = gpa - start
                 return view[off : off + length]
         raise GuestMemoryError(f"guest range [{gpa:#x}, +{length:#x}) not inside one region")
+
+    def table(self, gpa: int, length: int) -> memoryview:
+        """An indirect descriptor table (§2.7.5.3): one view, or a copy across regions.
+
+        The spec lets a table cross any guest-physical boundary; where it spans two
+        GPA-adjacent regions it is copied once (callers bound ``length``).
+        """
+        views = self.views(gpa, length)
+        if len(views) == 1:
+            return views[0]
+        try:
+            return memoryview(b"".join(views))
+        finally:
+            for v in views:
+                v.release()
 
     def views(self, gpa: int, length: int) -> list[memoryview]:
         """Views covering ``[gpa, gpa+length)``, which may span GPA-adjacent regions."""

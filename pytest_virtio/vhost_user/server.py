@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import fcntl
 import mmap
 import os
 import select
@@ -35,7 +36,7 @@ from typing import Any
 from pytest_virtio.errors import BackendError, ProtocolError
 
 from . import protocol as p
-from .blk import BlkDevice, Storage
+from .blk import SECTOR_SIZE, SEG_MAX, BlkDevice, Storage
 from .faults import FaultInjector, Stats, Trace
 from .memory import GuestMemory
 from .protocol import ProtocolFeature, Request, TransportFeature
@@ -54,6 +55,7 @@ OFFERED_PROTOCOL_FEATURES = int(
 )
 _SOCKET_TIMEOUT = 10.0  # a front-end that stalls mid-message is dropped, not waited on forever
 IDLE_CHECK_INTERVAL = 1.0  # seconds between Virtqueue.idle_check passes
+_EVENTFD_LINK = "anon_inode:[eventfd]"  # readlink of an eventfd's /proc/self/fd entry
 _INFLIGHT_QUEUE_HDR = 16  # vhost-user.rst "Inflight I/O tracking": split queue region header
 _INFLIGHT_DESC = 16  # DescStateSplit
 
@@ -64,6 +66,18 @@ def _close(fd: int) -> None:
     if fd >= 0:
         with contextlib.suppress(OSError):
             os.close(fd)
+
+
+def _fd_kind(fd: int) -> str:
+    """What an fd is, as /proc names it (``anon_inode:[eventfd]``, ``pipe:[…]``, a path)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError as exc:
+        return f"unknown ({exc.strerror})"
+
+
+class _Stopping(ConnectionError):
+    """stop() was called while a message was half read or written: drop the connection."""
 
 
 class VhostUserBlkServer:
@@ -83,6 +97,7 @@ class VhostUserBlkServer:
         serial: str = "pytest-virtio",
         queue_size_max: int = 1024,
         name: str | None = None,
+        block_size: int = SECTOR_SIZE,
     ) -> None:
         if not 1 <= num_queues <= 256:
             raise ValueError(f"num_queues must be in 1..256, got {num_queues}")
@@ -101,6 +116,9 @@ class VhostUserBlkServer:
         readonly = readonly or bool(getattr(storage, "readonly", False))
         self.device = BlkDevice(
             storage, readonly=readonly, serial=serial, num_queues=num_queues,
+            block_size=block_size,
+            # A request must fit a queue without INDIRECT_DESC: header + data + status.
+            seg_max=max(1, min(SEG_MAX, queue_size_max - 2)),
             stats=self.stats, faults=self.faults, trace=self.trace,
         )
         self.faults._break_hook = self._request_break
@@ -196,6 +214,13 @@ class VhostUserBlkServer:
                 os.unlink(self.socket_path)
         _close(self._wake_fd)
         self._wake_fd = -1
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop for good and close the storage (its fds; a stopped server may restart)."""
+        try:
+            self.stop(timeout)
+        finally:
+            self.storage.close()
 
     def check(self) -> None:
         """Re-raise, in the calling (test) thread, the first error the backend hit."""
@@ -326,6 +351,8 @@ class VhostUserBlkServer:
                 for key, _events in sel.select(IDLE_CHECK_INTERVAL):
                     if self._stopping:
                         break
+                    if sel.get_map().get(key.fd) is not key:
+                        continue  # unregistered (or fd reused) by an earlier event of the batch
                     self._dispatch_event(key.data)
                 now = time.monotonic()
                 if now >= next_idle_check and not self._stopping:
@@ -413,14 +440,39 @@ class VhostUserBlkServer:
         ))
 
     def _on_kick(self, vq: Virtqueue) -> None:
-        vq.kick(self.device.handle)
+        if vq.kick_fd >= 0:
+            vq.kick(self.device.handle)
 
     # --- messages ---------------------------------------------------------------------------
+
+    def _await_conn(self, deadline: float, *, write: bool = False) -> None:
+        """Wait until the connection can be read (or written) without blocking.
+
+        A front-end may stall half-way through a message; the loop then waits
+        here rather than in ``recv``, so ``stop()`` (which writes the wake fd)
+        is honoured at once and a stall is cut off after ``_SOCKET_TIMEOUT``.
+        """
+        conn = self._conn
+        assert conn is not None
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"front-end stalled mid-message for {_SOCKET_TIMEOUT:.0f}s")
+            rlist: list[Any] = [self._wake_fd] if write else [conn, self._wake_fd]
+            readable, writable, _ = select.select(rlist, [conn] if write else [], [], left)
+            if self._stopping:
+                raise _Stopping("backend stopping")
+            if writable or conn in readable:
+                return
+            if self._wake_fd in readable:
+                self._on_wake()  # a queue-break request; keep waiting for the message
 
     def _recv_exact(self, n: int) -> bytes:
         assert self._conn is not None
         chunks = []
+        deadline = time.monotonic() + _SOCKET_TIMEOUT
         while n:
+            self._await_conn(deadline)
             chunk = self._conn.recv(n)
             if not chunk:
                 raise EOFError("front-end closed the connection mid-message")
@@ -484,10 +536,12 @@ class VhostUserBlkServer:
             and self._conn is not None
         ):
             with contextlib.suppress(OSError):
+                self._await_conn(time.monotonic() + _SOCKET_TIMEOUT, write=True)
                 self._conn.sendall(p.encode_reply(header.request, p.encode_u64(int(failed))))
 
     def _send_reply(self, request: Request, reply: Reply) -> None:
         assert self._conn is not None
+        self._await_conn(time.monotonic() + _SOCKET_TIMEOUT, write=True)
         if isinstance(reply, tuple):
             payload, fd = reply
             socket.send_fds(self._conn, [p.encode_reply(request, payload)], [fd])
@@ -566,7 +620,10 @@ class VhostUserBlkServer:
 
     def _set_vring_num(self, h: p.Header, payload: bytes, fds: list[int]) -> Reply:
         state = p.decode_vring_state(payload)
-        self._queue(state.index).set_num(state.num)
+        vq = self._queue(state.index)
+        vq.set_num(state.num)
+        if vq.addr is not None and self.mem is not None:
+            vq.attach(self.mem)  # views sized for the old number would be stale
         return None
 
     def _set_vring_base(self, h: p.Header, payload: bytes, fds: list[int]) -> Reply:
@@ -611,6 +668,11 @@ class VhostUserBlkServer:
         vq, fd = self._take_vring_fd(payload, fds)
         if fd < 0:
             raise ProtocolError("polling mode (SET_VRING_KICK without fd) is not supported")
+        kind = _fd_kind(fd)
+        if kind != _EVENTFD_LINK:
+            _close(fd)
+            raise ProtocolError(f"SET_VRING_KICK for queue {vq.index}: the fd is {kind}, "
+                                "not an eventfd (vhost-user.rst: kick fds are eventfds)")
         os.set_blocking(fd, False)
         self._set_kick(vq, fd)
         vq.started = True
@@ -621,12 +683,16 @@ class VhostUserBlkServer:
 
     def _set_vring_call(self, h: p.Header, payload: bytes, fds: list[int]) -> Reply:
         vq, fd = self._take_vring_fd(payload, fds)
+        if fd >= 0:
+            os.set_blocking(fd, False)  # a full pipe must drop the signal, not stall the loop
         _close(vq.call_fd)
         vq.call_fd = fd
         return None
 
     def _set_vring_err(self, h: p.Header, payload: bytes, fds: list[int]) -> Reply:
         vq, fd = self._take_vring_fd(payload, fds)
+        if fd >= 0:
+            os.set_blocking(fd, False)
         _close(vq.err_fd)
         vq.err_fd = fd
         return None
@@ -669,8 +735,10 @@ class VhostUserBlkServer:
         per_queue = _INFLIGHT_QUEUE_HDR + _INFLIGHT_DESC * req.queue_size
         per_queue = (per_queue + 63) & ~63
         size = per_queue * req.num_queues
-        fd = os.memfd_create("vhost-user-blk-inflight", os.MFD_CLOEXEC)
+        fd = os.memfd_create("vhost-user-blk-inflight", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(fd, size)
+        # The front-end gets this fd: sealed, it cannot shrink it under our mapping (SIGBUS).
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
         if self._inflight_map is not None:
             self._inflight_map.close()
         _close(self._inflight_fd)

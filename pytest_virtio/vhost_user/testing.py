@@ -11,6 +11,7 @@ tests write malformed descriptors on purpose.
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import select
@@ -44,10 +45,27 @@ from .virtqueue import (
     ring_sizes,
 )
 
-__all__ = ["BlkRequest", "MockFrontend", "MockMemory", "MockSplitQueue", "QueueFds", "segments"]
+__all__ = [
+    "BlkRequest", "MockFrontend", "MockMemory", "MockSplitQueue", "QueueFds", "sealed_memfd",
+    "segments",
+]
 
 U16 = struct.Struct("<H")
 UVA_BASE = 0x7F00_0000_0000
+
+
+def sealed_memfd(size: int, name: str = "pytest-virtio-mock-ram", *, seal: bool = True) -> int:
+    """A memfd of ``size`` bytes sealed as QEMU's memory-backend-memfd seals it (seal=on)."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        if seal:
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS,
+                        fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 class MockMemory:
@@ -55,14 +73,16 @@ class MockMemory:
 
     ``layout`` is a list of ``(gpa, size)`` regions carved consecutively out of
     one memfd (so regions share an fd at different mmap offsets, like QEMU's
-    below/above-4G split); UVAs are ``UVA_BASE + file offset``.
+    below/above-4G split); UVAs are ``UVA_BASE + file offset``.  Like QEMU's
+    memory-backend-memfd (``seal=on``) the memfd is sealed against shrinking and
+    growing; ``seal=False`` plays a front-end that does not seal.
     """
 
-    def __init__(self, size: int = 16 << 20, layout: list[tuple[int, int]] | None = None) -> None:
+    def __init__(self, size: int = 16 << 20, layout: list[tuple[int, int]] | None = None,
+                 *, seal: bool = True) -> None:
         layout = layout or [(0, size)]
         total = sum(s for _, s in layout)
-        self.fd = os.memfd_create("pytest-virtio-mock-ram", os.MFD_CLOEXEC)
-        os.ftruncate(self.fd, total)
+        self.fd = sealed_memfd(total, seal=seal)
         self.mm = mmap.mmap(self.fd, total)
         self.regions: list[MemRegion] = []
         offset = 0
@@ -391,6 +411,14 @@ class MockFrontend:
             self.send(Request.SET_VRING_CALL, U64.pack(i), [fds.call])
         for i in range(len(queues)):
             self.send(Request.SET_VRING_ENABLE, VRING_STATE.pack(i, 1))
+
+    def send_raw(self, data: bytes) -> None:
+        """Bytes as they are (adversarial tests: a partial or malformed message)."""
+        self.sock.sendall(data)
+
+    def set_vring_fd(self, request: int, index: int, fd: int) -> None:
+        """SET_VRING_KICK/CALL/ERR with an fd of the test's choosing (a pipe, a file)."""
+        self.send(request, U64.pack(index), [fd])
 
     def set_mem_table(self, mem: MockMemory) -> None:
         self.send(Request.SET_MEM_TABLE, encode_mem_table(mem.regions), [mem.fd] * len(mem.regions))

@@ -244,7 +244,7 @@ class Virtqueue:
                 if tsize > self.size:
                     # §2.7.5.3.1: no chain may be longer than the queue size.
                     raise QueueBroken(f"queue {self.index}: indirect table of {tsize} entries")
-                table = mem.view(addr, length)
+                table = mem.table(addr, length)
                 idx = 0
                 count = 0
                 in_indirect = True

@@ -387,6 +387,32 @@ def test_queue_size_on_nvme_and_bad_values() -> None:
     _raises(lambda: Disk(bus="virtio-blk", num_queues=True), "1..64")
 
 
+@pytest.mark.parametrize("bus", ["virtio-blk", "vhost-user-blk"])
+def test_ring_features_can_be_switched_off(bus: str) -> None:
+    disk = Disk(name="d1", bus=bus, event_idx=False, indirect_desc=False)
+    (dev,) = [d for d in device_args(MachineSpec(disks=(disk,))) if "id=d1" in d]
+    assert ",event_idx=off,indirect_desc=off" in dev
+    _, device = hotplug_props(disk, cases.context_for(MachineSpec(disks=(disk,))))
+    assert device["event_idx"] is False and device["indirect_desc"] is False
+    on = Disk(name="d1", bus=bus)
+    assert not any("event_idx" in d for d in device_args(MachineSpec(disks=(on,))))
+
+
+@pytest.mark.parametrize("bus", ["virtio-scsi", "ide", "nvme"])
+def test_ring_features_only_on_virtio_blk_devices(bus: str) -> None:
+    _raises(lambda: Disk(bus=bus, event_idx=False), "event_idx", "virtio-blk", "vhost-user-blk")
+    _raises(lambda: Disk(bus=bus, indirect_desc=False), "indirect_desc")
+    _raises(lambda: Disk(bus="virtio-blk", event_idx="off"), "True or False")  # type: ignore[arg-type]
+
+
+def test_logical_block_size_validation() -> None:
+    assert Disk(logical_block_size=4096).logical_block_size == 4096
+    _raises(lambda: Disk(logical_block_size=8192), "logical_block_size", "512", "4096")
+    _raises(lambda: Disk(logical_block_size=True), "logical_block_size")  # type: ignore[arg-type]
+    _raises(lambda: Disk(bus="virtio-blk", logical_block_size=4096), "vhost-user-blk")
+    _raises(lambda: Disk(external_socket="/x.sock", logical_block_size=4096), "in-process")
+
+
 def test_vhost_user_blk_restrictions() -> None:
     _raises(lambda: Disk(image="/x.qcow2", format="qcow2"), "'raw'")
     _raises(lambda: Disk(cache="writeback"), "'none'")

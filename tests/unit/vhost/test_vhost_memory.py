@@ -8,7 +8,7 @@ import pytest
 
 from pytest_virtio.vhost_user.memory import GuestMemory, GuestMemoryError
 from pytest_virtio.vhost_user.protocol import MemRegion
-from pytest_virtio.vhost_user.testing import UVA_BASE, MockMemory
+from pytest_virtio.vhost_user.testing import UVA_BASE, MockMemory, sealed_memfd
 
 MiB = 1 << 20
 
@@ -32,9 +32,8 @@ def test_view_reads_what_driver_wrote(split: MockMemory) -> None:
 
 
 def test_unaligned_mmap_offset_is_handled() -> None:
-    fd = os.memfd_create("t")
+    fd = sealed_memfd(3 * 4096)
     try:
-        os.ftruncate(fd, 3 * 4096)
         os.pwrite(fd, b"XYZ", 4096 + 100)
         with GuestMemory([MemRegion(0x5000, 4096, 0x1000, 4096 + 100)], [fd]) as gm:
             assert bytes(gm.view(0x5000, 3)) == b"XYZ"
@@ -84,9 +83,8 @@ def test_uva_to_gpa(split: MockMemory) -> None:
 
 
 def test_overlap_and_count_rejected() -> None:
-    fd = os.memfd_create("t")
+    fd = sealed_memfd(4 * MiB)
     try:
-        os.ftruncate(fd, 4 * MiB)
         with pytest.raises(GuestMemoryError, match="overlap"):
             GuestMemory([MemRegion(0, 2 * MiB, 0, 0), MemRegion(MiB, MiB, 4 * MiB, 0)], [fd, fd])
         with pytest.raises(GuestMemoryError, match="overlap"):
@@ -103,9 +101,8 @@ def test_overlap_and_count_rejected() -> None:
 
 def test_region_beyond_file_end_is_refused() -> None:
     # Mapping past EOF would SIGBUS on first touch and kill pytest.
-    fd = os.memfd_create("t")
+    fd = sealed_memfd(MiB)
     try:
-        os.ftruncate(fd, MiB)
         with pytest.raises(GuestMemoryError, match="needs"):
             GuestMemory([MemRegion(0, 2 * MiB, 0, 0)], [fd])
         with pytest.raises(GuestMemoryError, match="needs"):
