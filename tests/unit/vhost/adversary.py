@@ -46,6 +46,16 @@ def _errors(srv: VhostUserBlkServer) -> list[str]:
     return [f"{type(e).__name__}: {e}" for e in srv.errors]
 
 
+def _timed_stop(srv: VhostUserBlkServer) -> float | None:
+    """Seconds stop() took, or None if the thread would not stop within 3 s."""
+    t0 = time.monotonic()
+    try:
+        srv.stop(timeout=3)
+    except BackendError:
+        return None
+    return time.monotonic() - t0
+
+
 def _wait_used(q: MockSplitQueue, want: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while q.used_idx() != want & 0xFFFF:
@@ -110,12 +120,7 @@ def call_pipe(requests: int = 1000) -> dict[str, Any]:
             control = time.monotonic() - t0
         except OSError:
             control = None
-        t0 = time.monotonic()
-        try:
-            srv.stop(timeout=3)
-            stop: float | None = time.monotonic() - t0
-        except BackendError:
-            stop = None
+        stop = _timed_stop(srv)
         fe.close()
         os.close(rd)
         return {"completed": done, "control_s": control, "stop_s": stop, "errors": _errors(srv)}
@@ -127,12 +132,7 @@ def stall_mid_message() -> dict[str, Any]:
         fe = MockFrontend(srv.socket_path)
         fe.send_raw(HEADER.pack(Request.SET_FEATURES, VERSION, 8) + b"\0" * 4)
         time.sleep(0.3)  # the backend is now waiting for the rest
-        t0 = time.monotonic()
-        try:
-            srv.stop(timeout=3)
-            stop: float | None = time.monotonic() - t0
-        except BackendError:
-            stop = None
+        stop = _timed_stop(srv)
         fe.close()
         return {"stop_s": stop, "errors": _errors(srv)}
 
