@@ -133,3 +133,85 @@ def test_words_refuses_what_cannot_be_stored_in_one_piece() -> None:
     view[1] = 0xDEADBEEF
     assert bytes(buf[8:12]) == (0xDEADBEEF).to_bytes(4, "little")
     Fence()()  # a full barrier is callable on its own as well as inline
+
+
+_RING_READER = r"""
+import mmap, sys, time
+fd, size, used_off, seconds = (int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]),
+                               float(sys.argv[4]))
+mm = mmap.mmap(fd, size)
+w16 = memoryview(mm).cast("H")
+idx_i, event_i, flag_i = used_off // 2 + 1, int(sys.argv[5]) // 2, int(sys.argv[6]) // 2
+w16[flag_i] = 1
+prev_idx, prev_event = w16[idx_i], w16[event_i]
+reads = backwards = 0
+deadline = time.monotonic() + seconds
+while time.monotonic() < deadline:
+    for _ in range(1000):
+        i, e = w16[idx_i], w16[event_i]
+        # both only move forward, by less than the ring size per look
+        if (i - prev_idx) & 0xFFFF > 0x8000 or (e - prev_event) & 0xFFFF > 0x8000:
+            backwards += 1
+        prev_idx, prev_event = i, e
+    reads += 2000
+w16[flag_i] = 2
+print(reads, backwards)
+"""
+
+
+def test_drain_never_shows_the_guest_an_index_going_backwards() -> None:
+    """The real Virtqueue store path, watched by a "vCPU" in another process.
+
+    used.idx and avail_event only move forward; with pack_into's zeroing the
+    watcher saw them jump back to 0 and forward again (a lost kick, a stale
+    used slot walked).  The driver here is minimal (one descriptor, head 0 in
+    every avail slot, a handler that writes nothing) so that the backend
+    stores as often as it can.
+    """
+    from vhost_rig import Rig
+
+    from pytest_virtio.vhost_user.virtqueue import DESC_F_WRITE
+
+    size, start = 256, 0x4321  # far from 0, so a transient 0 is a big jump back
+    rig = Rig(size=size, event_idx=True)
+    try:
+        rig.q.write_desc(0, rig.q.alloc(16), 16, DESC_F_WRITE)
+        for slot in range(size):
+            rig.q.set_avail_slot(slot, 0)
+        rig.q.set_avail_idx(start)
+        rig.q.set_used_idx(start)
+        rig.attach(base=start)
+        used_off = rig.mem.offset(rig.q.used_gpa)
+        avail_idx_i = (rig.mem.offset(rig.q.avail_gpa) + 2) // 2
+        flag_off = rig.mem.offset(rig.q.alloc(2, 2))
+        w16 = memoryview(rig.mem.mm).cast("H")
+        child = subprocess.Popen(
+            [sys.executable, "-c", _RING_READER, str(rig.mem.fd), str(rig.mem.size),
+             str(used_off), "1.5", str(used_off + 4 + 8 * size), str(flag_off)],
+            pass_fds=[rig.mem.fd], stdout=subprocess.PIPE, text=True,
+        )
+        drain, handler = rig.vq.drain, lambda *_: 0
+        try:
+            deadline = time.monotonic() + 30
+            while w16[flag_off // 2] != 1:
+                assert child.poll() is None and time.monotonic() < deadline, "no reader"
+                time.sleep(0.001)
+            drains, idx = 0, start
+            while w16[flag_off // 2] == 1:
+                for _ in range(100):
+                    idx = (idx + 1) & 0xFFFF
+                    w16[avail_idx_i] = idx  # publish one more chain
+                    drain(handler)
+                drains += 100
+            out, _ = child.communicate(timeout=30)
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+            w16.release()
+        reads, backwards = map(int, out.split())
+        assert not rig.vq.broken, rig.vq.broken_reason
+        assert rig.vq.used_idx == idx and drains > 1000 and reads > 100_000
+        assert backwards == 0, f"{backwards} backward index reads in {reads} ({drains} drains)"
+    finally:
+        rig.close()
