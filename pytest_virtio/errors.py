@@ -40,6 +40,25 @@ class LaunchError(VirtioError):
     """QEMU would not start, or exited while the test still needed it."""
 
 
+class MissingDriver(LaunchError):
+    """The guest kernel has no driver for a device the spec asks for.
+
+    Found on the host before boot from the kernel's ``modules.dep`` and
+    ``modules.builtin``: a kernel built without, say, AHCI cannot drive an AHCI
+    disk, and saying so beats a disk that silently never appears.
+    """
+
+    def __init__(self, kernel_version: str, device: str, modules: tuple[str, ...],
+                 where: str) -> None:
+        self.kernel_version = kernel_version
+        self.device = device
+        self.modules = modules
+        super().__init__(
+            f"kernel {kernel_version} has no driver for {device}: {', '.join(modules)} "
+            f"neither a module (modules.dep) nor built in (modules.builtin) in {where}"
+        )
+
+
 class GuestError(VirtioError):
     """Something went wrong inside a running guest; carries the console tail."""
 

@@ -23,8 +23,9 @@ from . import perf as perf_mod
 from . import results as results_mod
 from . import spec as spec_mod
 from .errors import ConfigError, VirtioError
+from .images import kernel as kernel_mod
 from .report import SessionResults
-from .session import VirtioSession
+from .session import VirtioSession, check_honoured
 from .settings import OPTIONS, Settings, resolve_values
 from .workloads import run as workload_mod
 from .workloads.run import Measurement, WorkloadSpec
@@ -81,11 +82,20 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         parser.addini(opt.ini, help=opt.help, default=None)
 
 
+def _getini(config: pytest.Config, name: str) -> Any:
+    """Ini values; a relative ``virtio_image`` recipe path is relative to the ini file."""
+    value = config.getini(name)
+    if name == "virtio_image" and value and config.inipath is not None:
+        return str(config.inipath.parent / Path(value).expanduser())
+    return value
+
+
 def pytest_configure(config: pytest.Config) -> None:
     for name, text in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {text}")
     try:
-        settings = Settings.from_values(resolve_values(config.getoption, config.getini))
+        settings = Settings.from_values(resolve_values(config.getoption,
+                                                       lambda name: _getini(config, name)))
     except ConfigError as exc:
         raise pytest.UsageError(str(exc)) from None
     config.stash[SETTINGS_KEY] = settings
@@ -193,6 +203,7 @@ def vm_kwargs(node: Any) -> dict[str, Any]:
 def validate_markers(node: Any) -> list[tuple[str, dict[str, str]]] | None:
     """Check every pytest-virtio marker of a test; returns the matrix choices."""
     base = spec_mod.spec_from_kwargs(vm_kwargs(node), where="vm")
+    _check_kernel_keys(node, base)
     exp = node.get_closest_marker("expect_drivers")
     if exp is not None:
         expect_drivers_args(exp)
@@ -202,8 +213,24 @@ def validate_markers(node: Any) -> list[tuple[str, dict[str, str]]] | None:
         return None
     choices = spec_mod.matrix_params(matrix)
     for _, choice in choices:
-        spec_mod.apply_matrix(base, choice)
+        try:
+            check_honoured(spec_mod.apply_matrix(base, choice), node.config.stash[SETTINGS_KEY])
+        except ConfigError as exc:
+            raise ConfigError(f"@pytest.mark.virtio_matrix: {exc}") from None
     return choices
+
+
+def _check_kernel_keys(node: Any, spec: spec_mod.MachineSpec) -> None:
+    """vm(kernel=, modules=) paths, and keys a custom --virtio-initrd cannot honour."""
+    try:
+        check_honoured(spec, node.config.stash[SETTINGS_KEY])
+        if spec.kernel is not None:
+            kernel_mod.check_choice(spec.kernel, spec.modules, where="@pytest.mark.vm")
+    except ConfigError as exc:
+        msg = str(exc)
+        if not msg.startswith("@pytest.mark.vm"):
+            msg = f"@pytest.mark.vm: {msg}"
+        raise ConfigError(msg) from None
 
 
 def validate_perf_markers(node: Any, matrix: dict[str, Any] | None) -> None:

@@ -22,9 +22,11 @@ from typing import Any
 from . import serial as serial_mod
 from . import spec as spec_mod
 from . import ssh as ssh_mod
-from .errors import ConfigError, GuestError, LaunchError, VirtioError
+from .errors import ConfigError, GuestError, LaunchError, MissingDriver, VirtioError
 from .guest import Guest
 from .images import GuestImage, custom_image, ensure_image, initramfs_for, load_recipe
+from .images import kernel as kernel_mod
+from .images.initramfs import available_modules
 from .qemu import capabilities
 from .qemu.accel import TIMEOUT_SCALE, AccelChoice, choose_accel
 from .qemu.machine import Machine, reap_all
@@ -130,6 +132,8 @@ class VirtioSession:
         self.progress = progress
         self._lock = threading.RLock()
         self._image: GuestImage | None = None
+        self._base_image: GuestImage | None = None
+        self._kernel_images: dict[tuple[str, str | None], GuestImage] = {}
         self._accel: AccelChoice | None = None
         self._qemu: str | None = None
         self._run_root: Path | None = None
@@ -147,15 +151,41 @@ class VirtioSession:
     def qemu_version(self) -> str:
         return ".".join(str(p) for p in capabilities.qemu_version(self.qemu))
 
+    def base_image(self) -> GuestImage:
+        """The image built from the recipe (whose rootfs a user kernel boots on)."""
+        with self._lock:
+            if self._base_image is None:
+                recipe = load_recipe(self.settings.image or "bookworm")
+                self._base_image = ensure_image(recipe, self.settings.cache_dir, self.progress)
+            return self._base_image
+
     def image(self) -> GuestImage:
+        """The session image: custom as given, the recipe's with a user kernel, or the recipe's."""
         with self._lock:
             if self._image is None:
                 s = self.settings
                 if s.kernel and s.initrd and s.rootfs:
                     self._image = custom_image(s.kernel, s.initrd, s.rootfs)
+                elif s.kernel:
+                    self._image = self._kernel_image(s.kernel, s.modules, "--virtio-kernel")
                 else:
-                    self._image = ensure_image(load_recipe(), s.cache_dir, self.progress)
+                    self._image = self.base_image()
             return self._image
+
+    def image_for(self, spec: spec_mod.MachineSpec) -> GuestImage:
+        """The image a spec boots: its own ``vm(kernel=...)`` if it names one."""
+        if spec.kernel is None:
+            return self.image()
+        return self._kernel_image(spec.kernel, spec.modules, "vm")
+
+    def _kernel_image(self, kernel: str, modules: str | None, where: str) -> GuestImage:
+        with self._lock:
+            key = (kernel, modules)
+            if key not in self._kernel_images:
+                choice = kernel_mod.check_choice(kernel, modules, where)
+                self._kernel_images[key] = kernel_mod.prepare(
+                    choice, self.base_image(), self.settings.cache_dir, self.progress)
+            return self._kernel_images[key]
 
     def accel(self) -> AccelChoice:
         with self._lock:
@@ -220,6 +250,7 @@ class VirtioSession:
     def boot(self, spec: spec_mod.MachineSpec | None = None, name: str = "guest") -> Guest:
         """Boot a guest for ``spec`` and wait until its shell answers."""
         spec = spec or spec_mod.MachineSpec()
+        check_honoured(spec, self.settings)
         missing = capabilities.missing_devices(spec, self.qemu)
         if missing:
             raise MissingDevices(self.qemu, missing)
@@ -233,12 +264,15 @@ class VirtioSession:
 
     def _launch(self, spec: spec_mod.MachineSpec, name: str, *, accel: str,
                 boot_timeout: float, scale: float) -> Guest:
-        image = self.image()
+        image = self.image_for(spec)
+        check_drivers(image, spec)
         run_dir = self.new_run_dir()
         disk_files = {d.name: prepare_disk_file(d, run_dir) for d in spec.disks}
         serials = {d.name: d.serial or d.name for d in spec.disks}
         ssh_nic = next((n for n in spec.nics if n.hostfwd_ssh), None)
         ssh_args = ["pv.ssh=1"] if ssh_nic else []
+        if image.modules_disk is not None:
+            ssh_args.append(f"pv.modules={image.kernel_version}")
         fw_cfg = {ssh_mod.AUTHORIZED_KEYS_FW_CFG: str(self.ssh_key().public_path)
                   } if ssh_nic else {}
         backends = self._start_backends(spec, run_dir, disk_files)
@@ -259,6 +293,7 @@ class VirtioSession:
                 serial_sockets=serial_sockets(spec, run_dir),
                 name=name,
                 fw_cfg=fw_cfg,
+                modules_image=str(image.modules_disk) if image.modules_disk else None,
             )
             argv = spec_mod.to_argv(spec, ctx)
             machine = Machine(argv, run_dir, qmp_socket=ctx.qmp_socket,
@@ -328,6 +363,41 @@ class VirtioSession:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def check_honoured(spec: spec_mod.MachineSpec, settings: Settings) -> None:
+    """A custom ``--virtio-initrd`` is used as is: refuse what it cannot honour.
+
+    Why: root_bus and initramfs_modules work by building the initramfs; with the
+    user's own, a test of a missing driver would pass when it should fail.
+    """
+    if not settings.initrd:
+        return
+    why = "--virtio-initrd is used as is, so pytest-virtio cannot"
+    if spec.initramfs_modules is not None:
+        raise ConfigError(f"initramfs_modules={list(spec.initramfs_modules)!r}: {why} choose "
+                          "the modules it loads; drop the key or --virtio-initrd")
+    default_bus = spec_mod.MachineSpec().root_bus
+    if spec.root_bus != default_bus:
+        raise ConfigError(f"root_bus={spec.root_bus!r}: {why} make it load the "
+                          f"{', '.join(spec_mod.ROOT_MODULES[spec.root_bus])} drivers that bus "
+                          f"needs; drop the key (the root stays on {default_bus}) or "
+                          "--virtio-initrd")
+    if spec.kernel is not None:
+        raise ConfigError(f"kernel={spec.kernel!r}: {why} build an initramfs for another "
+                          "kernel; drop the key or use --virtio-kernel with --virtio-modules")
+
+
+def check_drivers(image: GuestImage, spec: spec_mod.MachineSpec) -> None:
+    """Every device of the spec has a driver in the image's kernel (module or built in)."""
+    if image.modules_dir is None:
+        return
+    have = available_modules(image.modules_dir)
+    for device, needs in spec_mod.driver_needs(spec):
+        for alternatives in needs:
+            if not any(m.replace("-", "_") in have for m in alternatives):
+                raise MissingDriver(image.kernel_version, device, alternatives,
+                                    str(image.modules_dir))
 
 
 def prepare_disk_file(disk: spec_mod.Disk, run_dir: Path) -> str:
@@ -429,4 +499,5 @@ def booted(spec: spec_mod.MachineSpec | None = None, settings: Settings | None =
         yield session.boot(spec)
 
 
-__all__ = ["MissingDevices", "VirtioSession", "booted", "sweep_stale_runs"]
+__all__ = ["MissingDevices", "VirtioSession", "booted", "check_drivers", "check_honoured",
+           "sweep_stale_runs"]

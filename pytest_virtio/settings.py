@@ -46,9 +46,15 @@ OPTIONS: tuple[Option, ...] = (
            ACCELS),
     Option("qemu", None, "qemu-system-x86_64 binary (default: from PATH)"),
     Option("cache", None, "image cache directory (default ~/.cache/pytest-virtio)"),
-    Option("kernel", None, "boot this kernel instead of the built image's"),
-    Option("initrd", None, "with --virtio-kernel: its initramfs"),
-    Option("rootfs", None, "with --virtio-kernel: its root disk image (label pvroot)"),
+    Option("kernel", None, "boot this kernel (bzImage, vmlinux or build tree) on the built "
+           "image's rootfs; the plugin builds its initramfs"),
+    Option("modules", None, "with --virtio-kernel: its modules (modules_install tree, build "
+           "tree or /lib/modules/<version>)"),
+    Option("initrd", None, "with --virtio-kernel and --virtio-rootfs: use this initramfs as is"),
+    Option("rootfs", None, "with --virtio-kernel and --virtio-initrd: its root disk image "
+           "(label pvroot)"),
+    Option("image", None, "build and boot this image recipe (a .toml file) instead of the "
+           "shipped bookworm one"),
     Option("keep", "failed", "keep guest artifacts (console, stderr, reproduce.sh)", KEEP),
     Option("artifacts", ".pytest-virtio", "where kept artifacts go"),
     Option("timeout_scale", None, "multiply every guest timeout (default: 1 kvm, 4 tcg)"),
@@ -67,8 +73,10 @@ class Settings:
     qemu: str | None = None
     cache_dir: Path = Path()
     kernel: str | None = None
+    modules: str | None = None
     initrd: str | None = None
     rootfs: str | None = None
+    image: str | None = None
     keep: str = "failed"
     artifacts: Path = Path(".pytest-virtio")
     timeout_scale: float | None = None
@@ -89,14 +97,13 @@ class Settings:
                     f"{', '.join(opt.choices)}"
                 )
         custom = [values.get(k) for k in ("kernel", "initrd", "rootfs")]
-        if any(custom) and not all(custom):
-            raise ConfigError(
-                "--virtio-kernel, --virtio-initrd and --virtio-rootfs go together: "
-                "give all three or none"
-            )
-        for name, path in zip(("kernel", "initrd", "rootfs"), custom, strict=True):
-            if path:
-                _check_readable_file(name, path)
+        _check_kernel_route(values)
+        image = values.get("image")
+        if image:
+            _check_readable_file("image", image)
+            from .images import load_recipe
+
+            load_recipe(image)  # a bad field fails now, naming it, not at the first boot
         scale = values.get("timeout_scale")
         try:
             scale_f = float(scale) if scale else None
@@ -110,13 +117,39 @@ class Settings:
             accel=values.get("accel") or "auto",
             qemu=values.get("qemu"),
             cache_dir=Path(cache).expanduser() if cache else default_cache_dir(),
-            kernel=custom[0], initrd=custom[1], rootfs=custom[2],
+            kernel=custom[0], modules=values.get("modules"), initrd=custom[1],
+            rootfs=custom[2], image=image,
             keep=values.get("keep") or "failed",
             artifacts=Path(values.get("artifacts") or ".pytest-virtio"),
             timeout_scale=scale_f,
             **report_paths,
             compare_fail=_compare_fail(values.get("compare_fail")),
         )
+
+
+def _check_kernel_route(values: dict[str, str | None]) -> None:
+    """Two routes: your kernel alone (+ its modules), or kernel + initrd + rootfs as is."""
+    kernel, modules = values.get("kernel"), values.get("modules")
+    initrd, rootfs = values.get("initrd"), values.get("rootfs")
+    if modules and not kernel:
+        raise ConfigError("--virtio-modules goes with --virtio-kernel: give the kernel these "
+                          "modules belong to")
+    if initrd or rootfs:
+        if not (kernel and initrd and rootfs):
+            raise ConfigError(
+                "--virtio-initrd and --virtio-rootfs go with --virtio-kernel: give all three "
+                "(a kernel alone, with --virtio-modules, gets an initramfs built for it)"
+            )
+        if modules:
+            raise ConfigError("--virtio-modules goes with --virtio-kernel alone: with "
+                              "--virtio-initrd the initrd and rootfs bring their own modules")
+        for name in ("kernel", "initrd", "rootfs"):
+            _check_readable_file(name, values[name] or "")
+        return
+    if kernel:
+        from .images.kernel import check_choice
+
+        check_choice(kernel, modules)
 
 
 def _report_paths(values: dict[str, str | None]) -> dict[str, Path | None]:

@@ -50,6 +50,7 @@ __all__ = [
     "SerialPorts",
     "apply_matrix",
     "device_argv",
+    "driver_needs",
     "guest_modules",
     "hotplug_commands",
     "hotplug_props",
@@ -161,7 +162,7 @@ _SIZE_RE: Final = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE
 _SIZE_UNITS: Final[Mapping[str, int]] = MappingProxyType(
     {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 )
-_RESERVED_NAMES: Final = frozenset({"root"})
+_RESERVED_NAMES: Final = frozenset({"root", "pvmods"})
 
 
 # --------------------------------------------------------------------------- helpers
@@ -568,6 +569,10 @@ class MachineSpec:
     #: Modules the initramfs loads to find the root disk; None = ROOT_MODULES[root_bus].
     #: Naming them lets a test prove what happens when a driver is missing.
     initramfs_modules: tuple[str, ...] | None = None
+    #: This test's own kernel (bzImage, vmlinux or build tree) and its modules
+    #: (see ``--virtio-kernel``/``--virtio-modules``); None = the session's.
+    kernel: str | None = None
+    modules: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("disks", "nics", "devices"):
@@ -580,6 +585,12 @@ class MachineSpec:
                 if not re.fullmatch(r"[A-Za-z0-9_-]+", mod):
                     raise ConfigError(f"initramfs_modules: {mod!r} is not a module name")
             object.__setattr__(self, "initramfs_modules", mods)
+        for key in ("kernel", "modules"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ConfigError(f"{key} must be a path (str), got {value!r}")
+        if self.modules is not None and self.kernel is None:
+            raise ConfigError("modules goes with kernel: give the kernel these modules belong to")
         mem = parse_size(self.memory, "memory")
         if mem % (1 << 20) or not 64 << 20 <= mem <= 64 << 30:
             raise ConfigError(
@@ -774,6 +785,9 @@ class LaunchContext:
     #: fw_cfg blob name → host file (``-fw_cfg name=..,file=..``): per-launch data
     #: such as the session's SSH public key, which must not live in the shared image.
     fw_cfg: Mapping[str, str] = field(default_factory=dict)
+    #: A user kernel's modules disk (read-only ext4, label ``pvmods``), attached
+    #: on the root disk's bus so the initramfs's own root drivers find it.
+    modules_image: str | None = None
 
     def __post_init__(self) -> None:
         _check_choice(self.accel, ("kvm", "tcg"), "accel")
@@ -928,6 +942,44 @@ def _root_argv(spec: MachineSpec, ctx: LaunchContext, placed: Mapping[str, Props
     return argv + _block_device(spec.root_bus, "root", "drv-root", placed.get("root", []), None)
 
 
+#: The modules disk takes the controller's last unit, so data disks and CD-ROMs
+#: keep their usual places (units 0..n-1).
+_LAST_UNIT: Final[Mapping[str, int]] = MappingProxyType(
+    {"ide": IDE_UNITS - 1, "ahci": AHCI_PORTS - 1, "lsi": LSI_TARGETS - 1, "scsi": 255}
+)
+_CONTROLLER: Final[Mapping[str, str]] = MappingProxyType(
+    {"ide": "ide", "ahci": "ahci", "lsi": "lsi", "virtio-scsi": "scsi"}
+)
+
+
+def _modules_disk_argv(spec: MachineSpec, ctx: LaunchContext) -> list[str]:
+    """The read-only modules disk of a user kernel, on the root disk's bus.
+
+    Why that bus: the initramfs loads exactly the root bus's drivers, so the
+    disk is found by them and adds no driver of its own (vhost-user-blk roots
+    get a virtio-blk one: same guest driver).
+    """
+    if ctx.modules_image is None:
+        return []
+    bus = "virtio-blk" if spec.root_bus == "vhost-user-blk" else spec.root_bus
+    ctrl = _CONTROLLER.get(bus, "")
+    placement: Props = []
+    if ctrl:
+        if _controller_users(spec)[ctrl] > _LAST_UNIT[ctrl]:
+            raise ConfigError(
+                f"root bus {spec.root_bus!r}: the kernel's modules disk needs a free unit on "
+                f"the {ctrl} controller, but the root disk, data disks and CD-ROMs use all of "
+                "them; put a data disk on another bus"
+            )
+        placement = _placement(ctrl, _LAST_UNIT[ctrl])
+    # snapshot, not readonly: QEMU's ide-hd refuses a read-only drive; the
+    # guest mounts it read-only and the cached image is never written either way.
+    drive = _drive("drv-pvmods", ctx.modules_image,
+                   [("format", "raw"), ("snapshot", "on"), ("cache", "unsafe")])
+    props = [*placement, ("drive", "drv-pvmods"), ("id", "pvmods"), ("serial", "pvmods")]
+    return [*drive, "-device", _opts(_FRONTEND_MODEL[bus], props)]
+
+
 def _disk_argv(disk: Disk, ctx: LaunchContext, placed: Mapping[str, Props]) -> list[str]:
     if disk.bus == "vhost-user-blk":
         socket = _lookup(ctx.vhost_sockets, disk.name, "vhost_sockets")
@@ -1031,6 +1083,7 @@ def to_argv(spec: MachineSpec, ctx: LaunchContext) -> list[str]:
     """
     placed = _placements(spec)
     argv = _base_argv(spec, ctx) + _controllers_argv(spec) + _root_argv(spec, ctx, placed)
+    argv += _modules_disk_argv(spec, ctx)
     for disk in spec.disks:
         argv += _disk_argv(disk, ctx, placed)
     for index, nic in enumerate(spec.nics):
@@ -1082,6 +1135,35 @@ def guest_modules(spec: MachineSpec) -> tuple[str, ...]:
         if isinstance(dev, CdRom):
             wanted += (_CDROM_HBA[dev.bus], "sr_mod")
     return tuple(dict.fromkeys(wanted))
+
+
+#: Drivers that can bind a NIC model (either will do).
+_NIC_DRIVERS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
+    {"virtio-net": ("virtio_net",), "e1000": ("e1000",), "e1000e": ("e1000e",),
+     "rtl8139": ("8139cp", "8139too")}
+)
+
+
+def driver_needs(spec: MachineSpec) -> tuple[tuple[str, tuple[tuple[str, ...], ...]], ...]:
+    """(device, [alternatives per needed driver]) for every device of the spec.
+
+    Why: checked against a kernel's modules before boot, so a kernel without a
+    device's driver is reported naming the device and the driver.
+    """
+    needs: list[tuple[str, tuple[tuple[str, ...], ...]]] = [
+        (f"the root disk (bus {spec.root_bus})", tuple((m,) for m in spec.root_modules))
+    ]
+    needs += [(f"disk {d.name!r} (bus {d.bus})", tuple((m,) for m in ROOT_MODULES[d.bus]))
+              for d in spec.disks]
+    needs += [(f"nic {n.name!r} (model {n.model})", (_NIC_DRIVERS[n.model],))
+              for n in spec.nics]
+    for dev in spec.devices:
+        mods = _DEVICE_MODULES.get(type(dev).__name__, ())
+        if isinstance(dev, CdRom):
+            mods = (_CDROM_HBA[dev.bus], "sr_mod")
+        if mods:
+            needs.append((f"{type(dev).__name__.lower()} {dev.name!r}", tuple((m,) for m in mods)))
+    return tuple(needs)
 
 
 _DEVICE_MODULES: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(

@@ -1,4 +1,4 @@
-"""``python -m pytest_virtio.images build|info|path|prune``: manage the image cache by hand."""
+"""``python -m pytest_virtio.images build|info|path|prune|kernel-deb``: the cache by hand."""
 
 from __future__ import annotations
 
@@ -8,12 +8,23 @@ import sys
 from pathlib import Path
 
 from ..errors import VirtioError
-from .builder import MANIFEST, current_keys, ensure_image, image_dir, load_recipe, prune_images
+from .builder import (
+    MANIFEST,
+    current_keys,
+    default_cache_dir,
+    ensure_image,
+    image_dir,
+    load_recipe,
+    prune_images,
+)
+from .kernel import fetch_deb_kernel
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pytest_virtio.images")
-    parser.add_argument("command", choices=("build", "info", "path", "prune"))
+    parser.add_argument("command", choices=("build", "info", "path", "prune", "kernel-deb"))
+    parser.add_argument("package", nargs="?", default="linux-image-cloud-amd64",
+                        help="kernel-deb: the Debian kernel package to fetch and unpack")
     parser.add_argument("--recipe", default="bookworm")
     parser.add_argument("--cache-dir", type=Path, default=None)
     parser.add_argument("--force", action="store_true", help="rebuild even if cached")
@@ -25,6 +36,12 @@ def main(argv: list[str] | None = None) -> int:
         where = image_dir(recipe, args.cache_dir)
         if args.command == "prune":
             return _prune(args.cache_dir, args.dry_run)
+        if args.command == "kernel-deb":
+            kernel, modules = fetch_deb_kernel(
+                args.package, args.cache_dir or default_cache_dir(),
+                progress=lambda m: print(m, file=sys.stderr, flush=True))
+            print(f"--virtio-kernel={kernel} --virtio-modules={modules}")
+            return 0
         if args.command == "path":
             print(where)
         elif args.command == "info":

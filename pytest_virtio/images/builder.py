@@ -14,7 +14,9 @@ import hashlib
 import json
 import lzma
 import os
+import re
 import shutil
+import struct
 import subprocess
 import tomllib
 import zlib
@@ -25,7 +27,7 @@ from typing import Any
 
 from filelock import FileLock
 
-from ..errors import ImageError, MissingToolError
+from ..errors import ConfigError, ImageError, MissingToolError
 
 Progress = Callable[[str], None]
 
@@ -68,25 +70,109 @@ class Recipe:
         return f"{self.name}-{h.hexdigest()[:16]}"
 
 
+#: Recipe fields, their TOML type and whether a recipe must give them.
+_FIELDS: dict[str, tuple[type, bool]] = {
+    "name": (str, True), "suite": (str, True), "variant": (str, False),
+    "packages": (list, True), "path_exclude": (list, False), "rootfs_size": (str, False),
+    "extends": (str, False),
+}
+#: mmdebstrap --variant values (mmdebstrap(1)).
+_VARIANTS = ("extract", "custom", "essential", "apt", "required", "minbase", "buildd",
+             "important", "debootstrap", "standard")
+#: What the guest side needs: the initramfs (busybox), pvinit (kmod, iproute2,
+#: dropbear) and a kernel whose modules tree the initramfs is built from.
+REQUIRED_PACKAGES = ("busybox-static", "kmod", "iproute2", "dropbear-bin")
+_PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+(:[a-z0-9-]+)?$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_SIZE_RE = re.compile(r"^[1-9][0-9]*[KMG]$")
+
+
 def load_recipe(name: str = "bookworm", data_dir: Path = DATA_DIR) -> Recipe:
-    """Read a recipe and the guest init scripts it is built with."""
-    path = data_dir / f"{name}.toml"
+    """A shipped recipe by name (``images/<name>.toml``), or a recipe file by path."""
+    if name.endswith(".toml") or "/" in name:
+        return load_recipe_file(Path(name), data_dir)
+    return load_recipe_file(data_dir / f"{name}.toml", data_dir)
+
+
+def load_recipe_file(path: Path, data_dir: Path = DATA_DIR) -> Recipe:
+    """Read and validate a recipe; every error names the file and the field.
+
+    ``extends = "bookworm"`` starts from a shipped recipe: its packages and
+    path_exclude are extended, the other fields replaced.
+    """
     try:
         raw: dict[str, Any] = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ImageError(f"cannot read image recipe {path}: {exc}") from exc
-    files = tuple(
-        (fname, (data_dir / fname).read_bytes()) for fname in ("pvinit", "initramfs-init")
+        raise ConfigError(f"cannot read image recipe {path}: {exc}") from exc
+    where = f"image recipe {path}"
+    _check_fields(raw, where)
+    fields: dict[str, Any] = {}
+    if "extends" in raw:
+        parent = raw["extends"]
+        if "/" in parent or not (data_dir / f"{parent}.toml").is_file():
+            shipped = ", ".join(sorted(p.stem for p in data_dir.glob("*.toml")))
+            raise ConfigError(f"{where}: field 'extends': {parent!r} is not a shipped recipe "
+                              f"(shipped: {shipped})")
+        base = load_recipe_file(data_dir / f"{parent}.toml", data_dir)
+        fields = {"suite": base.suite, "variant": base.variant, "packages": base.packages,
+                  "path_exclude": base.path_exclude, "rootfs_size": base.rootfs_size}
+        for key in ("packages", "path_exclude"):
+            fields[key] = tuple(dict.fromkeys((*fields[key], *raw.pop(key, ()))))
+    elif missing := [k for k, (_, req) in _FIELDS.items() if req and k not in raw]:
+        raise ConfigError(f"{where}: missing field(s) {', '.join(missing)} (or extends = "
+                          "\"bookworm\" to start from the shipped recipe)")
+    raw.pop("extends", None)
+    fields.update({k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+    recipe = Recipe(
+        name=fields["name"], suite=fields["suite"], variant=fields.get("variant", "minbase"),
+        packages=fields["packages"], path_exclude=fields.get("path_exclude", ()),
+        rootfs_size=fields.get("rootfs_size", "1536M"),
+        # Only what goes into the rootfs: initramfs-init is not baked into the image
+        # (each initramfs's own cache key covers it), so editing it keeps the image.
+        files=(("pvinit", (data_dir / "pvinit").read_bytes()),),
     )
-    return Recipe(
-        name=raw["name"],
-        suite=raw["suite"],
-        variant=raw.get("variant", "minbase"),
-        packages=tuple(raw["packages"]),
-        path_exclude=tuple(raw.get("path_exclude", ())),
-        rootfs_size=raw.get("rootfs_size", "1536M"),
-        files=files,
-    )
+    _check_values(recipe, where)
+    return recipe
+
+
+def _check_fields(raw: dict[str, Any], where: str) -> None:
+    unknown = sorted(set(raw) - set(_FIELDS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}; allowed: "
+                          f"{', '.join(_FIELDS)}")
+    for key, value in raw.items():
+        kind = _FIELDS[key][0]
+        if not isinstance(value, kind):
+            raise ConfigError(f"{where}: field {key!r} must be a {kind.__name__} "
+                              f"(TOML {'array of strings' if kind is list else 'string'}), "
+                              f"got {value!r}")
+        if isinstance(value, list) and not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: field {key!r} must list strings, got {value!r}")
+
+
+def _check_values(recipe: Recipe, where: str) -> None:
+    if not _NAME_RE.match(recipe.name):
+        raise ConfigError(f"{where}: field 'name': {recipe.name!r} must be letters, digits, "
+                          "'.', '_' or '-' (it names the cache directory)")
+    if not _NAME_RE.match(recipe.suite):
+        raise ConfigError(f"{where}: field 'suite': {recipe.suite!r} is not a suite name "
+                          "(e.g. bookworm, trixie)")
+    if recipe.variant not in _VARIANTS:
+        raise ConfigError(f"{where}: field 'variant': {recipe.variant!r} is not one of "
+                          f"{', '.join(_VARIANTS)}")
+    if not _SIZE_RE.match(recipe.rootfs_size):
+        raise ConfigError(f"{where}: field 'rootfs_size': {recipe.rootfs_size!r} must be a "
+                          "size like 1536M or 2G")
+    bad = [p for p in recipe.packages if not _PACKAGE_RE.match(p)]
+    if bad:
+        raise ConfigError(f"{where}: field 'packages': {', '.join(map(repr, bad))} "
+                          "is not a Debian package name")
+    missing = [p for p in REQUIRED_PACKAGES if p not in recipe.packages]
+    if not any(p.startswith("linux-image-") for p in recipe.packages):
+        missing.append("a linux-image-* kernel")
+    if missing:
+        raise ConfigError(f"{where}: field 'packages' lacks {', '.join(missing)}: the guest "
+                          "init and initramfs need them")
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,10 +190,15 @@ class GuestImage:
     modules_dir: Path | None
     initrd: Path | None = None
     rootfs_format: str = "raw"
+    #: A user kernel's modules as a read-only ext4 disk (label ``pvmods``) the
+    #: initramfs mounts at ``/lib/modules/<kernel_version>``; None = in the rootfs.
+    modules_disk: Path | None = None
+    #: Where initramfs files for this image are cached (default: beside the kernel).
+    cache: Path | None = None
 
     @property
     def cache_dir(self) -> Path:
-        return self.kernel.parent
+        return self.cache or self.kernel.parent
 
 
 MANIFEST = "manifest.json"
@@ -198,13 +289,13 @@ def _build_into(recipe: Recipe, out: Path, progress: Progress) -> None:
     manifest = {
         "key": recipe.key(),
         "kernel_version": kver,
-        "kernel_sha256": _sha256(out / "vmlinuz"),
+        "kernel_sha256": file_sha256(out / "vmlinuz"),
         "rootfs_size": (out / "rootfs.img").stat().st_size,
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -212,11 +303,37 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _inflate_tool(argv: list[str], data: bytes) -> bytes | None:
+    """Inflate with a host tool (lz4, zstd: no stdlib module); None if it is missing.
+
+    The exit status is not trusted: the kernel's build appends the inflated
+    size after the stream, which ``lz4`` reports as trailing garbage (exit 1)
+    after writing the whole kernel; the caller checks for an ELF instead.
+    """
+    if shutil.which(argv[0]) is None:
+        return None
+    proc = subprocess.run(argv, input=data, capture_output=True, check=False)
+    return proc.stdout or None
+
+
 #: Compressed-payload signatures inside a bzImage, and how to inflate them.
-_PAYLOADS: tuple[tuple[bytes, Callable[[bytes], bytes]], ...] = (
+_PAYLOADS: tuple[tuple[bytes, Callable[[bytes], bytes | None]], ...] = (
     (b"\xfd7zXZ\x00", lambda b: lzma.LZMADecompressor().decompress(b)),
     (b"\x1f\x8b\x08", lambda b: zlib.decompressobj(wbits=31).decompress(b)),
+    # Legacy-frame LZ4 (Debian's cloud kernel) and zstd, through their CLIs.
+    (b"\x02\x21\x4c\x18", lambda b: _inflate_tool(["lz4", "-dc"], b)),
+    (b"\x28\xb5\x2f\xfd", lambda b: _inflate_tool(["zstd", "-dcq"], b)),
 )
+
+
+def _payload(bzimage: bytes) -> bytes | None:
+    """The compressed kernel named by the setup header (payload_offset/length, boot.rst)."""
+    if len(bzimage) < 0x250 or bzimage[0x202:0x206] != b"HdrS":
+        return None
+    setup_sects = bzimage[0x1F1] or 4
+    offset, length = struct.unpack_from("<II", bzimage, 0x248)
+    start = (setup_sects + 1) * 512 + offset
+    return bzimage[start:start + length] if offset and length else None
 
 
 def extract_vmlinux(bzimage: bytes) -> bytes | None:
@@ -224,18 +341,23 @@ def extract_vmlinux(bzimage: bytes) -> bytes | None:
 
     Why: QEMU boots an ELF kernel with a PVH note directly in 32-bit mode,
     skipping real-mode setup and the in-guest decompression, which under TCG
-    costs ~2 s of every boot (measured: 5.8 s → 3.4 s to shell).
+    costs ~2 s of every boot (measured: 5.8 s → 3.4 s to shell).  The payload
+    is located through the setup header; a signature scan is the fallback.
     """
-    for magic, inflate in _PAYLOADS:
-        start = bzimage.find(magic)
-        if start < 0:
-            continue
-        try:
-            out = inflate(bzimage[start:])
-        except (lzma.LZMAError, zlib.error):
-            continue
-        if out[:4] == b"\x7fELF":
-            return out
+    payload = _payload(bzimage)
+    candidates = [payload] if payload is not None else []
+    candidates += [bzimage[start:] for magic, _ in _PAYLOADS
+                   if (start := bzimage.find(magic)) >= 0]
+    for blob in candidates:
+        for magic, inflate in _PAYLOADS:
+            if not blob.startswith(magic):
+                continue
+            try:
+                out = inflate(blob)
+            except (lzma.LZMAError, zlib.error):
+                continue
+            if out is not None and out[:4] == b"\x7fELF":
+                return out
     return None
 
 
@@ -260,7 +382,7 @@ def verify(image_dir: Path) -> GuestImage:
         manifest = json.loads((image_dir / MANIFEST).read_text())
         kernel = image_dir / "vmlinuz"
         rootfs = image_dir / "rootfs.img"
-        if _sha256(kernel) != manifest["kernel_sha256"]:
+        if file_sha256(kernel) != manifest["kernel_sha256"]:
             raise ImageError(f"cached guest kernel {kernel} is corrupt (checksum); {fix}")
         if rootfs.stat().st_size != manifest["rootfs_size"]:
             raise ImageError(f"cached rootfs {rootfs} has the wrong size; {fix}")

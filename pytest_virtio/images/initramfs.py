@@ -8,6 +8,7 @@ missing driver is a precise, testable diagnosis instead of a hang.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -48,6 +49,16 @@ def builtin_modules(modules_dir: Path) -> frozenset[str]:
     except OSError:
         return frozenset()
     return frozenset(_norm(Path(p).name.split(".ko")[0]) for p in text.split())
+
+
+@functools.lru_cache(maxsize=8)
+def available_modules(modules_dir: Path) -> frozenset[str]:
+    """Every driver the kernel can have: a module in ``modules.dep`` or built in."""
+    try:
+        dep = parse_modules_dep((modules_dir / "modules.dep").read_text())
+    except OSError as exc:
+        raise ImageError(f"cannot read {modules_dir}/modules.dep: {exc}") from exc
+    return frozenset(dep) | builtin_modules(modules_dir)
 
 
 def resolve(names: Iterable[str], modules_dir: Path) -> list[str]:

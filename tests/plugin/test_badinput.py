@@ -66,11 +66,86 @@ def test_directory_as_kernel_is_a_usage_error(pytester: pytest.Pytester) -> None
     assert "is not a regular file" in _line_with(result.stderr.str(), "--virtio-kernel")
 
 
-def test_kernel_without_initrd_and_rootfs(pytester: pytest.Pytester) -> None:
-    kernel = pytester.makefile(".kernel", "x")
+def test_kernel_file_without_modules(pytester: pytest.Pytester) -> None:
+    """A kernel alone is the user-kernel route: a kernel file needs its modules."""
+    kernel = pytester.path / "bzImage"
+    kernel.write_bytes(b"\0" * 0x202 + b"HdrS" + b"\0" * 16)
     result = pytester.runpytest(TCG, f"--virtio-kernel={kernel}")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    assert "give all three or none" in _line_with(result.stderr.str(), "go together")
+    assert "give its modules with --virtio-modules" in _line_with(result.stderr.str(),
+                                                                 "--virtio-kernel")
+
+
+def test_kernel_that_is_not_a_kernel(pytester: pytest.Pytester) -> None:
+    kernel = pytester.makefile(".kernel", "x")
+    result = pytester.runpytest(TCG, f"--virtio-kernel={kernel}",
+                                f"--virtio-modules={pytester.path}")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "neither a bzImage nor an ELF" in _line_with(result.stderr.str(), "--virtio-kernel")
+
+
+def test_initrd_without_rootfs(pytester: pytest.Pytester) -> None:
+    files = [pytester.makefile(f".{k}", "x") for k in ("kernel", "initrd")]
+    result = pytester.runpytest(TCG, f"--virtio-kernel={files[0]}", f"--virtio-initrd={files[1]}")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "give all three" in _line_with(result.stderr.str(), "--virtio-initrd")
+
+
+def test_modules_without_kernel(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest(TCG, f"--virtio-modules={pytester.path}")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "goes with --virtio-kernel" in _line_with(result.stderr.str(), "--virtio-modules")
+
+
+CUSTOM_INITRD_TEST = """
+import pytest
+
+@pytest.mark.vm({kwargs})
+def test_x(guest):
+    pass
+"""
+
+
+@pytest.mark.parametrize("kwargs, key, why", [
+    ("initramfs_modules=['ahci']", "initramfs_modules=['ahci']", "choose the modules it loads"),
+    ("root_bus='ahci'", "root_bus='ahci'", "ahci, sd_mod drivers that bus needs"),
+    ("kernel='/boot'", "kernel='/boot'", "build an initramfs for another kernel"),
+])
+def test_custom_initrd_refuses_what_it_cannot_honour(
+    pytester: pytest.Pytester, kwargs: str, key: str, why: str
+) -> None:
+    """With --virtio-initrd these keys would be silently ignored: a collection error instead."""
+    files = [pytester.makefile(f".{k}", "x") for k in ("kernel", "initrd", "rootfs")]
+    pytester.makepyfile(CUSTOM_INITRD_TEST.format(kwargs=kwargs))
+    result = pytester.runpytest(TCG, f"--virtio-kernel={files[0]}",
+                                f"--virtio-initrd={files[1]}", f"--virtio-rootfs={files[2]}")
+    result.assert_outcomes(errors=1)
+    line = _line_with(result.stdout.str(), key)
+    assert "@pytest.mark.vm" in line and "--virtio-initrd is used as is" in line and why in line
+
+
+def test_custom_initrd_refuses_a_root_bus_matrix(pytester: pytest.Pytester) -> None:
+    files = [pytester.makefile(f".{k}", "x") for k in ("kernel", "initrd", "rootfs")]
+    pytester.makepyfile("""
+        import pytest
+
+        @pytest.mark.virtio_matrix(root_bus=["virtio-blk", "nvme"])
+        def test_x(guest):
+            pass
+    """)
+    result = pytester.runpytest(TCG, f"--virtio-kernel={files[0]}",
+                                f"--virtio-initrd={files[1]}", f"--virtio-rootfs={files[2]}")
+    result.assert_outcomes(errors=1)
+    line = _line_with(result.stdout.str(), "root_bus='nvme'")
+    assert "@pytest.mark.virtio_matrix" in line and "--virtio-initrd is used as is" in line
+
+
+def test_vm_kernel_key_is_checked_at_collection(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(CUSTOM_INITRD_TEST.format(kwargs="kernel='/no/such/bzImage'"))
+    result = pytester.runpytest(TCG)
+    result.assert_outcomes(errors=1)
+    line = _line_with(result.stdout.str(), "/no/such/bzImage")
+    assert "@pytest.mark.vm(kernel=)" in line and "does not exist" in line
 
 
 def test_bad_timeout_scale(pytester: pytest.Pytester) -> None:

@@ -1,0 +1,46 @@
+"""User image recipes: extends a shipped one, and every error names the file and the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pytest_virtio.errors import ConfigError
+from pytest_virtio.images.builder import load_recipe, load_recipe_file
+
+
+def _recipe(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "mine.toml"
+    path.write_text(text)
+    return path
+
+
+def test_extends_adds_packages_and_gets_its_own_key(tmp_path: Path) -> None:
+    base = load_recipe("bookworm")
+    mine = load_recipe(str(_recipe(tmp_path, 'extends = "bookworm"\nname = "mine"\n'
+                                              'packages = ["nvme-cli"]\nsuite = "trixie"\n')))
+    assert mine.packages == (*base.packages, "nvme-cli")
+    assert mine.suite == "trixie" and mine.path_exclude == base.path_exclude
+    assert mine.key().startswith("mine-") and mine.key() != base.key()
+
+
+@pytest.mark.parametrize("text, field, words", [
+    ('extends = "bookworm"\nname = "x"\npakages = ["a"]', "pakages", "unknown field"),
+    ('extends = "bookworm"\nname = "x"\npackages = "nvme-cli"', "'packages'", "must be a list"),
+    ('extends = "bookworm"\nname = "x"\npackages = ["Bad Name"]', "'packages'",
+     "not a Debian package name"),
+    ('extends = "bullseye"\nname = "x"', "'extends'", "not a shipped recipe"),
+    ('extends = "bookworm"\nname = "x"\nvariant = "tiny"', "'variant'", "minbase"),
+    ('extends = "bookworm"\nname = "x"\nrootfs_size = "big"', "'rootfs_size'", "like 1536M"),
+    ('extends = "bookworm"\nname = "a b"', "'name'", "cache directory"),
+    ('name = "x"\nsuite = "trixie"', "packages", "missing field"),
+    ('name = "x"\nsuite = "trixie"\npackages = ["fio"]', "'packages' lacks",
+     "busybox-static, kmod, iproute2, dropbear-bin, a linux-image-* kernel"),
+    ('name = "x"\nsuite = "a" "b"', "cannot read image recipe", "line 2"),
+])
+def test_errors_name_the_field(tmp_path: Path, text: str, field: str, words: str) -> None:
+    path = _recipe(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_recipe_file(path)
+    assert str(path) in str(err.value) and field in str(err.value) and words in str(err.value)
