@@ -942,10 +942,10 @@ def _root_argv(spec: MachineSpec, ctx: LaunchContext, placed: Mapping[str, Props
     return argv + _block_device(spec.root_bus, "root", "drv-root", placed.get("root", []), None)
 
 
-#: The modules disk takes the controller's last unit, so data disks and CD-ROMs
-#: keep their usual places (units 0..n-1).
-_LAST_UNIT: Final[Mapping[str, int]] = MappingProxyType(
-    {"ide": IDE_UNITS - 1, "ahci": AHCI_PORTS - 1, "lsi": LSI_TARGETS - 1, "scsi": 255}
+#: Units per shared controller; the modules disk takes the next free one after
+#: the root, data disks and CD-ROMs (units 0..n-1 keep their usual places).
+_UNITS: Final[Mapping[str, int]] = MappingProxyType(
+    {"ide": IDE_UNITS, "ahci": AHCI_PORTS, "lsi": LSI_TARGETS, "scsi": 256}
 )
 _CONTROLLER: Final[Mapping[str, str]] = MappingProxyType(
     {"ide": "ide", "ahci": "ahci", "lsi": "lsi", "virtio-scsi": "scsi"}
@@ -965,13 +965,14 @@ def _modules_disk_argv(spec: MachineSpec, ctx: LaunchContext) -> list[str]:
     ctrl = _CONTROLLER.get(bus, "")
     placement: Props = []
     if ctrl:
-        if _controller_users(spec)[ctrl] > _LAST_UNIT[ctrl]:
+        used = _controller_users(spec)[ctrl]
+        if used >= _UNITS[ctrl]:
             raise ConfigError(
                 f"root bus {spec.root_bus!r}: the kernel's modules disk needs a free unit on "
                 f"the {ctrl} controller, but the root disk, data disks and CD-ROMs use all of "
                 "them; put a data disk on another bus"
             )
-        placement = _placement(ctrl, _LAST_UNIT[ctrl])
+        placement = _placement(ctrl, used)
     # snapshot, not readonly: QEMU's ide-hd refuses a read-only drive; the
     # guest mounts it read-only and the cached image is never written either way.
     drive = _drive("drv-pvmods", ctx.modules_image,

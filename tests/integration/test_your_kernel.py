@@ -8,10 +8,14 @@ the initramfs, stages the modules (depmod) and gives them to the guest.
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
+from pytest_virtio.images.builder import extract_vmlinux
 from pytest_virtio.images.kernel import fetch_deb_kernel
 from pytest_virtio.session import VirtioSession
 
@@ -49,6 +53,14 @@ def test_devices_and_drivers(guest):
     assert guest.check(f"ls /lib/modules/{{RELEASE}}/modules.dep").ok
 
 
+@pytest.mark.vm(kernel={tree!r}, root_bus="virtio-scsi")
+def test_per_test_kernel_from_a_build_tree(guest):
+    """vm(kernel=<build tree>): vmlinux and the modules come from the tree itself."""
+    assert guest.check("uname -r").stdout.strip() == RELEASE
+    assert "virtio_scsi" in guest.lsmod()
+    guest.modprobe("virtio_rng")
+
+
 @pytest.mark.parametrize("kwargs, device, driver", [
     (dict(disks=["ahci"]), "disk 'disk0' (bus ahci)", "ahci"),
     (dict(nics=["e1000"]), "nic 'net0' (model e1000)", "e1000"),
@@ -67,6 +79,25 @@ def cloud_kernel(virtio_session: VirtioSession) -> tuple[Path, Path]:
     return fetch_deb_kernel("linux-image-cloud-amd64", virtio_session.settings.cache_dir)
 
 
+def _build_tree(kernel: Path, modules: Path, tree: Path) -> Path:
+    """The cloud kernel laid out as its build tree would be (vmlinux, .ko beside their
+    sources, modules.order without the kernel/ prefix, include/config/kernel.release)."""
+    elf = extract_vmlinux(kernel.read_bytes())
+    assert elf is not None
+    (tree / "include" / "config").mkdir(parents=True)
+    (tree / "include" / "config" / "kernel.release").write_text(modules.name + "\n")
+    (tree / "vmlinux").write_bytes(elf)
+    order = []
+    for line in (modules / "modules.order").read_text().split():
+        rel = line.removeprefix("kernel/")
+        (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.link(modules / line, tree / rel)
+        order.append(rel)
+    (tree / "modules.order").write_text("\n".join(order) + "\n")
+    shutil.copy2(modules / "modules.builtin", tree / "modules.builtin")
+    return tree
+
+
 def test_cloud_kernel_device_matrix(
     pytester: pytest.Pytester, virtio_session: VirtioSession, cloud_kernel: tuple[Path, Path],
     monkeypatch: pytest.MonkeyPatch,
@@ -74,13 +105,18 @@ def test_cloud_kernel_device_matrix(
     kernel, modules = cloud_kernel
     assert not (modules / "modules.dep").exists()  # the package ships none: depmod must run
     monkeypatch.setenv("PYTEST_VIRTIO_CACHE", str(virtio_session.settings.cache_dir))
-    pytester.makepyfile(test_cloud=INNER.format(release=modules.name))
+    tree = kernel.parents[2] / "build-tree"  # beside the unpacked package: staged once
+    with FileLock(f"{tree}.lock"):
+        if not (tree / "modules.order").is_file():
+            shutil.rmtree(tree, ignore_errors=True)
+            _build_tree(kernel, modules, tree)
+    pytester.makepyfile(test_cloud=INNER.format(release=modules.name, tree=str(tree)))
     result = pytester.runpytest_subprocess(
         "-p", "no:cacheprovider", f"--virtio-accel={virtio_session.accel().accel}",
         f"--virtio-kernel={kernel}", f"--virtio-modules={modules}", "-q", timeout=600,
     )
     out = result.stdout.str()
-    result.assert_outcomes(passed=6, errors=1)
+    result.assert_outcomes(passed=7, errors=1)
     # AHCI as the root bus: named before any boot, as a setup error of that item
     assert "test_root_bus_matrix[root_bus=ahci]" in out
     assert (f"kernel {modules.name} has no driver for the root disk (bus ahci): ahci neither "

@@ -134,7 +134,7 @@ def _devices(argv: list[str]) -> list[str]:
 @pytest.mark.parametrize("root_bus, device", [
     ("virtio-blk", "virtio-blk-pci,drive=drv-pvmods,id=pvmods,serial=pvmods"),
     ("vhost-user-blk", "virtio-blk-pci,drive=drv-pvmods,id=pvmods,serial=pvmods"),
-    ("ide", "ide-hd,bus=ide.1,unit=1,drive=drv-pvmods,id=pvmods,serial=pvmods"),
+    ("ide", "ide-hd,bus=ide.0,unit=1,drive=drv-pvmods,id=pvmods,serial=pvmods"),
     ("nvme", "nvme,drive=drv-pvmods,id=pvmods,serial=pvmods"),
 ])
 def test_modules_disk_rides_the_root_bus(root_bus: str, device: str) -> None:
