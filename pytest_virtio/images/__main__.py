@@ -16,8 +16,9 @@ from .builder import (
     image_dir,
     load_recipe,
     prune_images,
+    remove_unlocked,
 )
-from .kernel import fetch_deb_kernel
+from .kernel import fetch_deb_kernel, stale_kernels
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,13 +64,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _prune(cache_dir: Path | None, dry_run: bool) -> int:
-    """Remove images no shipped recipe uses any more (each recipe change makes a new one)."""
+    """Remove images no shipped recipe uses any more (each recipe change makes a new one)
+    and staged kernels a newer staging of the same kernel file replaced."""
     removed = prune_images(current_keys(), cache_dir, dry_run=dry_run)
+    removed += remove_unlocked(stale_kernels(cache_dir or default_cache_dir()), dry_run)
     verb = "would remove" if dry_run else "removed"
     for path, size in removed:
         print(f"{verb} {path} ({size / 2**20:.0f} MiB)")
     total = sum(size for _, size in removed)
-    print(f"{verb} {len(removed)} stale image(s), {total / 2**20:.0f} MiB")
+    print(f"{verb} {len(removed)} stale image(s) and staged kernel(s), "
+          f"{total / 2**20:.0f} MiB")
     return 0
 
 

@@ -450,10 +450,30 @@ def _tree_size(path: Path) -> int:
                if p.is_file() and not p.is_symlink())
 
 
-def _build_owner_alive(entry: Path) -> bool:
-    """A ``.build-<key>-<pid>`` directory belongs to a build still running?"""
+def build_owner_alive(entry: Path) -> bool:
+    """A ``.build-<key>-<pid>`` (or ``.stage-…-<pid>``) directory's build still running?"""
     pid = entry.name.rsplit("-", 1)[-1]
     return pid.isdigit() and Path(f"/proc/{pid}").exists()
+
+
+def cache_entries(root: Path, partial: str) -> tuple[list[Path], list[Path]]:
+    """(half-built directories whose builder died, finished directories) under ``root``.
+
+    Half-built ones are named ``<partial>…-<pid>`` until their atomic rename.
+    """
+    dead: list[Path] = []
+    finished: list[Path] = []
+    if not root.is_dir():
+        return dead, finished
+    for entry in sorted(root.iterdir()):
+        if not entry.is_dir():
+            continue
+        if entry.name.startswith(partial):
+            if not build_owner_alive(entry):
+                dead.append(entry)
+        else:
+            finished.append(entry)
+    return dead, finished
 
 
 def stale_images(keep: set[str], cache_dir: Path | None = None) -> list[Path]:
@@ -462,18 +482,8 @@ def stale_images(keep: set[str], cache_dir: Path | None = None) -> list[Path]:
     Every change to a recipe, the guest init or the builder makes a new key,
     so without pruning the cache grows by ~1 GiB per change.
     """
-    root = (cache_dir or default_cache_dir()) / "images"
-    if not root.is_dir():
-        return []
-    stale = []
-    for entry in sorted(root.iterdir()):
-        if not entry.is_dir():
-            continue
-        if entry.name.startswith(".build-"):
-            if not _build_owner_alive(entry):
-                stale.append(entry)
-        elif entry.name not in keep:
-            stale.append(entry)
+    dead, finished = cache_entries((cache_dir or default_cache_dir()) / "images", ".build-")
+    stale = dead + [entry for entry in finished if entry.name not in keep]
     return stale
 
 
@@ -485,8 +495,13 @@ def prune_images(
     An image whose lock another process holds (a session that is building or
     verifying it) is left alone.
     """
+    return remove_unlocked(stale_images(keep, cache_dir), dry_run)
+
+
+def remove_unlocked(entries: list[Path], dry_run: bool = False) -> list[tuple[Path, int]]:
+    """Remove cache directories whose ``<dir>.lock`` nobody holds; (path, bytes) of each."""
     removed = []
-    for entry in stale_images(keep, cache_dir):
+    for entry in entries:
         size = _tree_size(entry)
         if dry_run:
             removed.append((entry, size))

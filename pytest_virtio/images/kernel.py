@@ -29,7 +29,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from ..errors import ConfigError, ImageError, MissingToolError
-from .builder import GuestImage, Progress, extract_vmlinux, file_sha256
+from .builder import GuestImage, Progress, cache_entries, extract_vmlinux, file_sha256
 
 #: The label our initramfs looks for; also the disk's serial in the guest.
 MODULES_LABEL = "pvmods"
@@ -303,6 +303,31 @@ def _stage(kfile: Path, src: Path, release: str, build_tree: bool, final: Path,
         os.rename(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def stale_kernels(cache_dir: Path) -> list[Path]:
+    """Staged kernels superseded by a newer staging of the same kernel file, and dead
+    half-stagings.
+
+    Why: every rebuild of a kernel (new mtimes) stages its modules anew (a copy
+    plus a disk image, ~200 MB for a distro config); only the newest is useful.
+    """
+    stale, finished = cache_entries(cache_dir / "kernels", ".stage-")
+    newest: dict[str, tuple[int, Path]] = {}
+    for entry in finished:
+        try:
+            source = json.loads((entry / MANIFEST).read_text())["kernel"]
+            made = (entry / MANIFEST).stat().st_mtime_ns
+        except (OSError, ValueError, KeyError):
+            stale.append(entry)
+            continue
+        if source in newest:
+            keep, drop = sorted([newest[source], (made, entry)], reverse=True)
+            stale.append(drop[1])
+            newest[source] = keep
+        else:
+            newest[source] = (made, entry)
+    return sorted(stale)
 
 
 def _apt_run(argv: list[str], cwd: Path | None = None) -> str:

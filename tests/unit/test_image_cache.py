@@ -76,7 +76,7 @@ def test_cli_prune_reports_what_it_removed(tmp_path: Path) -> None:
         capture_output=True, text=True, check=True,
     ).stdout
     assert "would remove" in out and "bookworm-0000000000000000" in out
-    assert out.rstrip().endswith("would remove 1 stale image(s), 0 MiB")
+    assert out.rstrip().endswith("would remove 1 stale image(s) and staged kernel(s), 0 MiB")
 
 
 def _dead_pid() -> int:

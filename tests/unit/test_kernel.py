@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import struct
 import subprocess
@@ -10,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pytest_virtio.errors import ConfigError, MissingDriver
-from pytest_virtio.images.builder import GuestImage, extract_vmlinux
+from pytest_virtio.images.builder import GuestImage, extract_vmlinux, remove_unlocked
 from pytest_virtio.images.initramfs import available_modules
 from pytest_virtio.images.kernel import (
     bzimage_release,
@@ -18,6 +20,7 @@ from pytest_virtio.images.kernel import (
     elf_release,
     modules_source,
     stage_modules,
+    stale_kernels,
 )
 from pytest_virtio.session import check_drivers, check_honoured
 from pytest_virtio.settings import Settings
@@ -165,3 +168,24 @@ def test_custom_initrd_keys_it_cannot_honour() -> None:
 def test_vm_modules_needs_kernel() -> None:
     with pytest.raises(ConfigError, match="modules goes with kernel"):
         spec_from_kwargs({"modules": "/lib/modules/x"})
+
+
+def _staged(cache: Path, name: str, kernel: str) -> Path:
+    d = cache / "kernels" / name
+    d.mkdir(parents=True)
+    (d / "kernel.json").write_text(json.dumps({"kernel": kernel, "release": RELEASE}))
+    return d
+
+
+def test_prune_keeps_the_newest_staging_per_kernel_file(tmp_path: Path) -> None:
+    """A rebuilt kernel stages anew; the older staging of the same file is stale."""
+    old = _staged(tmp_path, f"{RELEASE}-aaaa", "/src/linux/vmlinux")
+    other = _staged(tmp_path, f"{RELEASE}-bbbb", "/boot/vmlinuz")
+    new = _staged(tmp_path, f"{RELEASE}-cccc", "/src/linux/vmlinux")
+    os.utime(old / "kernel.json", ns=(1, 1))
+    dead = tmp_path / "kernels" / f".stage-{RELEASE}-x-{2**22 + 1}"
+    dead.mkdir()
+    assert stale_kernels(tmp_path) == sorted([old, dead])
+    removed = remove_unlocked(stale_kernels(tmp_path))
+    assert {p for p, _ in removed} == {old, dead}
+    assert new.is_dir() and other.is_dir() and not old.exists()
