@@ -372,3 +372,15 @@ def test_bad_key_on_a_class_vm_mark_fails_each_method(pytester: pytest.Pytester)
     result.assert_outcomes(errors=1)
     assert "TestX::test_a: @pytest.mark.vm: unknown key(s) 'memroy'" in _line_with(
         result.stdout.str(), "memroy")
+
+
+def test_bad_recipe_field_is_a_usage_error_naming_it(pytester: pytest.Pytester) -> None:
+    """ini virtio_image is relative to the ini file; a misspelt field fails at configure."""
+    (pytester.path / "images").mkdir()
+    (pytester.path / "images" / "mine.toml").write_text(
+        'extends = "bookworm"\nname = "mine"\npakages = ["nvme-cli"]\n')
+    pytester.makeini("[pytest]\nvirtio_image = images/mine.toml\n")
+    result = pytester.runpytest(TCG)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    line = _line_with(result.stderr.str(), "unknown field(s) pakages")
+    assert f"image recipe {pytester.path / 'images' / 'mine.toml'}:" in line
