@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import functools
 import io
 import os
 import pstats
@@ -37,7 +38,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,14 +121,34 @@ def data_disk(guest: Guest) -> str:
     return f"/dev/{devs[0]}"
 
 
-def run_jobs(guest: Guest, runtime: int) -> dict[str, FioResult]:
+#: Backend CPU µs per request, per configuration and job (filled by run_jobs).
+CPU_US: dict[str, dict[str, float]] = {}
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """utime + stime of a whole process (/proc/PID/stat fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_jobs(guest: Guest, runtime: int, config: str,
+             cpu: Callable[[], float | None] | None = None) -> dict[str, FioResult]:
+    """Every job; with ``cpu`` (the backend's CPU clock) also its CPU per request.
+
+    The CPU delta spans fio's 1 s ramp too, which fio's I/O count leaves out;
+    that bias is the same for every backend, so the ratio stands."""
     dev = data_disk(guest)
     results = {}
     for job in JOBS:
-        results[job.name] = guest.fio(
+        before = cpu() if cpu else None
+        results[job.name] = res = guest.fio(
             dev, rw=job.rw, bs=job.bs, iodepth=job.iodepth, runtime=f"{runtime}s",
             time_based=True, extra={"ramp_time": "1s"},
         )
+        after = cpu() if cpu else None
+        ios = res.read.total_ios + res.write.total_ios
+        if before is not None and after is not None and ios:
+            CPU_US.setdefault(config, {})[job.name] = (after - before) / ios * 1e6
     return results
 
 
@@ -168,13 +189,17 @@ def measure(session: VirtioSession, config: str, image: Path, sock: Path, runtim
             profile: bool, direct: bool) -> dict[str, FioResult]:
     spec = MachineSpec(disks=(disk_for(config, image, sock),))
     with contextlib.ExitStack() as stack:
+        cpu: Callable[[], float | None] | None = None
         if config == "qsd":
-            stack.enter_context(storage_daemon(image, sock, direct))
+            qsd = stack.enter_context(storage_daemon(image, sock, direct))
+            cpu = functools.partial(process_cpu_seconds, qsd.pid)
         guest = session.boot(spec, name=f"bench-{config}")
         stack.callback(session.guests.remove, guest)
         stack.callback(guest.close)
+        if config == "ours":
+            cpu = guest.backends["bench"].thread_cpu_seconds
         prof = ThreadProfile(guest.backends["bench"]) if profile and config == "ours" else None
-        results = run_jobs(guest, runtime)
+        results = run_jobs(guest, runtime, config, cpu)
         if config == "ours":
             guest.backends["bench"].check()
             print(f"ours: backend stats {guest.backends['bench'].stats.to_dict()['requests']}")
@@ -202,6 +227,13 @@ def report(all_results: dict[str, dict[str, FioResult]]) -> None:
                 f"  >= {target} {'met' if ratio >= target else 'MISSED'}")
             row += f"   {ratio:8.2f}{verdict}"
         print(row)
+    if "ours" in CPU_US and "qsd" in CPU_US:
+        print("\nbackend CPU per request (µs): ours (backend thread) vs qemu-storage-daemon "
+              "(whole process)")
+        for job in JOBS:
+            ours, qsd = CPU_US["ours"].get(job.name), CPU_US["qsd"].get(job.name)
+            if ours is not None and qsd is not None:
+                print(f"{job.name:<14}{ours:>10.1f}{qsd:>10.1f}   ours/qsd {ours / qsd:6.2f}")
 
 
 def main() -> None:

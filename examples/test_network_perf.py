@@ -7,8 +7,12 @@ this machine.  The result (a NetResult) is filed under the NIC model.
 
 Measured under TCG: host→guest virtio-net 82 MiB/s vs e1000 55 MiB/s (1.5x)
 alone, but 37 vs 37 and 92.5 vs 92.8 MiB/s with two workers (user-mode
-networking's single thread caps both NICs at the same rate), hence by=0.9:
-virtio-net must be at least on par, within measurement noise;
+networking's single thread caps both NICs at the same rate).  So the
+throughput promise is parity (by=1.0), judged over five rounds alternated with
+an e1000 guest: when the rounds' spread straddles parity the verdict is
+"inconclusive", not a false failure.  The strong claim is counted, not timed:
+per packet e1000 takes ~0.3 register accesses (VM exits under KVM), virtio-net
+~0.03 (measured), so virtio-net must trap at least 3 times less;
 guest→host the other way round, virtio-net 10 MiB/s vs e1000 16-29 MiB/s (the
 guest's TSO super-frames have to be re-segmented by user-mode networking's
 TCP stack).  So the receive direction carries the promise; the send direction
@@ -36,8 +40,9 @@ def assert_driver_bound(guest: Guest) -> None:
 @pytest.mark.vm(nics=[NIC])
 @MATRIX
 @pytest.mark.workload("iperf3", nic="net0", seconds=3, reverse=True)
-@pytest.mark.perf(min_bw={"tcg": "10M"}, faster_than={"virtio-net": "e1000"}, by=0.9,
-                 metric="bw")
+@pytest.mark.perf(min_bw={"tcg": "10M"}, faster_than={"virtio-net": "e1000"}, by=1.0,
+                  metric="bw", rounds=5)
+@pytest.mark.perf(faster_than={"virtio-net": "e1000"}, metric="traps_per_io", by=3)
 def test_tcp_host_to_guest(guest: Guest, workload: NetResult) -> None:
     """Host → guest TCP: the guest's receive path, where virtio-net must win."""
     assert_driver_bound(guest)

@@ -41,6 +41,16 @@ BUSES = ["ide", "ahci", "virtio-scsi", "virtio-blk", "vhost-user-blk"]
 COUNTERPART = {"virtio-blk": "ide"}
 #: How much faster the paravirtual bus must be (IOPS ratio).
 FACTOR = 1.2
+#: Throughput is timed, so it moves with the host's load: five rounds, alternated
+#: with a guest on the reference bus, and a verdict that says "inconclusive"
+#: when the spread of the rounds straddles the factor.
+ROUNDS = 5
+#: The strong claim is the mechanism, counted by QEMU and independent of load:
+#: per 4k read IDE makes 26 register accesses (each a VM exit under KVM) and
+#: AHCI ~5.6, a virtio queue at most one notify per batch (0.1-0.7 measured).
+PARAVIRTUAL = ("virtio-blk", "virtio-scsi", "vhost-user-blk")
+FEWER_TRAPS_THAN_IDE = {bus: "ide" for bus in PARAVIRTUAL}
+FEWER_TRAPS_THAN_AHCI = {bus: "ahci" for bus in PARAVIRTUAL}
 DISK = {"name": "disk0", "size": "256M"}
 
 
@@ -55,7 +65,10 @@ def assert_driver_bound(guest: Guest) -> None:
 @pytest.mark.vm(disks=[DISK])
 @pytest.mark.virtio_matrix(disk=BUSES)
 @pytest.mark.workload("fio", disk="disk0", rw="randread", bs="4k", iodepth=16, runtime="3s")
-@pytest.mark.perf(min_iops={"kvm": 20_000, "tcg": 1_000}, faster_than=COUNTERPART, by=FACTOR)
+@pytest.mark.perf(min_iops={"kvm": 20_000, "tcg": 1_000}, faster_than=COUNTERPART, by=FACTOR,
+                  rounds=ROUNDS)
+@pytest.mark.perf(faster_than=FEWER_TRAPS_THAN_IDE, metric="traps_per_io", by=10)
+@pytest.mark.perf(faster_than=FEWER_TRAPS_THAN_AHCI, metric="traps_per_io", by=3)
 def test_random_read(guest: Guest, workload: FioResult) -> None:
     """4k random reads at queue depth 16: the small-block case databases live on."""
     assert_driver_bound(guest)

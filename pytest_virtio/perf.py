@@ -20,15 +20,14 @@ bare latency number is nanoseconds (write ``"2ms"``).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from pytest_virtio.errors import ConfigError
+from pytest_virtio.metrics import MECHANISM, Spread, spread
+from pytest_virtio.metrics import METRICS as METRIC_TABLE
 from pytest_virtio.report import Record, RelativeCheck
 from pytest_virtio.units import (
-    format_count,
-    format_duration,
-    format_rate,
     parse_count,
     parse_duration,
     parse_rate,
@@ -43,6 +42,7 @@ __all__ = [
     "check_absolute",
     "check_applicable",
     "check_relative",
+    "judge",
     "metric_value",
     "relative_outcomes",
 ]
@@ -53,9 +53,11 @@ Measured = FioResult | Record
 
 MARKER = "perf"
 ACCELERATORS = ("kvm", "tcg")
-METRICS = ("iops", "bw", "lat_p99", "lat_mean")
+METRICS = tuple(METRIC_TABLE)
 THRESHOLD_KEYS = ("min_iops", "min_bw", "max_lat_p99", "max_lat_mean")
-PERF_KEYS = (*THRESHOLD_KEYS, "faster_than", "by", "metric")
+PERF_KEYS = (*THRESHOLD_KEYS, "faster_than", "by", "metric", "rounds")
+#: Most rounds a marker may ask for (each is a full workload run on the guest).
+MAX_ROUNDS = 50
 
 # Per threshold key: the metric it bounds and the parser for its values.
 _THRESHOLD_METRIC = {
@@ -70,14 +72,9 @@ _PARSERS: dict[str, Callable[[int | float | str], float]] = {
     "lat_p99": lambda v: float(parse_duration(v)),
     "lat_mean": lambda v: float(parse_duration(v)),
 }
-_FORMATTERS: dict[str, Callable[[float], str]] = {
-    "iops": format_count,
-    "bw": format_rate,
-    "lat_p99": format_duration,
-    "lat_mean": format_duration,
-}
-_LABELS = {"iops": "IOPS", "bw": "bandwidth", "lat_p99": "p99 latency", "lat_mean": "mean latency"}
-_HIGHER_IS_BETTER = {"iops": True, "bw": True, "lat_p99": False, "lat_mean": False}
+_FORMATTERS: dict[str, Callable[[float], str]] = {m.name: m.fmt for m in METRIC_TABLE.values()}
+_LABELS = {m.name: m.label for m in METRIC_TABLE.values()}
+_HIGHER_IS_BETTER = {m.name: m.higher_is_better for m in METRIC_TABLE.values()}
 
 # A threshold: ("*", value) applies to every accelerator, otherwise one pair per
 # accelerator named.  Tuples, not dicts, keep PerfSpec hashable.
@@ -127,8 +124,17 @@ class PerfSpec:
     max_lat_p99: Threshold | None = None
     max_lat_mean: Threshold | None = None
     faster_than: str | tuple[tuple[str, str], ...] | None = None
-    by: float = 1.0
+    #: The required factor: one number, or per accelerator as a Threshold.
+    by: float | Threshold = 1.0
     metric: str = "iops"
+    #: Runs of the workload per test (None: the session's --virtio-perf-rounds).
+    rounds: int | None = None
+
+    def by_for(self, accel: str | None) -> float | None:
+        """The factor required under ``accel`` (None: no relative promise there)."""
+        if isinstance(self.by, float | int):
+            return float(self.by)
+        return _for_accel(self.by, accel or "*")
 
     def reference_for(self, device: str) -> str | None:
         """The device ``device`` must beat, or None when it has no relative promise.
@@ -167,11 +173,7 @@ class PerfSpec:
             if kwargs.get(key) is not None
         }
         faster_than = _parse_faster_than(kwargs.get("faster_than"))
-        by = kwargs.get("by", 1.0)
-        if isinstance(by, bool) or not isinstance(by, int | float) or not math.isfinite(by):
-            raise ConfigError(f"{_where('by')}: {by!r} must be a positive number")
-        if by <= 0:
-            raise ConfigError(f"{_where('by')}: {by!r} must be a positive number")
+        by = _parse_by(kwargs.get("by", 1.0))
         if "by" in kwargs and faster_than is None:
             raise ConfigError(f"{_where('by')}: 'by' needs 'faster_than' (a device to beat)")
         metric = kwargs.get("metric", "iops")
@@ -179,7 +181,8 @@ class PerfSpec:
             raise ConfigError(
                 f"{_where('metric')}: {metric!r} is not known; allowed: {', '.join(METRICS)}"
             )
-        return cls(faster_than=faster_than, by=float(by), metric=str(metric), **thresholds)
+        return cls(faster_than=faster_than, by=by, metric=str(metric),
+                   rounds=_parse_rounds(kwargs.get("rounds")), **thresholds)
 
     @classmethod
     def from_marker(cls, args: tuple[object, ...], kwargs: Mapping[str, object]) -> PerfSpec:
@@ -190,6 +193,39 @@ class PerfSpec:
                 f"(got positional {args!r}); allowed keys: {', '.join(PERF_KEYS)}"
             )
         return cls.from_kwargs(kwargs)
+
+
+def _factor(value: object) -> float:
+    if (isinstance(value, bool) or not isinstance(value, int | float)
+            or not math.isfinite(value) or value <= 0):
+        raise ConfigError(f"{_where('by')}: {value!r} must be a positive number")
+    return float(value)
+
+
+def _parse_by(value: object) -> float | Threshold:
+    """``by=1.5`` or ``by={"kvm": 1.5, "tcg": 1.0}`` (an accelerator left out: no promise)."""
+    if not isinstance(value, Mapping):
+        return _factor(value)
+    unknown = [a for a in value if a not in ACCELERATORS]
+    if unknown or not value:
+        raise ConfigError(
+            f"{_where('by')}: accelerator keys {sorted(map(str, unknown))} are not known; "
+            f"allowed: {', '.join(ACCELERATORS)}"
+        )
+    return tuple((str(accel), _factor(v)) for accel, v in value.items())
+
+
+def parse_rounds(value: object, where: str) -> int:
+    """A round count: a whole number from 1 to :data:`MAX_ROUNDS`."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_ROUNDS:
+        raise ConfigError(f"{where}: {value!r} must be a whole number from 1 to {MAX_ROUNDS}")
+    return value
+
+
+def _parse_rounds(value: object) -> int | None:
+    return None if value is None else parse_rounds(value, _where("rounds"))
 
 
 def _parse_faster_than(value: object) -> str | tuple[tuple[str, str], ...] | None:
@@ -210,9 +246,12 @@ def _parse_faster_than(value: object) -> str | tuple[tuple[str, str], ...] | Non
 
 
 def metric_value(result: Measured, metric: str) -> float | None:
-    """The number a metric names; ``None`` when fio did not report it (p99 disabled)."""
+    """The number a metric names; ``None`` when it was not measured (p99 disabled,
+    mechanism not counted)."""
     if isinstance(result, Record):
-        return _record_value(result, metric)
+        return result.value(metric)
+    if metric not in METRICS:
+        raise ConfigError(f"unknown metric {metric!r}; allowed: {', '.join(METRICS)}")
     if metric == "iops":
         return result.iops
     if metric == "bw":
@@ -221,16 +260,7 @@ def metric_value(result: Measured, metric: str) -> float | None:
         return result.lat_p99_ns
     if metric == "lat_mean":
         return result.lat_mean_ns if result.read.total_ios + result.write.total_ios else None
-    raise ConfigError(f"unknown metric {metric!r}; allowed: {', '.join(METRICS)}")
-
-
-def _record_value(record: Record, metric: str) -> float | None:
-    if metric == "lat_mean":
-        value = record.extra.get("lat_mean_ns")
-        return float(value) if isinstance(value, int | float) else None
-    if metric not in METRICS:
-        raise ConfigError(f"unknown metric {metric!r}; allowed: {', '.join(METRICS)}")
-    return {"iops": record.iops, "bw": record.bw, "lat_p99": record.lat_p99_ns}[metric]
+    return None
 
 
 def _workload_name(result: Measured, workload: str | None) -> str:
@@ -271,109 +301,182 @@ def check_absolute(
     return failures
 
 
+@dataclass(frozen=True)
+class Verdict:
+    """One relative check judged on every sample of both devices.
+
+    ``ratio`` compares the medians ("how many times better"); ``low``/``high``
+    are the worst and best case the spreads allow (this device's worst sample
+    against the reference's best, and the other way round).  ``ok`` when even
+    the worst case clears the factor, ``FAILED`` when even the best case misses
+    it, ``inconclusive`` when the factor lies inside the range: the host's
+    noise is larger than the difference the test asks about.
+    """
+
+    outcome: str
+    ratio: float | None = None
+    low: float | None = None
+    high: float | None = None
+    rounds: tuple[int, int] = (0, 0)
+    reason: str = ""
+
+
+OK, FAILED, INCONCLUSIVE = "ok", "FAILED", "inconclusive"
+
+
+def _div(a: float, b: float) -> float:
+    return a / b if b else math.inf
+
+
+def judge(metric: str, by: float, mine: Spread | None, theirs: Spread | None) -> Verdict:
+    """The verdict for ``mine`` vs ``theirs`` (None: not measured) at factor ``by``."""
+    if mine is None or theirs is None:
+        return Verdict(FAILED, reason="not measured")
+    if _HIGHER_IS_BETTER[metric]:
+        ratio = _div(mine.median, theirs.median)
+        low, high = _div(mine.low, theirs.high), _div(mine.high, theirs.low)
+    else:
+        ratio = _div(theirs.median, mine.median)
+        low, high = _div(theirs.low, mine.high), _div(theirs.high, mine.low)
+    outcome = OK if low >= by else FAILED if high < by else INCONCLUSIVE
+    return Verdict(outcome, ratio, low, high, (mine.n, theirs.n))
+
+
+def _show(s: Spread, fmt: Callable[[float], str]) -> str:
+    if s.n == 1:
+        return fmt(s.median)
+    return f"{fmt(s.median)} (median of {s.n}, {fmt(s.low)}..{fmt(s.high)})"
+
+
+def describe(verdict: Verdict, metric: str, by: float, mine: Spread, theirs: Spread,
+             reference: str) -> str:
+    """``IOPS 2,000 vs ide 1,000 is 2.00x; required 1.5x`` (with spreads when repeated)."""
+    fmt = _FORMATTERS[metric]
+    text = (f"{_LABELS[metric]} {_show(mine, fmt)} vs {reference} {_show(theirs, fmt)} "
+            f"is {verdict.ratio:.2f}x")
+    if mine.n > 1 or theirs.n > 1:
+        text += f" (range {verdict.low:.2f}x..{verdict.high:.2f}x)"
+    text += f"; required {by:g}x"
+    if verdict.outcome == INCONCLUSIVE:
+        text += ": inconclusive, the spreads straddle the factor"
+    return text
+
+
 def check_relative(
     spec: PerfSpec,
-    results_by_device: Mapping[str, Measured],
+    results_by_device: Mapping[str, Measured | Sequence[Measured]],
     device: str,
     *,
     workload: str | None = None,
+    accel: str | None = None,
 ) -> list[str]:
     """Check ``faster_than``/``by``: is ``device`` ``by`` times better than the reference?
 
-    "Better" follows the metric: more IOPS or bandwidth, or less latency (a
-    device twice as fast by ``lat_p99`` has half the reference's p99).  A
-    missing result for either device is a failure, not a pass, because a
-    comparison that silently did not happen is the bug this check exists to find.
+    "Better" follows the metric: more IOPS or bandwidth, or less latency or
+    fewer traps (a device twice as fast by ``lat_p99`` has half the
+    reference's p99).  A device may map to several samples (rounds); medians
+    are compared and an inconclusive spread is reported as a failure line
+    here (the session-end judgement, :func:`relative_outcomes`, keeps the
+    three outcomes apart).  A missing result for either device is a failure,
+    not a pass, because a comparison that silently did not happen is the bug
+    this check exists to find.
     """
     if spec.faster_than is None:
         return []
     reference = (spec.faster_than if isinstance(spec.faster_than, str)
                  else spec.reference_for(device))
-    if reference is None:
+    by = spec.by_for(accel)
+    if reference is None or by is None:
         return []
-    metric, label, fmt = spec.metric, _LABELS[spec.metric], _FORMATTERS[spec.metric]
-    mine, theirs = results_by_device.get(device), results_by_device.get(reference)
-    name = workload or (_workload_name(mine, None) if mine is not None else "fio")
+    metric, label = spec.metric, _LABELS[spec.metric]
+    mine, theirs = _samples(results_by_device.get(device)), _samples(
+        results_by_device.get(reference))
+    name = workload or (_workload_name(mine[0], None) if mine else "fio")
     head = f"{name} on {device}"
     if reference == device:
         return [f"{head}: faster_than names the device itself ({device!r})"]
-    if mine is None or theirs is None:
-        missing = ", ".join(d for d, r in ((device, mine), (reference, theirs)) if r is None)
+    if not mine or not theirs:
+        missing = ", ".join(d for d, r in ((device, mine), (reference, theirs)) if not r)
         have = ", ".join(sorted(results_by_device)) or "none"
         return [f"{head}: cannot compare {label}, no result for {missing} (have: {have})"]
-    value, ref = metric_value(mine, metric), metric_value(theirs, metric)
-    if value is None or ref is None:
-        return [f"{head}: cannot compare {label}, fio did not report it"]
-    if _HIGHER_IS_BETTER[metric]:
-        ok, ratio = value >= spec.by * ref, (value / ref if ref else math.inf)
-    else:
-        ok, ratio = value * spec.by <= ref, (ref / value if value else math.inf)
-    if ok:
+    ours = spread(metric_value(m, metric) for m in mine)
+    ref = spread(metric_value(m, metric) for m in theirs)
+    if ours is None or ref is None:
+        return [f"{head}: cannot compare {label}, fio did not report it (or it was not counted)"]
+    verdict = judge(metric, by, ours, ref)
+    if verdict.outcome == OK:
         return []
-    return [
-        f"{head}: {label} {fmt(value)} vs {reference} {fmt(ref)} is {ratio:.2f}x; "
-        f"required {spec.by:g}x"
-    ]
+    return [f"{head}: {describe(verdict, metric, by, ours, ref, reference)}"]
 
 
-def _mean_record(records: list[Record], metric: str) -> Record | None:
-    """Repeated measurements of one device are averaged, as the baselines do."""
-    values = [v for r in records if (v := metric_value(r, metric)) is not None]
-    if not records:
-        return None
-    mean = sum(values) / len(values) if values else None
-    base = records[0]
-    numbers = {"iops": base.iops, "bw": base.bw, "lat_p99_ns": base.lat_p99_ns}
-    extra = dict(base.extra)
-    if metric == "lat_mean":
-        extra["lat_mean_ns"] = mean
-    else:
-        numbers[{"iops": "iops", "bw": "bw", "lat_p99": "lat_p99_ns"}[metric]] = mean
-    return Record(base.test_id, base.device, base.workload, base.accel, base.machine,
-                  iops=float(numbers["iops"] or 0.0), bw=float(numbers["bw"] or 0.0),
-                  lat_p99_ns=numbers["lat_p99_ns"], extra=extra)
+def _samples(value: Measured | Sequence[Measured] | None) -> list[Measured]:
+    if value is None:
+        return []
+    if isinstance(value, Record | FioResult):
+        return [value]
+    return list(value)
 
 
-def _peers(records: Iterable[Record], check: RelativeCheck) -> dict[str, Record]:
-    """The check's matrix siblings by device: same test function, workload, accelerator."""
-    peers: dict[str, list[Record]] = {}
-    for r in records:
-        if (r.extra.get("group"), r.workload, r.accel) == (check.group, check.workload,
-                                                           check.accel):
-            peers.setdefault(r.device, []).append(r)
-    return {d: m for d, rs in peers.items() if (m := _mean_record(rs, check.metric))}
-
-
-def ratio(check: RelativeCheck, by_device: Mapping[str, Record]) -> float | None:
-    """How many times better the device is than the reference (None if not measurable)."""
-    mine, theirs = by_device.get(check.device), by_device.get(check.faster_than)
-    if mine is None or theirs is None:
-        return None
-    value, ref = metric_value(mine, check.metric), metric_value(theirs, check.metric)
-    if value is None or ref is None or not value or not ref:
-        return None
-    return value / ref if _HIGHER_IS_BETTER[check.metric] else ref / value
-
-
-def relative_outcomes(
-    records: Iterable[Record], checks: Iterable[RelativeCheck]
-) -> list[tuple[RelativeCheck, float | None, list[str]]]:
-    """Every ``faster_than`` check of the session: (check, measured ratio, failure lines)."""
+def _peers(records: Iterable[Record], check: RelativeCheck) -> dict[str, list[Record]]:
+    """The check's matrix siblings by device: same test function, workload, accelerator
+    and machine (shards of other hosts are judged apart).  When the check's own item
+    measured its reference alongside (paired, interleaved rounds), only those pairs."""
     pool = list(records)
-    outcomes: list[tuple[RelativeCheck, float | None, list[str]]] = []
-    for check in checks:
+    paired = [r for r in pool if r.extra.get("pair") == check.test_id]
+    if not any(r.device == check.faster_than for r in paired):
+        paired = []  # this reference was not measured alongside: every sample of it
+    peers: dict[str, list[Record]] = {}
+    for r in paired or pool:
+        if (r.extra.get("group"), r.workload, r.accel, r.machine) == (
+                check.group, check.workload, check.accel, check.machine or r.machine):
+            peers.setdefault(r.device, []).append(r)
+    return peers
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A session-end relative check with its verdict and readable failure lines."""
+
+    check: RelativeCheck
+    verdict: Verdict
+    failures: tuple[str, ...]
+
+    @property
+    def ratio(self) -> float | None:
+        return self.verdict.ratio
+
+
+def relative_outcomes(records: Iterable[Record], checks: Iterable[RelativeCheck]
+                      ) -> list[Outcome]:
+    """Every ``faster_than`` check of the session, judged on all samples of both devices."""
+    pool = list(records)
+    outcomes: list[Outcome] = []
+    for check in _unique(checks):
         by_device = _peers(pool, check)
+        mine = spread(r.value(check.metric) for r in by_device.get(check.device, ()))
+        theirs = spread(r.value(check.metric) for r in by_device.get(check.faster_than, ()))
+        verdict = judge(check.metric, check.by, mine, theirs)
         spec = PerfSpec(faster_than=check.faster_than, by=check.by, metric=check.metric)
-        failures = check_relative(spec, by_device, check.device, workload=check.workload)
-        outcomes.append((check, ratio(check, by_device), failures))
+        failures = () if verdict.outcome == OK else tuple(
+            check_relative(spec, by_device, check.device, workload=check.workload))
+        outcomes.append(Outcome(check, verdict, failures))
     return outcomes
+
+
+def _unique(checks: Iterable[RelativeCheck]) -> list[RelativeCheck]:
+    """One check per (test, machine, promise): merged shards repeat declarations."""
+    seen: dict[tuple[str, str, str, str, float], RelativeCheck] = {}
+    for check in checks:
+        key = (check.test_id, check.machine, check.metric, check.faster_than, check.by)
+        seen.setdefault(key, check)
+    return list(seen.values())
 
 
 #: What each workload kind measures; a threshold on anything else can never be checked.
 _KIND_METRICS = {
     "fio": frozenset(METRICS),
-    "dd": frozenset({"iops", "bw"}),
-    "iperf3": frozenset({"bw"}),
+    "dd": frozenset({"iops", "bw", *MECHANISM}),
+    "iperf3": frozenset({"bw", "traps_per_io", "irqs_per_io"}),
 }
 
 

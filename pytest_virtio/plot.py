@@ -23,12 +23,13 @@ import math
 import os
 import shutil
 import subprocess
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from html import escape
 from pathlib import Path
 
 from pytest_virtio.errors import ConfigError, MissingToolError
+from pytest_virtio.metrics import Spread, spread
 from pytest_virtio.report import Record
 from pytest_virtio.units import format_count
 
@@ -55,10 +56,12 @@ PANEL_GAP = 70
 BAR_WIDTH = 34
 BAR_GAP = 4
 GROUP_GAP = 36
-MIN_PLOT_WIDTH = 420.0
+MIN_PLOT_WIDTH = 300.0
+TITLE_CHAR_WIDTH = 8.6  # a 15 px bold character
 HEADROOM = 1.08
 _BIT_UNITS = (("bit/s", 1), ("kbit/s", 10**3), ("Mbit/s", 10**6), ("Gbit/s", 10**9))
 _BW_UNITS = (("B/s", 1), ("KiB/s", 1 << 10), ("MiB/s", 1 << 20), ("GiB/s", 1 << 30))
+_TIME_UNITS = (("ns", 1), ("µs", 1e3), ("ms", 1e6), ("s", 1e9))
 
 
 def is_virtio(device: str) -> bool:
@@ -72,18 +75,28 @@ def is_network(record: Record) -> bool:
 
 
 def is_sequential(workload: str) -> bool:
-    """Streaming workloads (fio ``read``/``write``/``rw``, ``seq*``) are judged by bandwidth."""
+    """Streaming workloads (fio ``read``/``write``/``rw``, ``seq*``) are judged by bandwidth.
+
+    Only for records from before the workload said so itself (``extra["sequential"]``).
+    """
     name = workload.lower()
     if "rand" in name:
         return False
     return any(word in name for word in ("read", "write", "seq", "rw", "dd"))
 
 
+def _sequential(record: Record) -> bool:
+    known = record.extra.get("sequential")
+    return known if isinstance(known, bool) else is_sequential(record.workload)
+
+
 @dataclass(frozen=True)
 class Bar:
     device: str
-    value: float  # already in the panel's unit
+    value: float  # already in the panel's unit (the median of the samples)
     label: str
+    low: float | None = None  # the spread of the samples, when there were several
+    high: float | None = None
 
 
 @dataclass(frozen=True)
@@ -95,17 +108,27 @@ class Panel:
     groups: tuple[tuple[str, tuple[Bar, ...]], ...]
 
 
-def _group_name(record: Record, mixed_accels: bool) -> str:
-    return f"{record.workload} ({record.accel})" if mixed_accels else record.workload
+def _group_name(record: Record, mixed: bool | str) -> str:
+    """``workload``, or ``workload (accel)`` / ``workload (accel, machine)`` when the
+    records mix them: numbers of another accelerator or host are never side by side."""
+    if mixed == "machine":
+        return f"{record.workload} ({record.accel}, {record.machine})"
+    return f"{record.workload} ({record.accel})" if mixed else record.workload
 
 
-def _mean_by(records: Iterable[Record], attr: str, mixed: bool) -> dict[str, dict[str, float]]:
-    """group → device → mean of ``attr`` (repeats of a test are averaged)."""
-    sums: dict[str, dict[str, list[float]]] = {}
+def _spreads(records: Iterable[Record], metric: str, mixed: bool | str
+             ) -> dict[str, dict[str, Spread]]:
+    """group → device → spread of ``metric`` over every sample (rounds, repeats)."""
+    values: dict[str, dict[str, list[float | None]]] = {}
     for record in records:
-        values = sums.setdefault(_group_name(record, mixed), {})
-        values.setdefault(record.device, []).append(float(getattr(record, attr)))
-    return {g: {d: sum(v) / len(v) for d, v in devs.items()} for g, devs in sums.items()}
+        devs = values.setdefault(_group_name(record, mixed), {})
+        devs.setdefault(record.device, []).append(record.value(metric))
+    out: dict[str, dict[str, Spread]] = {}
+    for group, devs in values.items():
+        got = {d: s for d, v in devs.items() if (s := spread(v)) is not None}
+        if got:
+            out[group] = got
+    return out
 
 
 def _compact_count(value: float) -> str:
@@ -122,62 +145,52 @@ def _device_order(devices: Iterable[str]) -> list[str]:
     return sorted(set(devices), key=lambda d: (not is_virtio(d), d))
 
 
-def build_panels(records: Sequence[Record]) -> list[Panel]:
-    """The panels to draw: IOPS for random workloads, bandwidth for sequential ones."""
-    mixed = len({r.accel for r in records}) > 1
-    panels: list[Panel] = []
-    network = [r for r in records if is_network(r)]
-    records = [r for r in records if not is_network(r)]
-    random = [r for r in records if not is_sequential(r.workload)]
-    if random:
-        means = _mean_by(random, "iops", mixed)
-        groups = tuple(
-            (
-                g,
-                tuple(
-                    Bar(d, v, _compact_count(v))
-                    for d in _device_order(means[g])
-                    for v in (means[g][d],)
-                ),
-            )
-            for g in sorted(means)
-        )
-        panels.append(Panel("Random I/O — IOPS (higher is better)", "IOPS", groups))
-    sequential = [r for r in records if is_sequential(r.workload)]
-    if sequential:
-        means = _mean_by(sequential, "bw", mixed)
-        peak = max(v for devs in means.values() for v in devs.values())
-        unit, scale = next(((u, s) for u, s in reversed(_BW_UNITS) if peak >= s), _BW_UNITS[0])
-        groups = tuple(
-            (
-                g,
-                tuple(
-                    Bar(d, v / scale, f"{v / scale:.3g}")
-                    for d in _device_order(means[g])
-                    for v in (means[g][d],)
-                ),
-            )
-            for g in sorted(means)
-        )
-        panels.append(
-            Panel("Sequential I/O — bandwidth (higher is better)", f"bandwidth ({unit})", groups)
-        )
-    if network:
-        panels.append(_network_panel(network, mixed))
-    return panels
-
-
-def _network_panel(records: Sequence[Record], mixed: bool) -> Panel:
-    """Throughput in bit/s, as network people quote it (``bw`` holds bytes/s)."""
-    means = _mean_by(records, "bw", mixed)
-    peak = max(v for devs in means.values() for v in devs.values()) * 8
-    unit, scale = next(((u, s) for u, s in reversed(_BIT_UNITS) if peak >= s), _BIT_UNITS[0])
+def _panel(records: Sequence[Record], metric: str, title: str, y_label: str,
+           mixed: bool | str,
+           units: Sequence[tuple[str, float]] = (("", 1.0),), factor: float = 1.0,
+           label: Callable[[float], str] = lambda v: f"{v:.3g}") -> Panel | None:
+    """A panel of ``metric``'s medians (times ``factor``), scaled to the best-fitting unit;
+    bars carry the samples' min..max as error bars."""
+    spreads = _spreads(records, metric, mixed)
+    if not spreads:
+        return None
+    peak = max(s.high for devs in spreads.values() for s in devs.values()) * factor
+    unit, scale = next(((u, k) for u, k in reversed(units) if peak >= k), units[0])
+    k = factor / scale
     groups = tuple(
-        (g, tuple(Bar(d, means[g][d] * 8 / scale, f"{means[g][d] * 8 / scale:.3g}")
-                  for d in _device_order(means[g])))
-        for g in sorted(means)
+        (g, tuple(Bar(d, s.median * k, label(s.median * k),
+                      *((s.low * k, s.high * k) if s.n > 1 else (None, None)))
+                  for d in _device_order(spreads[g]) for s in (spreads[g][d],)))
+        for g in sorted(spreads)
     )
-    return Panel("Network — TCP throughput (higher is better)", f"throughput ({unit})", groups)
+    return Panel(title, y_label.format(unit=unit), groups)
+
+
+def build_panels(records: Sequence[Record]) -> list[Panel]:
+    """The panels to draw: IOPS for random workloads, bandwidth for sequential ones,
+    network throughput, p99 latency of random I/O, then the mechanism: traps and
+    interrupts per I/O (counted, so they hold on a loaded host)."""
+    mixed: bool | str = ("machine" if len({r.machine for r in records}) > 1
+                         else len({r.accel for r in records}) > 1)
+    network = [r for r in records if is_network(r)]
+    storage = [r for r in records if not is_network(r)]
+    random = [r for r in storage if not _sequential(r)]
+    sequential = [r for r in storage if _sequential(r)]
+    candidates = [
+        _panel(random, "iops", "Random I/O — IOPS (higher is better)", "IOPS", mixed,
+               label=_compact_count),
+        _panel(sequential, "bw", "Sequential I/O — bandwidth (higher is better)",
+               "bandwidth ({unit})", mixed, _BW_UNITS),
+        _panel(network, "bw", "Network — TCP throughput (higher is better)",
+               "throughput ({unit})", mixed, _BIT_UNITS, factor=8),
+        _panel(random, "lat_p99", "Random I/O — p99 latency (lower is better)",
+               "p99 latency ({unit})", mixed, _TIME_UNITS),
+        _panel(records, "traps_per_io", "Device traps per I/O (lower is better)",
+               "traps per I/O (VM exits under KVM)", mixed),
+        _panel(records, "irqs_per_io", "Interrupts per I/O (lower is better)",
+               "interrupts per I/O", mixed),
+    ]
+    return [p for p in candidates if p is not None]
 
 
 def nice_ticks(peak: float, target: int = 5) -> list[float]:
@@ -258,16 +271,22 @@ def _group_width(name: str, bars: Sequence[Bar]) -> float:
     return max(span, len(name) * LABEL_CHAR_WIDTH)
 
 
-def _panel_width(panel: Panel) -> float:
+def _bars_width(panel: Panel) -> float:
     widths = sum(_group_width(name, bars) for name, bars in panel.groups)
     return widths + (len(panel.groups) + 1) * GROUP_GAP
+
+
+def _panel_width(panel: Panel) -> float:
+    """As wide as its bars or its title, whichever is wider (no empty plot area)."""
+    return max(_bars_width(panel), len(panel.title) * TITLE_CHAR_WIDTH, MIN_PLOT_WIDTH)
 
 
 def _draw_panel(
     svg: _Svg, panel: Panel, top: float, plot_width: float, colours: dict[str, str]
 ) -> None:
     left, bottom = MARGIN_LEFT, top + PANEL_HEIGHT
-    peak = max((b.value for _, bars in panel.groups for b in bars), default=0.0)
+    peak = max((max(b.value, b.high or 0.0) for _, bars in panel.groups for b in bars),
+               default=0.0)
     ticks = nice_ticks(peak * HEADROOM)  # room for the value label above the tallest bar
     y_max = ticks[-1] or 1.0
 
@@ -284,15 +303,25 @@ def _draw_panel(
     svg.text(left - 62, top + PANEL_HEIGHT / 2, panel.y_label, size=13, rotate=-90)
     svg.text(left + plot_width / 2, bottom + 44, "workload", size=13)
 
-    start: float = left + GROUP_GAP
+    start: float = left + GROUP_GAP + (plot_width - _bars_width(panel)) / 2  # centred
     for group, bars in panel.groups:
         width = _group_width(group, bars)
         span = len(bars) * (BAR_WIDTH + BAR_GAP) - BAR_GAP
         x = start + (width - span) / 2
         for bar in bars:
             y = y_of(bar.value)
-            svg.rect(x, y, BAR_WIDTH, bottom - y, colours[bar.device], f"{bar.device}: {bar.label}")
-            svg.text(x + BAR_WIDTH / 2, y - 5, bar.label, size=11)
+            tip = f"{bar.device}: {bar.label}"
+            if bar.low is not None and bar.high is not None:
+                tip += f" (median; samples {bar.low:.3g}..{bar.high:.3g})"
+            svg.rect(x, y, BAR_WIDTH, bottom - y, colours[bar.device], tip)
+            label_y = y
+            if bar.low is not None and bar.high is not None:
+                mid, hi = x + BAR_WIDTH / 2, y_of(bar.high)
+                svg.line(mid, y_of(bar.low), mid, hi, "#222", 1.3)
+                for end in (bar.low, bar.high):
+                    svg.line(mid - 6, y_of(end), mid + 6, y_of(end), "#222", 1.3)
+                label_y = min(y, hi)
+            svg.text(x + BAR_WIDTH / 2, label_y - 5, bar.label, size=11)
             x += BAR_WIDTH + BAR_GAP
         svg.text(start + width / 2, bottom + 20, group, size=13)
         start += width + GROUP_GAP
@@ -316,16 +345,24 @@ def _draw_legend(
         row += 6
 
 
-def render_svg(records: Sequence[Record], title: str = "pytest-virtio: I/O by device") -> str:
-    """The whole chart as an SVG document."""
+VERDICT_LINE = 18
+
+
+def render_svg(records: Sequence[Record], title: str = "pytest-virtio: I/O by device",
+               verdicts: Sequence[str] = ()) -> str:
+    """The whole chart as an SVG document; ``verdicts`` are the relative checks'
+    lines (verdict, measured and required ratio), listed under the panels."""
     if not records:
         raise ConfigError("no I/O results to chart (did any test run a workload?)")
     panels = build_panels(records)
     devices = _device_order(r.device for r in records)
     colours = _colours(devices)
-    plot_width = max(max(_panel_width(p) for p in panels), MIN_PLOT_WIDTH)
-    width = MARGIN_LEFT + plot_width + MARGIN_RIGHT
-    height = TITLE_HEIGHT + len(panels) * (PANEL_HEIGHT + PANEL_GAP + 30) + 10
+    plot_width = max(_panel_width(p) for p in panels)
+    longest = max((len(v) for v in verdicts), default=0) * 6.6
+    width = max(MARGIN_LEFT + plot_width + MARGIN_RIGHT, MARGIN_LEFT + longest + 20)
+    verdict_height = (len(verdicts) + 2) * VERDICT_LINE if verdicts else 0
+    height = (TITLE_HEIGHT + len(panels) * (PANEL_HEIGHT + PANEL_GAP + 30) + 10
+              + verdict_height)
     accels = ", ".join(sorted({r.accel for r in records}))
 
     svg = _Svg()
@@ -334,10 +371,17 @@ def render_svg(records: Sequence[Record], title: str = "pytest-virtio: I/O by de
     svg.text(width / 2, 46, f"accelerator: {accels}", size=12, fill="#555")
     top = TITLE_HEIGHT + PANEL_GAP - 20
     for panel in panels:
-        own_width = max(_panel_width(panel), MIN_PLOT_WIDTH)
-        _draw_panel(svg, panel, top, own_width, colours)
+        _draw_panel(svg, panel, top, _panel_width(panel), colours)
         top += PANEL_HEIGHT + PANEL_GAP + 30
     _draw_legend(svg, devices, colours, MARGIN_LEFT + plot_width + 30, TITLE_HEIGHT + 40)
+    if verdicts:
+        svg.text(MARGIN_LEFT, top, "Relative checks (verdict, measured vs required ratio)",
+                 size=15, anchor="start", weight="bold")
+        for index, verdict in enumerate(verdicts, start=1):
+            fill = ("#c1121f" if verdict.startswith("FAILED") else
+                    "#9c6644" if verdict.startswith("INCONCLUSIVE") else "#1b7f3b")
+            svg.text(MARGIN_LEFT, top + index * VERDICT_LINE + 4, verdict, size=12,
+                     anchor="start", fill=fill)
     body = "\n  ".join(svg.parts)
     return (
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
@@ -367,7 +411,8 @@ def svg_to_png(svg: str, target: Path) -> None:
         raise ConfigError(f"rsvg-convert failed for {target}: {done.stderr.decode().strip()}")
 
 
-def write_chart(records: Sequence[Record], path: str | os.PathLike[str]) -> None:
+def write_chart(records: Sequence[Record], path: str | os.PathLike[str],
+                verdicts: Sequence[str] = ()) -> None:
     """Write the chart to ``path``; the suffix picks the format: ``.svg`` or ``.png``."""
     target = Path(path)
     suffix = target.suffix.lower()
@@ -375,7 +420,7 @@ def write_chart(records: Sequence[Record], path: str | os.PathLike[str]) -> None
         raise ConfigError(
             f"chart path {os.fspath(path)!r}: unsupported suffix {suffix!r}; use .svg or .png"
         )
-    svg = render_svg(records)
+    svg = render_svg(records, verdicts=verdicts)
     target.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".png":
         svg_to_png(svg, target)

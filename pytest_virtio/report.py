@@ -15,12 +15,14 @@ have nothing to do with the code under test.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import platform
 import re
 import socket
+import sys
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_virtio.errors import ConfigError
+from pytest_virtio.metrics import MECHANISM, METRICS, spread
 from pytest_virtio.units import format_count, format_duration, format_rate
 from pytest_virtio.workloads.fio import FioResult
 
@@ -79,6 +82,36 @@ class Record:
     bw: float
     lat_p99_ns: float | None = None
     extra: Mapping[str, JsonScalar] = field(default_factory=dict, hash=False)
+    #: Mechanism metrics (workloads/mechanism.py): counted by QEMU or our backend.
+    traps_per_io: float | None = None
+    irqs_per_io: float | None = None
+    cpu_us_per_io: float | None = None
+
+    @classmethod
+    def best_of(cls, records: Sequence[Record]) -> Record:
+        """One record holding the best round of ``records`` for every figure (most IOPS,
+        least latency): what absolute floors are judged on, because host load only ever
+        slows a run down, so the best round is the closest to what the device can do."""
+        base = records[-1]
+        if len(records) == 1:
+            return base
+        med: dict[str, float | None] = {}
+        for name, metric in METRICS.items():
+            s = spread(r.value(name) for r in records)
+            med[name] = None if s is None else s.high if metric.higher_is_better else s.low
+        extra = {**base.extra, "lat_mean_ns": med["lat_mean"], "rounds": len(records)}
+        return dataclasses.replace(
+            base, iops=med["iops"] or 0.0, bw=med["bw"] or 0.0, lat_p99_ns=med["lat_p99"],
+            traps_per_io=med["traps_per_io"], irqs_per_io=med["irqs_per_io"],
+            cpu_us_per_io=med["cpu_per_io"], extra=extra)
+
+    def value(self, metric: str) -> float | None:
+        """The figure ``metric`` (a key of :data:`pytest_virtio.metrics.METRICS`)."""
+        spec = METRICS.get(metric)
+        if spec is None:
+            raise ConfigError(f"unknown metric {metric!r}; allowed: {', '.join(METRICS)}")
+        raw = self.extra.get(spec.field) if spec.in_extra else getattr(self, spec.field)
+        return float(raw) if isinstance(raw, int | float) and not isinstance(raw, bool) else None
 
     @classmethod
     def from_fio(
@@ -121,6 +154,7 @@ class Record:
             "bw": self.bw,
             "lat_p99_ns": self.lat_p99_ns,
             "extra": dict(self.extra),
+            **{name: getattr(self, name) for name in _MECHANISM_FIELDS},
         }
 
     @classmethod
@@ -141,6 +175,7 @@ class Record:
                 bw=float(data["bw"]),
                 lat_p99_ns=None if lat is None else float(lat),
                 extra=dict(extra),
+                **{name: _optional_float(data, name) for name in _MECHANISM_FIELDS},
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"malformed result record {dict(data)!r}: {exc}") from None
@@ -154,6 +189,14 @@ class Record:
         if not isinstance(data, Mapping):
             raise ConfigError(f"result record must be a JSON object, got {text[:80]!r}")
         return cls.from_dict(data)
+
+
+_MECHANISM_FIELDS = ("traps_per_io", "irqs_per_io", "cpu_us_per_io")
+
+
+def _optional_float(data: Mapping[str, Any], key: str) -> float | None:
+    value = data.get(key)
+    return None if value is None else float(value)
 
 
 def _str_field(data: Mapping[str, Any], key: str) -> str:
@@ -170,13 +213,30 @@ def _loads(text: str, what: str) -> Any:
         raise ConfigError(f"{what} is not valid JSON: {exc}") from None
 
 
-def records_to_json(records: Iterable[Record]) -> str:
-    """A whole session's records as one JSON document (the ``--virtio-json`` format)."""
+def records_to_json(records: Iterable[Record], checks: Iterable[RelativeCheck] = ()) -> str:
+    """A whole session's records (and its relative checks, so shards can be merged and
+    judged later) as one JSON document (the ``--virtio-json`` format)."""
     return json.dumps(
-        {"version": FORMAT_VERSION, "records": [r.to_dict() for r in records]},
+        {"version": FORMAT_VERSION, "records": [r.to_dict() for r in records],
+         "checks": [c.to_dict() for c in checks]},
         indent=2,
         sort_keys=True,
     )
+
+
+def load_session(path: str | os.PathLike[str]) -> SessionResults:
+    """A ``--virtio-json`` file as SessionResults (records and checks); errors name it."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read results {os.fspath(path)!r}: {exc.strerror}") from None
+    data = _loads(text, f"results file {os.fspath(path)!r}")
+    results = SessionResults()
+    if isinstance(data, Mapping):
+        results.merge_dict(data)
+    else:
+        results.records.extend(records_from_json(text))
+    return results
 
 
 def records_from_json(text: str) -> list[Record]:
@@ -201,9 +261,10 @@ def _write_atomically(path: Path, text: str) -> None:
         raise
 
 
-def write_json(records: Iterable[Record], path: str | os.PathLike[str]) -> None:
+def write_json(records: Iterable[Record], path: str | os.PathLike[str],
+               checks: Iterable[RelativeCheck] = ()) -> None:
     """Write :func:`records_to_json` to ``path`` atomically."""
-    _write_atomically(Path(path), records_to_json(records) + "\n")
+    _write_atomically(Path(path), records_to_json(records, checks) + "\n")
 
 
 def load_json(path: str | os.PathLike[str]) -> list[Record]:
@@ -230,20 +291,25 @@ class RelativeCheck:
     faster_than: str
     by: float = 1.0
     metric: str = "iops"
+    #: The host it was measured on: merged shards judge each machine apart.
+    machine: str = ""
 
     def to_dict(self) -> dict[str, str | float]:
         return {
             "test_id": self.test_id, "group": self.group, "device": self.device,
             "workload": self.workload, "accel": self.accel, "faster_than": self.faster_than,
-            "by": self.by, "metric": self.metric,
+            "by": self.by, "metric": self.metric, "machine": self.machine,
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, object]) -> RelativeCheck:
         try:
-            return cls(**{k: data[k] for k in (  # type: ignore[arg-type]
-                "test_id", "group", "device", "workload", "accel", "faster_than", "by",
-                "metric")})
+            texts = {k: str(data[k]) for k in (
+                "test_id", "group", "device", "workload", "accel", "faster_than", "metric")}
+            by = data["by"]
+            if not isinstance(by, int | float) or isinstance(by, bool):
+                raise ConfigError(f"malformed relative perf check {dict(data)!r}: by={by!r}")
+            return cls(**texts, by=float(by), machine=str(data.get("machine") or ""))
         except KeyError as exc:
             raise ConfigError(f"malformed relative perf check {dict(data)!r}: no {exc}") from None
 
@@ -269,34 +335,56 @@ class SessionResults:
 
 # --- terminal table -------------------------------------------------------------------
 
-_HEADERS = ("test", "device", "workload", "accel", "IOPS", "bandwidth", "p99 latency")
-_RIGHT_ALIGNED = frozenset({"IOPS", "bandwidth", "p99 latency"})
+_BASE_HEADERS = ("test", "device", "workload", "accel")
+#: Table column → metric; mechanism columns appear only when something counted them.
+_COLUMNS = (("IOPS", "iops"), ("bandwidth", "bw"), ("p99 latency", "lat_p99"),
+            ("traps/IO", "traps_per_io"), ("IRQs/IO", "irqs_per_io"),
+            ("CPU/IO", "cpu_per_io"))
 
 
-def _row(record: Record) -> tuple[str, ...]:
-    lat = "-" if record.lat_p99_ns is None else format_duration(record.lat_p99_ns)
-    return (
-        record.test_id,
-        record.device,
-        record.workload,
-        record.accel,
-        "-" if record.extra.get("kind") == "net" else format_count(record.iops),
-        format_rate(record.bw),
-        lat,
-    )
+def group_samples(records: Iterable[Record]) -> dict[tuple[str, ...], list[Record]]:
+    """Records of one test, device, workload, accelerator and machine: the rounds of
+    one result (the machine is part of the key only when there are several)."""
+    pool = list(records)
+    several = len({r.machine for r in pool}) > 1
+    groups: dict[tuple[str, ...], list[Record]] = {}
+    for r in pool:
+        key = (r.test_id, r.device, r.workload, r.accel, *((r.machine,) if several else ()))
+        groups.setdefault(key, []).append(r)
+    return groups
+
+
+def _cell(samples: Sequence[Record], metric: str) -> str:
+    if metric == "iops" and samples[0].extra.get("kind") == "net":
+        return "-"
+    s = spread(r.value(metric) for r in samples)
+    if s is None:
+        return "-"
+    fmt = METRICS[metric].fmt
+    return fmt(s.median) if s.n == 1 else f"{fmt(s.median)} [{fmt(s.low)}..{fmt(s.high)}]"
 
 
 def render_table(records: Sequence[Record]) -> str:
-    """An aligned plain-text table for the terminal summary (numbers right-aligned)."""
+    """An aligned plain-text table for the terminal summary (numbers right-aligned).
+
+    One row per test result; with rounds the cell is the median and
+    ``[min..max]`` of every round.
+    """
     if not records:
         return "no I/O results recorded"
-    rows = [_HEADERS, *(_row(r) for r in records)]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(_HEADERS))]
+    columns = [(h, m) for h, m in _COLUMNS
+               if m not in MECHANISM or any(r.value(m) is not None for r in records)]
+    base = (*_BASE_HEADERS, *(("machine",) if len({r.machine for r in records}) > 1 else ()))
+    headers = (*base, *(h for h, _ in columns))
+    rows = [headers]
+    for key, samples in group_samples(records).items():
+        rows.append((*key, *(_cell(samples, m) for _, m in columns)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(headers))]
 
     def line(row: tuple[str, ...]) -> str:
         cells = [
-            cell.rjust(width) if header in _RIGHT_ALIGNED else cell.ljust(width)
-            for cell, width, header in zip(row, widths, _HEADERS, strict=True)
+            cell.ljust(width) if i < len(base) else cell.rjust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
         ]
         return "  ".join(cells).rstrip()
 
@@ -469,3 +557,60 @@ def compare(
             if worse > allowed:
                 found.append(Regression(*key, metric, old, new, change, allowed))
     return found
+
+
+# --- command line: merge shards --------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m pytest_virtio.report merge shard*.json [--plot F] [--json F]``.
+
+    One verdict for a suite sharded across CI runners or xdist remote workers:
+    every shard's records and relative checks are merged; (machine,
+    accelerator) stay apart in the table, the chart and the relative checks.
+    Exit status 1 when a relative check failed, 2 on bad input.
+    """
+    import argparse
+
+    from pytest_virtio import plot, results
+
+    parser = argparse.ArgumentParser(prog="python -m pytest_virtio.report")
+    sub = parser.add_subparsers(dest="command", required=True)
+    merge = sub.add_parser("merge", help="merge --virtio-json files and judge them together")
+    merge.add_argument("shards", nargs="+", help="--virtio-json files of the shards")
+    merge.add_argument("--plot", help="write the merged chart (.svg or .png)")
+    merge.add_argument("--json", help="write the merged results JSON")
+    merge.add_argument("--inconclusive", choices=("pass", "fail"), default="pass",
+                       help="whether an inconclusive relative check fails (exit 1)")
+    args = parser.parse_args(argv)
+    merged = SessionResults()
+    try:
+        for shard in args.shards:
+            one = load_session(shard)
+            merged.records.extend(one.records)
+            merged.checks.extend(one.checks)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    judgement = results.judge_relative(merged)
+    print(f"{len(args.shards)} shard(s), {len(merged.records)} record(s), "
+          f"machines: {', '.join(sorted({r.machine for r in merged.records})) or 'none'}")
+    print(render_table(merged.records))
+    for line in judgement.lines:
+        print(line)
+    verdicts = [line for line in judgement.lines[1:] if not line.startswith(" ")]
+    if args.json:
+        write_json(merged.records, args.json, merged.checks)
+        print(f"results JSON written to {Path(args.json).resolve()}")
+    if args.plot and merged.records:
+        try:
+            plot.write_chart(merged.records, args.plot, verdicts)
+        except (ConfigError, OSError) as exc:
+            print(f"chart NOT written to {args.plot}: {exc}", file=sys.stderr)
+            return 2
+        print(f"chart written to {Path(args.plot).resolve()}")
+    return 1 if judgement.fails_session(args.inconclusive) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,35 +19,60 @@ from . import perf as perf_mod
 from . import plot as plot_mod
 from . import report
 from .errors import ConfigError, VirtioError
-from .report import Record, SessionResults
+from .report import Record, RelativeCheck, SessionResults
 from .settings import Settings
 
-__all__ = ["absolute_failures", "finish", "summary_lines"]
+__all__ = ["Finish", "Judgement", "absolute_failures", "finish", "judge_relative",
+           "summary_lines"]
 
 
-def absolute_failures(marker: Any, record: Record) -> list[str]:
-    """The ``perf`` marker's thresholds against one test's record (empty: all met)."""
+def absolute_failures(marker: Any, records: Sequence[Record]) -> list[str]:
+    """The ``perf`` marker's thresholds against one test's records (empty: all met);
+    with rounds, against the best round (see :meth:`Record.best_of`)."""
     spec = perf_mod.PerfSpec.from_marker(tuple(marker.args), marker.kwargs)
+    record = Record.best_of(records)
     return perf_mod.check_absolute(spec, record, record.accel, record.device,
                                    workload=record.workload)
 
 
-def _relative_lines(results: SessionResults) -> tuple[list[str], bool]:
+@dataclass(frozen=True)
+class Judgement:
+    """The session-end relative verdicts: lines to print and what they add up to."""
+
+    lines: tuple[str, ...] = ()
+    failed: int = 0
+    inconclusive: int = 0
+
+    def fails_session(self, inconclusive_policy: str) -> bool:
+        return bool(self.failed or (self.inconclusive and inconclusive_policy == "fail"))
+
+
+def _ratio_text(verdict: perf_mod.Verdict) -> str:
+    if verdict.ratio is None:
+        return "n/a"
+    if verdict.rounds[0] > 1 or verdict.rounds[1] > 1:
+        return (f"{verdict.ratio:.2f}x (range {verdict.low:.2f}x..{verdict.high:.2f}x, "
+                f"{verdict.rounds[0]}+{verdict.rounds[1]} samples)")
+    return f"{verdict.ratio:.2f}x"
+
+
+def judge_relative(results: SessionResults) -> Judgement:
+    """Judge every ``faster_than`` check of the session (also used by ``report merge``)."""
     lines: list[str] = []
-    failed = False
-    for check, ratio, failures in perf_mod.relative_outcomes(results.records, results.checks):
-        shown = "n/a" if ratio is None else f"{ratio:.2f}x"
-        verdict = "FAILED" if failures else "ok"
+    failed = inconclusive = 0
+    for outcome in perf_mod.relative_outcomes(results.records, results.checks):
+        check, verdict = outcome.check, outcome.verdict
+        label = {"ok": "ok", "FAILED": "FAILED", "inconclusive": "INCONCLUSIVE"}[verdict.outcome]
+        failed += verdict.outcome == perf_mod.FAILED
+        inconclusive += verdict.outcome == perf_mod.INCONCLUSIVE
         lines.append(
-            f"{verdict:6} {check.device} vs {check.faster_than} ({check.workload}, "
-            f"{check.metric}, {check.accel}): {shown}, required {check.by:g}x"
+            f"{label:12} {check.device} vs {check.faster_than} ({check.workload}, "
+            f"{check.metric}, {check.accel}): {_ratio_text(verdict)}, required {check.by:g}x"
         )
-        for failure in failures:
-            failed = True
-            lines.append(f"       {check.test_id}: {failure}")
+        lines.extend(f"             {check.test_id}: {failure}" for failure in outcome.failures)
     if lines:
         lines.insert(0, "relative performance (perf faster_than, judged at session end):")
-    return lines, failed
+    return Judgement(tuple(lines), failed, inconclusive)
 
 
 def _compare_lines(records: Sequence[Record], settings: Settings) -> tuple[list[str], bool]:
@@ -67,17 +93,19 @@ def _compare_lines(records: Sequence[Record], settings: Settings) -> tuple[list[
     return lines, bool(regressions)
 
 
-def _write_outputs(records: Sequence[Record], settings: Settings) -> list[str]:
+def _write_outputs(records: Sequence[Record], settings: Settings,
+                   verdicts: Sequence[str] = (),
+                   checks: Sequence[RelativeCheck] = ()) -> list[str]:
     """Write JSON, baseline and chart; a failed write is reported, never a traceback."""
     lines: list[str] = []
     def save(path: Path) -> None:
         report.save_baseline(records, path, report.machine_id())
 
     def chart(path: Path) -> None:
-        plot_mod.write_chart(records, path)
+        plot_mod.write_chart(records, path, verdicts)
 
     def json_file(path: Path) -> None:
-        report.write_json(records, path)
+        report.write_json(records, path, checks)
 
     writers: list[tuple[str, Path | None, Callable[[Path], None]]] = [
         ("results JSON", settings.json, json_file),
@@ -99,12 +127,35 @@ def _write_outputs(records: Sequence[Record], settings: Settings) -> list[str]:
     return lines
 
 
-def finish(results: SessionResults, settings: Settings) -> tuple[list[str], bool]:
-    """Judge and write; returns the summary lines and whether the session must fail."""
-    rel_lines, rel_failed = _relative_lines(results)
+@dataclass(frozen=True)
+class Finish:
+    """What the session end decided: lines to print, and why the session fails."""
+
+    lines: tuple[str, ...]
+    judgement: Judgement
+    regressions: bool
+    inconclusive_policy: str = "pass"
+
+    @property
+    def failed(self) -> bool:
+        return self.judgement.fails_session(self.inconclusive_policy) or self.regressions
+
+    def stats(self) -> dict[str, int]:
+        """Counts for pytest's last line ("2 passed, 1 relative perf failed in 40s")."""
+        counts = {"relative perf failed": self.judgement.failed,
+                  "relative perf inconclusive": self.judgement.inconclusive,
+                  "baseline regressed": int(self.regressions)}
+        return {k: v for k, v in counts.items() if v}
+
+
+def finish(results: SessionResults, settings: Settings) -> Finish:
+    """Judge and write; the summary lines and whether (and why) the session must fail."""
+    judgement = judge_relative(results)
     cmp_lines, cmp_failed = _compare_lines(results.records, settings)
-    out_lines = _write_outputs(results.records, settings)
-    return rel_lines + cmp_lines + out_lines, rel_failed or cmp_failed
+    verdicts = [line for line in judgement.lines[1:] if not line.startswith(" ")]
+    out_lines = _write_outputs(results.records, settings, verdicts, results.checks)
+    return Finish((*judgement.lines, *cmp_lines, *out_lines), judgement, cmp_failed,
+                  settings.perf_inconclusive)
 
 
 def summary_lines(results: SessionResults, outcome: Sequence[str]) -> list[str]:

@@ -17,6 +17,7 @@ from .images import default_cache_dir
 
 ACCELS = ("auto", "kvm", "tcg")
 KEEP = ("failed", "always", "never")
+INCONCLUSIVE = ("pass", "fail")
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +65,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("compare", None, "compare the results with a baseline file saved earlier"),
     Option("compare_fail", "iops:10%", "with --virtio-compare: fail on regressions beyond "
            "these tolerances, e.g. 'iops:10%,lat_p99:20%' (metrics iops, bw, lat_p99)"),
+    Option("perf_rounds", "1", "run each measured workload this many times on its guest "
+           "(every round is a sample; relative checks compare medians)"),
+    Option("perf_inconclusive", "pass", "a relative check whose spreads straddle the "
+           "factor is reported as inconclusive; 'fail' makes that fail the session",
+           INCONCLUSIVE),
 )
 
 
@@ -85,6 +91,8 @@ class Settings:
     save: Path | None = None
     compare: Path | None = None
     compare_fail: str = "iops:10%"
+    perf_rounds: int = 1
+    perf_inconclusive: str = "pass"
 
     @classmethod
     def from_values(cls, values: dict[str, str | None]) -> Settings:
@@ -124,6 +132,8 @@ class Settings:
             timeout_scale=scale_f,
             **report_paths,
             compare_fail=_compare_fail(values.get("compare_fail")),
+            perf_rounds=_rounds(values.get("perf_rounds")),
+            perf_inconclusive=values.get("perf_inconclusive") or "pass",
         )
 
 
@@ -161,6 +171,12 @@ def _report_paths(values: dict[str, str | None]) -> dict[str, Path | None]:
     if plot is not None and plot.suffix.lower() not in (".svg", ".png"):
         raise ConfigError(f"--virtio-plot: {str(plot)!r} must end in .svg or .png")
     return paths
+
+
+def _rounds(value: str | None) -> int:
+    from .perf import parse_rounds
+
+    return parse_rounds(value or "1", "--virtio-perf-rounds")
 
 
 def _compare_fail(spec: str | None) -> str:

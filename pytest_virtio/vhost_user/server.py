@@ -278,6 +278,19 @@ class VhostUserBlkServer:
             "recent_messages": list(self.message_log)[-20:],
         }
 
+    def thread_cpu_seconds(self) -> float | None:
+        """CPU time the serving thread has used (its per-thread clock: the same
+        utime+stime as ``/proc/self/task/TID/stat``, at nanosecond resolution);
+        ``None`` when it is not running.  Backend cost per request is the delta
+        over a workload divided by the requests served (see workloads/mechanism.py)."""
+        thread = self._thread
+        if thread is None or thread.ident is None or not thread.is_alive():
+            return None
+        try:
+            return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+        except OSError:
+            return None
+
     def __enter__(self) -> VhostUserBlkServer:
         return self.start()
 

@@ -163,7 +163,7 @@ class FioJob:
         if self.size is not None:
             _job_bytes("size", self.size)
         if self.runtime is not None:
-            _runtime_ns(self.runtime)
+            runtime_ns(self.runtime)
         for key in ("iodepth", "numjobs"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -204,7 +204,7 @@ def _job_bytes(key: str, value: str | int) -> int:
     return num
 
 
-def _runtime_ns(value: str | int) -> int:
+def runtime_ns(value: str | int) -> int:
     """A bare runtime number means seconds, as in fio; strings may carry a unit."""
     if isinstance(value, bool):
         raise ConfigError(f"fio job: runtime={value!r} must be seconds or a duration like '5s'")
@@ -238,7 +238,7 @@ def _job_options(job: FioJob) -> list[tuple[str, str]]:
     if job.size is not None:
         options.append(("size", _fio_size(_job_bytes("size", job.size))))
     if job.runtime is not None:
-        options.append(("runtime", _fio_time(_runtime_ns(job.runtime))))
+        options.append(("runtime", _fio_time(runtime_ns(job.runtime))))
     if job.time_based:
         options.append(("time_based", "1"))
     if job.verify is not None:

@@ -21,6 +21,7 @@ the rows of a ``virtio_matrix`` line up by device in the table and the chart.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import shlex
 import shutil
 import socket
@@ -37,9 +38,17 @@ from pytest_virtio.units import format_size, parse_size
 from pytest_virtio.workloads import dd as dd_mod
 from pytest_virtio.workloads import fio as fio_mod
 from pytest_virtio.workloads import iperf as iperf_mod
+from pytest_virtio.workloads.mechanism import (
+    PLANS,
+    BackendWindow,
+    Mechanism,
+    TraceWindow,
+    with_pins,
+)
 
 __all__ = [
-    "KINDS", "MARKER_KEYS", "Measurement", "WorkloadSpec", "host_iperf3_server", "run_workload",
+    "KINDS", "MARKER_KEYS", "Measurement", "WorkloadSpec", "count_mechanism", "device_of",
+    "host_iperf3_server", "measure", "run_workload",
 ]
 
 MARKER = "workload"
@@ -106,6 +115,22 @@ class WorkloadSpec:
             return cls(kind, _name(opts.pop("disk", "disk0"), "disk"), _dd_options(opts))
         _only(opts, IPERF_KEYS, kind)
         return cls(kind, _name(opts.pop("nic", "net0"), "nic"), _iperf_options(opts))
+
+    def counting(self) -> WorkloadSpec:
+        """The same job, at most ~1 s long: the pass that counts traps and interrupts.
+
+        Counting runs apart from the timed rounds because tracing has a cost per
+        event (a log write per register access), and that cost grows with the very
+        traps it counts: traced rounds would slow IDE more than virtio and bias the
+        throughput comparison.  Counts per I/O do not depend on the run's length.
+        """
+        o = dict(self.options)
+        if self.kind == "fio" and "jobfile" not in o and o.get("time_based"):
+            if fio_mod.runtime_ns(o["runtime"]) > 1_000_000_000:
+                o["runtime"] = "1s"
+        elif self.kind == "iperf3":
+            o["seconds"] = min(float(o["seconds"]), 1.0)
+        return WorkloadSpec(self.kind, self.target, o)
 
     @property
     def name(self) -> str:
@@ -198,16 +223,36 @@ class Measurement:
     bw: float
     lat_p99_ns: float | None = None
     extra: Mapping[str, str | int | float | bool | None] = field(default_factory=dict)
+    #: The workload's own count of I/Os (fio ios, dd blocks, packets for iperf3).
+    ios: int = 0
+    #: Traps, interrupts and backend CPU over the run (None: not counted).
+    mechanism: Mechanism | None = None
 
     def to_record(self, test_id: str, accel: str, group: str) -> Record:
         """The report's view: ``group`` (the test function) lets relative perf checks
         find the other matrix items of the same test; ``kind`` picks the chart panel."""
+        mech = self.mechanism
+        counts = mech.counts() if mech is not None else {}
         return Record(test_id, self.device, self.workload, accel, machine_id(),
                       iops=self.iops, bw=self.bw, lat_p99_ns=self.lat_p99_ns,
-                      extra={**self.extra, "group": group, "kind": self.kind})
+                      extra={**self.extra, **counts, "group": group, "kind": self.kind,
+                             "sequential": self.sequential},
+                      traps_per_io=mech.traps_per_io if mech else None,
+                      irqs_per_io=mech.irqs_per_io if mech else None,
+                      cpu_us_per_io=mech.cpu_us_per_io if mech else None)
+
+    @property
+    def sequential(self) -> bool:
+        """Streaming I/O (judged by bandwidth in the chart): what the job says, not its label."""
+        if self.kind == "dd":
+            return True
+        if isinstance(self.result, fio_mod.FioResult):
+            modes = {j.options.get("rw", "") for j in self.result.jobs}
+            return bool(modes) and not any("rand" in m for m in modes)
+        return False
 
 
-def _device_of(guest: GuestLike, spec: WorkloadSpec) -> str:
+def device_of(guest: GuestLike, spec: WorkloadSpec) -> str:
     """The bus of the named disk / model of the named NIC: the report's device column."""
     items = getattr(guest.spec, "nics" if spec.kind == "iperf3" else "disks", ())
     for item in items:
@@ -223,7 +268,7 @@ def _device_of(guest: GuestLike, spec: WorkloadSpec) -> str:
 
 def run_workload(guest: GuestLike, spec: WorkloadSpec) -> Measurement:
     """Run ``spec`` on ``guest``; WorkloadError (with the program's stderr) if it failed."""
-    device = _device_of(guest, spec)
+    device = device_of(guest, spec)
     opts = dict(spec.options)
     timeout = opts.pop("timeout", None)
     if spec.kind == "fio":
@@ -231,6 +276,60 @@ def run_workload(guest: GuestLike, spec: WorkloadSpec) -> Measurement:
     if spec.kind == "dd":
         return _run_dd(guest, spec, device, opts, timeout)
     return _run_iperf3(guest, spec, device, opts, timeout)
+
+
+class _Window(Protocol):
+    def __enter__(self) -> object: ...
+    def __exit__(self, *exc: object) -> None: ...
+    def mechanism(self, ios: int) -> Mechanism: ...
+
+
+class _QemuWindow(TraceWindow):
+    def mechanism(self, ios: int) -> Mechanism:
+        traps, irqs = self.counts(ios)
+        return Mechanism(ios, traps, irqs, source="qemu-trace")
+
+
+def mechanism_window(guest: Any, spec: WorkloadSpec, device: str) -> _Window | None:
+    """Where the traps of ``device`` are counted: our backend's counters for a disk we
+    serve, else QEMU's trace events for a device with a plan (None: not countable)."""
+    backend = getattr(guest, "backends", {}).get(spec.target)
+    if backend is not None and spec.kind != "iperf3":
+        return BackendWindow(backend)
+    plan = PLANS.get(device)
+    machine = getattr(guest, "machine", None)
+    if plan is None or machine is None:
+        return None
+    if device == "e1000":
+        plan = with_pins(plan, _pci_irqs(machine, f"{spec.target}-dev"))
+    return _QemuWindow(machine, plan, Path(guest.run_dir) / "trace.log")
+
+
+def _pci_irqs(machine: Any, qdev_id: str) -> set[int]:
+    """The legacy interrupt line QEMU routes a PCI device's INTx to (``query-pci``)."""
+    pins: set[int] = set()
+    for bus in machine.qmp("query-pci"):
+        for dev in bus.get("devices", ()):
+            if dev.get("qdev_id") == qdev_id and isinstance(dev.get("irq"), int):
+                pins.add(dev["irq"])
+    return pins
+
+
+def count_mechanism(guest: Any, spec: WorkloadSpec) -> Mechanism | None:
+    """Traps, interrupts and backend CPU per I/O of ``spec`` on ``guest``, from one short
+    traced run (:meth:`WorkloadSpec.counting`); None when the device is not countable."""
+    window = mechanism_window(guest, spec, device_of(guest, spec))
+    if window is None:
+        return None
+    with window:
+        measured = run_workload(guest, spec.counting())
+    return window.mechanism(measured.ios)
+
+
+def measure(guest: Any, spec: WorkloadSpec, mechanism: Mechanism | None = None) -> Measurement:
+    """:func:`run_workload`, untraced, with ``mechanism`` (from :func:`count_mechanism`)."""
+    measured = run_workload(guest, spec)
+    return dataclasses.replace(measured, mechanism=mechanism)
 
 
 def _run_fio(guest: GuestLike, spec: WorkloadSpec, device: str, opts: dict[str, Any],
@@ -249,6 +348,7 @@ def _run_fio(guest: GuestLike, spec: WorkloadSpec, device: str, opts: dict[str, 
         device, spec.name, "fio", result, iops=result.iops, bw=result.bw,
         lat_p99_ns=result.lat_p99_ns,
         extra={"lat_mean_ns": result.lat_mean_ns, "guest_device": path},
+        ios=result.read.total_ios + result.write.total_ios,
     )
 
 
@@ -262,16 +362,19 @@ def _run_dd(guest: GuestLike, spec: WorkloadSpec, device: str, opts: dict[str, A
     result = guest.dd(src, dst, bs=opts["bs"], count=opts["count"], timeout=timeout, **flags)
     ios = opts["count"] / result.seconds if result.seconds > 0 else 0.0
     return Measurement(device, spec.name, "dd", result, iops=ios, bw=result.bw,
-                       extra={"guest_device": path})
+                       extra={"guest_device": path}, ios=int(opts["count"]))
 
 
 def _run_iperf3(guest: GuestLike, spec: WorkloadSpec, device: str, opts: dict[str, Any],
                 timeout: float | None) -> Measurement:
     seconds = float(opts["seconds"])
+    packets = _packets_shell(guest, spec.target)
+    before = _packets(guest, packets)
     with host_iperf3_server() as port:
         cmd = iperf_mod.iperf3_client_shell(SLIRP_HOST, port, seconds, bool(opts["reverse"]))
         t = timeout or guest.default_timeout() + seconds * 3
         res = guest.run(cmd, timeout=t)
+    after = _packets(guest, packets)
     if res.rc != 0 and "{" not in res.stdout:
         raise WorkloadError(
             f"iperf3 in the guest exited with status {res.rc} (is the NIC up?)\n"
@@ -281,7 +384,25 @@ def _run_iperf3(guest: GuestLike, spec: WorkloadSpec, device: str, opts: dict[st
     return Measurement(
         device, spec.name, "net", result, iops=0.0, bw=result.bits_per_second / 8,
         extra={"bits_per_second": result.bits_per_second, "retransmits": result.retransmits},
+        ios=max(0, after - before),
     )
+
+
+def _packets_shell(guest: GuestLike, nic: str) -> str | None:
+    """The guest command printing the NIC's rx+tx packet counters: a network "I/O" is
+    a packet (None for a guest that cannot name its interface, e.g. a test double)."""
+    interface = getattr(guest, "nic_interface", None)
+    if interface is None:
+        return None
+    stats = f"/sys/class/net/{interface(nic)}/statistics"
+    return f"echo $(( $(cat {stats}/rx_packets) + $(cat {stats}/tx_packets) ))"
+
+
+def _packets(guest: GuestLike, cmd: str | None) -> int:
+    if cmd is None:
+        return 0
+    out = guest.run(cmd).stdout.strip()
+    return int(out) if out.isdigit() else 0
 
 
 def _free_port() -> int:

@@ -6,7 +6,11 @@ pytest run: short fio jobs on virtio-blk/IDE data disks, ~5-8 s per guest.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -128,9 +132,10 @@ def test_table_json_plot_baseline_and_compare_fail(
     )
     result.assert_outcomes(passed=1)
     assert result.ret == pytest.ExitCode.TESTS_FAILED  # the regression fails the session
+    result.stdout.fnmatch_lines(["*= 1 passed, 1 baseline regressed in *"])
     result.stdout.fnmatch_lines([
         "*pytest-virtio results*",
-        "test*device*workload*accel*IOPS*bandwidth*p99 latency",
+        "test*device*workload*accel*IOPS*bandwidth*p99 latency*",
         "*test_measured*virtio-blk*randread 4K qd4*tcg*",
         "*1 comparable result(s)*",
         "REGRESSION randread 4K qd4 on virtio-blk (tcg): IOPS * vs baseline 1,000,000,000*",
@@ -183,10 +188,66 @@ def test_two_workers_one_report_and_relative_check(
     result.stdout.fnmatch_lines([
         "*test_pair?disk=ide?*ide*randread 4K qd4*",
         "*test_pair?disk=virtio-blk?*virtio-blk*randread 4K qd4*",
-        "FAILED virtio-blk vs ide (randread 4K qd4, iops, tcg): *x, required 1000x",
+        "FAILED *virtio-blk vs ide (randread 4K qd4, iops, tcg): *x, required 1000x",
         "*IOPS * vs ide * is *x; required 1000x",
+        # pytest's last line says why the session failed, not just "2 passed".
+        "*= 2 passed, 1 relative perf failed in *",
     ])
     assert result.ret == pytest.ExitCode.TESTS_FAILED
-    devices = sorted(r["device"] for r in json.loads(out_json.read_text())["records"])
-    assert devices == ["ide", "virtio-blk"]
+    records = json.loads(out_json.read_text())["records"]
+    assert sorted(r["device"] for r in records) == ["ide", "virtio-blk"]
+    # Mechanism metrics counted by QEMU's trace events for the device under test:
+    # IDE's task-file + BMDMA registers cost far more accesses per read than a virtio notify.
+    traps = {r["device"]: r["traps_per_io"] for r in records}
+    assert traps["ide"] > 10 * traps["virtio-blk"] > 0
     assert find_qemus(inner_tmp) == []
+
+
+def test_remote_workers_in_their_own_directory_home_and_cache(
+    pytester: pytest.Pytester, inner_tmp: Path, find_qemus: object, tmp_path: Path
+) -> None:
+    """xdist remote workers (``--tx popen//chdir=...``): each worker runs in another
+    directory with its own HOME, image cache and TMPDIR; the controller still gets
+    one table, one JSON and one verdict from both matrix items."""
+    remote, home, cache = tmp_path / "remote", tmp_path / "home", tmp_path / "cache"
+    worker_tmp = Path(tempfile.mkdtemp(prefix="pvr", dir="/tmp"))
+    home.mkdir()
+    # The worker's own cache: hard links of the built image (GiBs; a link costs nothing),
+    # so nothing is shared by path with the controller's cache.
+    with contextlib.suppress(shutil.Error):  # a concurrent build's temporary vanished
+        shutil.copytree(os.environ["PYTEST_VIRTIO_CACHE"], cache, copy_function=os.link)
+    pytester.makepyfile(
+        f"""
+        import os
+        import pytest
+
+        @pytest.mark.vm(disks=[{{"name": "disk0"}}])
+        @pytest.mark.virtio_matrix(disk=["ide", "virtio-blk"])
+        @pytest.mark.workload("fio", disk="disk0", {QUICK})
+        @pytest.mark.perf(faster_than={{"virtio-blk": "ide"}}, metric="traps_per_io", by=5)
+        def test_pair(guest):
+            assert os.getcwd() == {str(remote)!r}
+            assert os.environ["HOME"] == {str(home)!r}
+            assert str(guest.run_dir).startswith({str(worker_tmp)!r})
+        """
+    )
+    out_json = tmp_path / "all.json"
+    tx = (f"2*popen//chdir={remote}//env:HOME={home}//env:PYTEST_VIRTIO_CACHE={cache}"
+          f"//env:TMPDIR={worker_tmp}")
+    try:
+        result = pytester.runpytest_subprocess(
+            TCG, "-p", "no:cacheprovider", "-d", f"--tx={tx}", f"--rsyncdir={pytester.path}",
+            f"--virtio-json={out_json}", "-W", "ignore::DeprecationWarning",
+        )
+        result.assert_outcomes(passed=2)
+        result.stdout.fnmatch_lines([
+            "*pytest-virtio results*",
+            "ok *virtio-blk vs ide (randread 4K qd4, traps_per_io, tcg): *x, required 5x",
+        ])
+        assert result.ret == pytest.ExitCode.OK
+        records = json.loads(out_json.read_text())["records"]
+        assert sorted(r["device"] for r in records) == ["ide", "virtio-blk"]
+        assert all(r["traps_per_io"] for r in records)
+        assert find_qemus(worker_tmp) == []
+    finally:
+        shutil.rmtree(worker_tmp, ignore_errors=True)

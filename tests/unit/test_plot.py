@@ -31,7 +31,7 @@ def rec(device: str, workload: str, iops: float, bw: float = 0.0, accel: str = "
 RECORDS = [
     rec("virtio-blk", "randread", 16_200),
     rec("ide", "randread", 5_400),
-    rec("ide", "randread", 5_600),  # repeat: averaged
+    rec("ide", "randread", 5_600),  # repeat: the median, with the spread as error bar
     rec("vhost-user-blk", "randwrite", 15_800),
     rec("virtio-blk", "read", 420, 420 * 1024**2),
     rec("ide <&>", "read", 95, 95 * 1024**2),
@@ -45,7 +45,8 @@ def test_classification() -> None:
 
 
 def test_panels_split_random_and_sequential() -> None:
-    random, sequential = build_panels(RECORDS)
+    random, sequential, latency = build_panels(RECORDS)
+    assert latency.title.startswith("Random I/O — p99") and latency.y_label == "p99 latency (ms)"
     assert random.y_label == "IOPS"
     assert [g for g, _ in random.groups] == ["randread", "randwrite"]
     bars = dict(random.groups)["randread"]
@@ -53,6 +54,7 @@ def test_panels_split_random_and_sequential() -> None:
         ("virtio-blk", 16_200, "16.2k"),
         ("ide", 5_500, "5.5k"),
     ]
+    assert (bars[1].low, bars[1].high) == (5_400, 5_600) and bars[0].low is None
     assert sequential.y_label == "bandwidth (MiB/s)"
     [(group, seq_bars)] = sequential.groups
     assert group == "read"
@@ -60,8 +62,30 @@ def test_panels_split_random_and_sequential() -> None:
 
 
 def test_mixed_accelerators_split_groups() -> None:
-    [panel] = build_panels([rec("ide", "randread", 1), rec("ide", "randread", 3, accel="kvm")])
+    [panel, _p99] = build_panels([rec("ide", "randread", 1),
+                                  rec("ide", "randread", 3, accel="kvm")])
     assert [g for g, _ in panel.groups] == ["randread (kvm)", "randread (tcg)"]
+
+
+def test_mechanism_panels_error_bars_and_verdicts() -> None:
+    counted = [
+        Record("t[ide]", "ide", "randread", "tcg", "m", 2000, 0, traps_per_io=26.0,
+               irqs_per_io=1.0, extra={"sequential": False}),
+        Record("t[vb]", "virtio-blk", "randread", "tcg", "m", 3000, 0, traps_per_io=0.4),
+        Record("t[vb]", "virtio-blk", "randread", "tcg", "m", 5000, 0, traps_per_io=0.6),
+    ]
+    panels = {p.title.split(" (")[0]: p for p in build_panels(counted)}
+    traps = dict(panels["Device traps per I/O"].groups)["randread"]
+    assert [(b.device, b.value) for b in traps] == [("virtio-blk", 0.5), ("ide", 26.0)]
+    [irq] = dict(panels["Interrupts per I/O"].groups)["randread"]  # only IDE counted them
+    assert irq.device == "ide"
+    verdict = "ok           virtio-blk vs ide (randread, traps_per_io, tcg): 52.00x, required 10x"
+    root = ET.fromstring(render_svg(counted, verdicts=[verdict]))
+    texts = [t.text for t in root.iter(f"{SVG}text")]
+    assert verdict in texts
+    # The spread is drawn: an error bar from 3,000 to 5,000 IOPS with two caps.
+    lines = list(root.iter(f"{SVG}line"))
+    assert sum(1 for ln in lines if ln.get("stroke") == "#222") >= 3
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,126 @@
+#!/usr/bin/env python3
+"""Verdict stability: the demo's randread pair judged N times on a host kept busy.
+
+Each repetition is one pytest session of the demo's 4k randread on IDE and
+virtio-blk (``make demo``'s ``test_random_read`` promises, cut to that pair):
+the throughput promise (virtio-blk >= 1.2x IDE's IOPS, ``rounds`` paired
+rounds, inconclusive when the spreads straddle 1.2x) and the mechanism promise
+(virtio-blk >= 10x fewer traps per I/O than IDE).  Two bounded CPU hogs
+(``timeout N sh -c 'while :; do :; done'``, killed by PID afterwards) keep both
+cores busy for the whole run, on top of whatever else the host runs.
+
+Printed per promise: the measured ratio's min/median/max over the repetitions
+and how many verdicts agree.  Target: the mechanism verdict agrees N/N; the
+throughput verdict is never wrong — ``ok`` or ``inconclusive``, never
+``FAILED`` (the peer of the mechanism figure is the throughput figure,
+measured in the same sessions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+from pytest_virtio.metrics import spread
+from pytest_virtio.perf import judge
+from pytest_virtio.report import Record
+
+SUITE = """
+import pytest
+
+@pytest.mark.vm(disks=[{{"name": "disk0", "size": "256M"}}])
+@pytest.mark.virtio_matrix(disk=["ide", "virtio-blk"])
+@pytest.mark.workload("fio", disk="disk0", rw="randread", bs="4k", iodepth=16,
+                      runtime="{runtime}s")
+@pytest.mark.perf(faster_than={{"virtio-blk": "ide"}}, by={by}, rounds={rounds})
+@pytest.mark.perf(faster_than={{"virtio-blk": "ide"}}, metric="traps_per_io", by={traps_by})
+def test_random_read(guest, workload):
+    assert workload.errors == 0
+"""
+
+PROMISES = (("throughput (IOPS)", "iops"), ("traps per I/O", "traps_per_io"))
+
+
+def hogs(seconds: int) -> list[subprocess.Popen[bytes]]:
+    """Two busy loops, one per core, each ended by ``timeout`` at the latest."""
+    return [subprocess.Popen(["timeout", str(seconds), "sh", "-c", "while :; do :; done"])
+            for _ in range(2)]
+
+
+def session(work: Path, index: int, workers: int) -> list[Record]:
+    """One pytest session of the pair; its records (every round of both devices)."""
+    out = work / f"run{index}.json"
+    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+            "--virtio-accel=tcg", f"--virtio-json={out}", "-n", str(workers)]
+    proc = subprocess.run(args, cwd=work, capture_output=True, text=True)
+    if not out.exists():
+        sys.exit(f"run {index} wrote no results:\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}")
+    (work / f"run{index}.txt").write_text(proc.stdout)
+    return [Record.from_dict(r) for r in json.loads(out.read_text())["records"]]
+
+
+def verdict(records: list[Record], metric: str, by: float) -> tuple[str, float | None]:
+    """The plugin's own judgement (perf.judge) on the samples the check compares."""
+    mine = [r for r in records if r.device == "virtio-blk" and r.extra.get("role") != "reference"]
+    paired = [r for r in records if r.device == "ide" and r.extra.get("role") == "reference"]
+    # As the plugin does: the item's own interleaved pairs when it measured them.
+    ref = paired or [r for r in records if r.device == "ide"]
+    v = judge(metric, by, spread(r.value(metric) for r in mine),
+              spread(r.value(metric) for r in ref))
+    return v.outcome, v.ratio
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--runtime", type=int, default=2, help="fio seconds per round")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--by", type=float, default=1.2)
+    parser.add_argument("--traps-by", type=float, default=10.0)
+    parser.add_argument("--hog-seconds", type=int, default=3600)
+    args = parser.parse_args()
+    factors = {"iops": args.by, "traps_per_io": args.traps_by}
+    with tempfile.TemporaryDirectory(prefix="pvv", dir="/tmp") as tmp:
+        work = Path(tmp)
+        (work / "test_pair.py").write_text(SUITE.format(
+            runtime=args.runtime, by=args.by, rounds=args.rounds, traps_by=args.traps_by))
+        os.environ["TMPDIR"] = tmp
+        busy = hogs(args.hog_seconds)
+        results: dict[str, list[tuple[str, float | None]]] = {m: [] for _, m in PROMISES}
+        start = time.monotonic()
+        try:
+            for i in range(args.repeat):
+                records = session(work, i, args.workers)
+                for _, metric in PROMISES:
+                    results[metric].append(verdict(records, metric, factors[metric]))
+                line = ", ".join(f"{m} {o} {r:.2f}x" if r else f"{m} {o}"
+                                 for m, (o, r) in ((m, results[m][-1]) for _, m in PROMISES))
+                print(f"run {i + 1}/{args.repeat}: {line}", flush=True)
+        finally:
+            for proc in busy:
+                proc.kill()
+                proc.wait()
+        elapsed = time.monotonic() - start
+    print(f"\n{args.repeat} sessions in {elapsed:.0f} s under 2 CPU hogs, rounds={args.rounds}, "
+          f"fio {args.runtime} s per round, -n {args.workers}")
+    for label, metric in PROMISES:
+        ratios = [r for _, r in results[metric] if r is not None]
+        counts = Counter(o for o, _ in results[metric])
+        agree = counts.most_common(1)[0][1] if counts else 0
+        lo, med, hi = (min(ratios), statistics.median(ratios), max(ratios)) if ratios else (0,) * 3
+        print(f"{label:18} required {factors[metric]:g}x  ratio min {lo:.2f}x  median "
+              f"{med:.2f}x  max {hi:.2f}x  verdicts {dict(counts)}  agree "
+              f"{agree}/{args.repeat}  wrong (FAILED) {counts.get('FAILED', 0)}")
+
+
+if __name__ == "__main__":
+    main()
