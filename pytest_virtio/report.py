@@ -224,13 +224,18 @@ def records_to_json(records: Iterable[Record], checks: Iterable[RelativeCheck] =
     )
 
 
-def load_session(path: str | os.PathLike[str]) -> SessionResults:
-    """A ``--virtio-json`` file as SessionResults (records and checks); errors name it."""
+def _read_json(path: str | os.PathLike[str], what: str) -> tuple[str, Any]:
+    """A JSON file's text and value; ConfigError naming ``what`` and the file."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(f"cannot read results {os.fspath(path)!r}: {exc.strerror}") from None
-    data = _loads(text, f"results file {os.fspath(path)!r}")
+        raise ConfigError(f"cannot read {what} {os.fspath(path)!r}: {exc.strerror}") from None
+    return text, _loads(text, f"{what} {os.fspath(path)!r}")
+
+
+def load_session(path: str | os.PathLike[str]) -> SessionResults:
+    """A ``--virtio-json`` file as SessionResults (records and checks); errors name it."""
+    text, data = _read_json(path, "results file")
     results = SessionResults()
     if isinstance(data, Mapping):
         results.merge_dict(data)
@@ -465,11 +470,7 @@ def _with_machine(record: Record, machine: str) -> Record:
 
 def load_baseline(path: str | os.PathLike[str]) -> Baseline:
     """Read a file written by :func:`save_baseline`; ConfigError names the file if bad."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read baseline {os.fspath(path)!r}: {exc.strerror}") from None
-    data = _loads(text, f"baseline {os.fspath(path)!r}")
+    text, data = _read_json(path, "baseline")
     if not isinstance(data, Mapping) or not isinstance(data.get("machine_id"), str):
         raise ConfigError(f"baseline {os.fspath(path)!r} has no machine_id")
     return Baseline(data["machine_id"], tuple(records_from_json(text)))
