@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import re
 import shlex
@@ -116,6 +117,23 @@ for dev in /sys/bus/pci/devices/*; do
   drv=-; [ -e "$dev/driver" ] && drv=$(basename "$(readlink "$dev/driver")")
   echo "${dev##*/} $(cat "$dev/vendor") $(cat "$dev/device") $(cat "$dev/class") $drv"
 done
+"""
+
+
+#: ISO 9660 §8.4: the primary volume descriptor is the 2048-byte sector 16.
+_ISO_SECTOR = 2048
+_ISO_PVD_OFFSET = 16 * _ISO_SECTOR
+
+_CDROM_FIND = r"""
+for try in $(seq 1 {tries}); do
+  for d in /dev/sr*; do
+    [ -b "$d" ] || continue
+    sum=$(dd if="$d" bs=2048 skip=16 count=1 2>/dev/null | md5sum | cut -d' ' -f1)
+    [ "$sum" = {digest} ] && echo "$d" && exit 0
+  done
+  sleep 0.2
+done
+exit 1
 """
 
 
@@ -391,6 +409,49 @@ class Guest:
 
         t = timeout if timeout is not None else self.default_timeout()
         return balloon_mod.stats(self.machine.qmp, self._balloon_device(), t)
+
+    # -- CD-ROM media -------------------------------------------------------
+    def _cdrom(self, name: str, call: str) -> None:
+        from .spec import CdRom
+
+        names = [d.name for d in getattr(self.spec, "devices", ()) if isinstance(d, CdRom)]
+        if name not in names:
+            raise ConfigError(f"guest.{call}({name!r}): no CD-ROM of that name; this guest "
+                              f"has: {', '.join(names) or 'none'}")
+
+    def cdrom_change(self, name: str, iso: str | Path, *, force: bool = False,
+                     timeout: float | None = None) -> str:
+        """Put ``iso`` in CD-ROM ``name`` and return the guest device that now reads it.
+
+        QMP ``blockdev-change-medium`` opens the tray, swaps the medium and closes
+        it. Then the guest reads each ``/dev/sr*`` until one returns the new
+        disc's volume descriptor: the first read after a change fails in the
+        guest (the drive reports the media change), and a test should not have
+        to know that. A guest holding the disc (mounted) has locked the tray: the
+        change fails unless ``force=True``.
+        """
+        from .session import check_image_file
+
+        self._cdrom(name, "cdrom_change")
+        path = Path(iso)
+        check_image_file(f"guest.cdrom_change({name!r}): iso", path, "ISO image")
+        self.machine.qmp("blockdev-change-medium", id=name, filename=str(path), format="raw",
+                         force=force, **{"read-only-mode": "read-only"})
+        with path.open("rb") as f:
+            f.seek(_ISO_PVD_OFFSET)
+            digest = hashlib.md5(f.read(_ISO_SECTOR), usedforsecurity=False).hexdigest()
+        t = timeout if timeout is not None else self.default_timeout()
+        res = self.run(_CDROM_FIND.format(digest=digest, tries=max(int(t / 0.2), 1)), timeout=t)
+        if res.rc != 0:
+            raise GuestError(f"guest.cdrom_change({name!r}): QEMU took {path} but no guest "
+                             f"/dev/sr* reads it within {t:.0f}s", self.console_tail())
+        return res.stdout.strip()
+
+    def cdrom_eject(self, name: str, *, force: bool = False) -> None:
+        """Open CD-ROM ``name``'s tray and take the disc out (the drive then has no medium)."""
+        self._cdrom(name, "cdrom_eject")
+        self.machine.qmp("blockdev-open-tray", id=name, force=force)
+        self.machine.qmp("blockdev-remove-medium", id=name)
 
     # -- virtio-serial -------------------------------------------------------
     def serial_port(self, name: str) -> SerialPort:

@@ -266,6 +266,7 @@ class VirtioSession:
                 boot_timeout: float, scale: float) -> Guest:
         image = self.image_for(spec)
         check_drivers(image, spec)
+        check_cdrom_isos(spec)
         run_dir = self.new_run_dir()
         disk_files = {d.name: prepare_disk_file(d, run_dir) for d in spec.disks}
         serials = {d.name: d.serial or d.name for d in spec.disks}
@@ -413,12 +414,28 @@ def prepare_disk_file(disk: spec_mod.Disk, run_dir: Path) -> str:
 
 def _check_disk_image(name: str, image: Path) -> None:
     """A missing or unreadable image is the test's mistake: say so before QEMU starts."""
+    check_image_file(f"disk {name!r}: image", image, "raw or qcow2 image")
+
+
+def check_image_file(what: str, image: Path, kind: str) -> None:
+    """``image`` exists and is readable, else a ConfigError naming ``what`` and the fix.
+
+    Why before QEMU: QEMU's own refusal comes only at start-up, buried under
+    its whole command line (seen for a mistyped CD-ROM ISO path).
+    """
     if not image.is_file():
-        raise ConfigError(f"disk {name!r}: image {image} does not exist or is not a file; "
-                          "give the path of an existing raw or qcow2 image")
+        raise ConfigError(f"{what} {image} does not exist or is not a file; "
+                          f"give the path of an existing {kind}")
     if not os.access(image, os.R_OK):
-        raise ConfigError(f"disk {name!r}: image {image} is not readable by this user; "
+        raise ConfigError(f"{what} {image} is not readable by this user; "
                           f"fix its permissions (e.g. chmod a+rw {image})")
+
+
+def check_cdrom_isos(spec: spec_mod.MachineSpec) -> None:
+    """Every CD-ROM's ISO exists and is readable (checked before launch, like disk images)."""
+    for dev in spec.devices:
+        if isinstance(dev, spec_mod.CdRom):
+            check_image_file(f"cdrom {dev.name!r}: iso", Path(dev.iso), "ISO image")
 
 
 def serial_sockets(spec: spec_mod.MachineSpec, run_dir: Path) -> dict[str, str]:

@@ -1,1 +1,34 @@
 """Integration tests boot real guests: they need QEMU and the image (built by `make image`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from pytest_virtio.guest import Guest
+from pytest_virtio.session import MissingDevices, VirtioSession
+from pytest_virtio.spec import MachineSpec
+
+BootShared = Callable[[MachineSpec, str], Guest]
+
+
+@pytest.fixture(scope="module")
+def boot_shared(virtio_session: VirtioSession) -> Iterator[BootShared]:
+    """``boot_shared(spec, name)``: a guest the module's tests share (boots are the
+    expensive part under TCG), shut down after the module; a QEMU without the
+    spec's device models skips, naming them."""
+    made: list[Guest] = []
+
+    def boot(spec: MachineSpec, name: str) -> Guest:
+        try:
+            guest = virtio_session.boot(spec, name)
+        except MissingDevices as exc:
+            pytest.skip(f"QEMU lacks device model(s) {', '.join(sorted(exc.missing))}")
+        made.append(guest)
+        return guest
+
+    yield boot
+    for guest in made:
+        guest.close()
+        virtio_session.guests.remove(guest)

@@ -7,13 +7,12 @@ which proves the options reach the guest driver.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable
 
 import pytest
 
 from pytest_virtio.errors import ConfigError, GuestTimeout
 from pytest_virtio.guest import Guest
-from pytest_virtio.session import VirtioSession
 from pytest_virtio.spec import Balloon, MachineSpec
 
 MIB = 1 << 20
@@ -23,24 +22,15 @@ DEFLATE_ON_OOM_BIT = 2
 PAGE_REPORTING_BIT = 5
 
 
-def _boot(session: VirtioSession, balloon: Balloon, name: str) -> Iterator[Guest]:
-    guest = session.boot(MachineSpec(memory="512M", devices=(balloon,)), name)
-    try:
-        yield guest
-    finally:
-        guest.close()
-        session.guests.remove(guest)
+@pytest.fixture(scope="module")
+def plain(boot_shared: Callable[[MachineSpec, str], Guest]) -> Guest:
+    return boot_shared(MachineSpec(memory="512M", devices=(Balloon(),)), "balloon")
 
 
 @pytest.fixture(scope="module")
-def plain(virtio_session: VirtioSession) -> Iterator[Guest]:
-    yield from _boot(virtio_session, Balloon(), "balloon")
-
-
-@pytest.fixture(scope="module")
-def optioned(virtio_session: VirtioSession) -> Iterator[Guest]:
-    yield from _boot(virtio_session,
-                     Balloon(deflate_on_oom=True, free_page_reporting=True), "balloon-opts")
+def optioned(boot_shared: Callable[[MachineSpec, str], Guest]) -> Guest:
+    balloon = Balloon(deflate_on_oom=True, free_page_reporting=True)
+    return boot_shared(MachineSpec(memory="512M", devices=(balloon,)), "balloon-opts")
 
 
 def _mem_total_kib(guest: Guest) -> int:

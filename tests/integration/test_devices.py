@@ -10,13 +10,12 @@ report says exactly which bus broke.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable
 
 import pytest
 
 from pytest_virtio.fixtures import check_drivers
 from pytest_virtio.guest import Guest
-from pytest_virtio.session import MissingDevices, VirtioSession
 from pytest_virtio.spec import EXPECTED_DRIVER, Disk, MachineSpec, Nic
 
 VIRTIO_BUSES = ("virtio-blk", "virtio-scsi", "vhost-user-blk")
@@ -37,26 +36,14 @@ def _spec(root_bus: str, buses: tuple[str, ...], nics: tuple[str, ...]) -> Machi
     return MachineSpec(root_bus=root_bus, disks=disks, nics=net)
 
 
-def _boot(session: VirtioSession, spec: MachineSpec, name: str) -> Iterator[Guest]:
-    try:
-        guest = session.boot(spec, name)
-    except MissingDevices as exc:
-        pytest.skip(f"QEMU lacks device model(s) {', '.join(sorted(exc.missing))}")
-    try:
-        yield guest
-    finally:
-        guest.close()
-        session.guests.remove(guest)
+@pytest.fixture(scope="module")
+def virtio_guest(boot_shared: Callable[[MachineSpec, str], Guest]) -> Guest:
+    return boot_shared(_spec("virtio-blk", VIRTIO_BUSES, VIRTIO_NICS), "virtio")
 
 
 @pytest.fixture(scope="module")
-def virtio_guest(virtio_session: VirtioSession) -> Iterator[Guest]:
-    yield from _boot(virtio_session, _spec("virtio-blk", VIRTIO_BUSES, VIRTIO_NICS), "virtio")
-
-
-@pytest.fixture(scope="module")
-def emulated_guest(virtio_session: VirtioSession) -> Iterator[Guest]:
-    yield from _boot(virtio_session, _spec("ide", EMULATED_BUSES, EMULATED_NICS), "emulated")
+def emulated_guest(boot_shared: Callable[[MachineSpec, str], Guest]) -> Guest:
+    return boot_shared(_spec("ide", EMULATED_BUSES, EMULATED_NICS), "emulated")
 
 
 def _guest_for(request: pytest.FixtureRequest, kind: str) -> Guest:

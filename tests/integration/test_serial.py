@@ -10,13 +10,12 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable
 
 import pytest
 
 from pytest_virtio.errors import ConfigError, GuestTimeout
 from pytest_virtio.guest import Guest
-from pytest_virtio.session import VirtioSession
 from pytest_virtio.spec import MachineSpec, SerialPorts
 
 PORTS = ("org.test.0", "org.test.1", "com.example.log")
@@ -24,13 +23,8 @@ LARGE = 4 << 20
 
 
 @pytest.fixture(scope="module")
-def serial_guest(virtio_session: VirtioSession) -> Iterator[Guest]:
-    guest = virtio_session.boot(MachineSpec(devices=(SerialPorts(names=PORTS),)), "serial")
-    try:
-        yield guest
-    finally:
-        guest.close()
-        virtio_session.guests.remove(guest)
+def serial_guest(boot_shared: Callable[[MachineSpec, str], Guest]) -> Guest:
+    return boot_shared(MachineSpec(devices=(SerialPorts(names=PORTS),)), "serial")
 
 
 def test_guest_sees_each_named_port(serial_guest: Guest) -> None:

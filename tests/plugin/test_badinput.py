@@ -194,6 +194,27 @@ def test_missing_disk_image_is_refused_before_launch(
     assert find_qemus(inner_tmp) == []
 
 
+def test_missing_cdrom_iso_is_refused_before_launch(
+    pytester: pytest.Pytester, inner_tmp: Path, find_qemus
+) -> None:
+    """Like a disk image: one line naming the drive, not QEMU's exit under its argv."""
+    pytester.makepyfile(
+        """
+        import pytest
+        @pytest.mark.vm(devices=[dict(kind="cdrom", iso="/nonexistent/disc.iso")])
+        def test_x(guest):
+            pass
+        """
+    )
+    result = pytester.runpytest(TCG)
+    result.assert_outcomes(errors=1)
+    out = result.stdout.str()
+    line = _line_with(out, "iso /nonexistent/disc.iso")
+    assert "cdrom 'cd0'" in line and "does not exist" in line and "existing ISO image" in line
+    assert "--- command ---" not in out  # refused before QEMU ran
+    assert find_qemus(inner_tmp) == []
+
+
 def test_socket_dir_too_long_names_tmpdir(
     pytester: pytest.Pytester, inner_tmp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
