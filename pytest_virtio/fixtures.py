@@ -18,7 +18,7 @@ import pytest
 
 from . import spec as spec_mod
 from .errors import GuestError, VirtioError
-from .guest import Guest
+from .guest import Guest, Teardown
 from .session import MissingDevices, VirtioSession
 
 MakeGuest = Callable[..., Guest]
@@ -80,15 +80,16 @@ def make_guest(
     reports = request.node.stash.get(REPORTS_KEY, {})
     failed = any(r.failed for r in reports.values())
     keep = virtio_session.settings.keep
+    teardown = Teardown()
     for guest in made:
         if (failed and keep == "failed") or keep == "always":
             _keep_artifacts(guest, artifacts_dir(request.node) / guest.name)
-        with contextlib.suppress(VirtioError, OSError):
-            guest.close()
+        teardown.close(guest)
         with contextlib.suppress(ValueError):
             virtio_session.guests.remove(guest)
     for guest in made:
         guest.raise_backend_errors()
+    teardown.raise_stuck()
 
 
 def _keep_artifacts(guest: Guest, dest: Any) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .console import Result
-from .errors import ConfigError, GuestError, GuestTimeout, LaunchError
+from .errors import BackendError, ConfigError, GuestError, GuestTimeout, LaunchError, VirtioError
 from .qemu.machine import Machine
 from .serial import SerialPort, guest_link_script
 
@@ -545,7 +545,7 @@ class Guest:
         self._wait_qom_gone(name, t)
         if name in self.backends:
             self._qmp_once_released(t, "chardev-remove", id=f"vu-{name}")
-            self.backends.pop(name).close()
+            stop_backends({name: self.backends.pop(name)}, f"guest {self.name!r}")
         else:
             self._qmp_once_released(t, "blockdev-del", **{"node-name": f"drv-{name}"})
         self._wait_block(name, present=False, timeout=t)
@@ -573,7 +573,8 @@ class Guest:
                 if "chardev-add" in done:
                     self.machine.qmp("chardev-remove", id=f"vu-{disk.name}")
             if disk.name in self.backends:
-                self.backends.pop(disk.name).close()
+                stop_backends({disk.name: self.backends.pop(disk.name)},
+                              f"guest {self.name!r}")
             raise
 
     def _qmp_once_released(self, timeout: float, cmd: str, **args: Any) -> None:
@@ -620,7 +621,10 @@ class Guest:
 
     # -- lifecycle -----------------------------------------------------------
     def close(self) -> None:
-        """Stop QEMU (soft, then hard), then the backends; always both."""
+        """Stop QEMU (soft, then hard), then every backend; always all of them.
+
+        A backend that will not stop is a BackendError naming its disk.
+        """
         if self._ssh is not None:
             self._ssh.close()
         for port in self.serial_ports.values():
@@ -628,14 +632,58 @@ class Guest:
         try:
             self.machine.shutdown(timeout=5.0)
         finally:
-            for backend in self.backends.values():
-                backend.close()
+            stop_backends(self.backends, f"guest {self.name!r}")
 
     def __enter__(self) -> Guest:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def stop_backends(backends: Mapping[str, Any], owner: str) -> None:
+    """Stop every in-process vhost-user backend, each one even if another fails.
+
+    A backend whose thread will not stop (stuck in a storage call, say) keeps a
+    thread running and its disk busy: that is a BackendError naming the disk(s),
+    raised once all were tried, for teardown to report rather than swallow.
+    """
+    failed: list[tuple[str, BackendError]] = []
+    for name, backend in backends.items():
+        try:
+            backend.close()
+        except BackendError as exc:
+            failed.append((name, exc))
+    if failed:
+        raise BackendError(f"{owner}: " + "; ".join(  # the message carries each cause
+            f"vhost-user-blk disk {name!r} did not stop: {exc}" for name, exc in failed
+        )) from None
+
+
+class Teardown:
+    """Closes guests one after another, keeping what must not be swallowed.
+
+    A backend that would not stop is kept and raised once every guest is
+    closed (:meth:`raise_stuck`); any other error closing a guest means QEMU
+    was already gone or broken, and its shutdown escalated to a kill.
+    """
+
+    def __init__(self) -> None:
+        self.stuck: list[BackendError] = []
+
+    def close(self, guest: Guest) -> None:
+        try:
+            guest.close()
+        except BackendError as exc:
+            self.stuck.append(exc)
+        except (VirtioError, OSError):
+            pass
+
+    def raise_stuck(self) -> None:
+        if len(self.stuck) == 1:
+            raise self.stuck[0]
+        if self.stuck:
+            raise BackendError("; ".join(str(e) for e in self.stuck)) from None
 
 
 def parse_kv(text: str) -> Mapping[str, str]:

@@ -5,8 +5,9 @@ Three mechanisms, each for a way a run can end early:
 - SIGTERM (a CI cancel, ``timeout``) becomes KeyboardInterrupt, so pytest
   unwinds and tears fixtures down exactly as for Ctrl-C.
 - ``PR_SET_PDEATHSIG`` (prctl(2)): the kernel signals a child when its parent
-  dies, even by SIGKILL.  QEMU gets SIGKILL; an xdist worker gets SIGTERM,
-  which the first mechanism turns into a clean teardown.
+  dies, even by SIGKILL.  QEMU gets SIGKILL (``setpriv`` sets it between fork
+  and exec, see qemu/machine.py); an xdist worker gets SIGTERM, which the first
+  mechanism turns into a clean teardown.
 - An interrupted xdist controller passes the interrupt on to its workers at
   once.  A signal sent to the controller alone (``kill PID``, most CI runners)
   never reaches them: xdist would let them run on, booting new guests, for up

@@ -22,8 +22,8 @@ from typing import Any
 from . import serial as serial_mod
 from . import spec as spec_mod
 from . import ssh as ssh_mod
-from .errors import ConfigError, GuestError, LaunchError, MissingDriver, VirtioError
-from .guest import Guest
+from .errors import BackendError, ConfigError, GuestError, LaunchError, MissingDriver, VirtioError
+from .guest import Guest, Teardown, stop_backends
 from .images import GuestImage, custom_image, ensure_image, initramfs_for, load_recipe
 from .images import kernel as kernel_mod
 from .images.initramfs import available_modules
@@ -276,7 +276,7 @@ class VirtioSession:
             ssh_args.append(f"pv.modules={image.kernel_version}")
         fw_cfg = {ssh_mod.AUTHORIZED_KEYS_FW_CFG: str(self.ssh_key().public_path)
                   } if ssh_nic else {}
-        backends = self._start_backends(spec, run_dir, disk_files)
+        backends = self._start_backends(spec, run_dir, disk_files, name)
         guest: Guest | None = None
         try:
             initrd = initramfs_for(image, spec.root_modules)
@@ -307,8 +307,7 @@ class VirtioSession:
             machine.launch()
             guest.serial_ports = connect_serial_ports(ctx, guest.default_timeout())
         except BaseException as exc:
-            for b in backends.values():
-                b.close()
+            _stop_after_failure(backends, name, exc)
             if isinstance(exc, VirtioError) and guest is not None:
                 exc.failed_guest = guest
             raise
@@ -333,7 +332,7 @@ class VirtioSession:
         guest.host_key = session.host_key_line()
 
     def _start_backends(self, spec: spec_mod.MachineSpec, run_dir: Path,
-                        disk_files: dict[str, str]) -> dict[str, Any]:
+                        disk_files: dict[str, str], name: str = "guest") -> dict[str, Any]:
         """Start one in-process vhost-user-blk server per such disk, before QEMU."""
         wanted = [d for d in spec.disks
                   if d.bus == "vhost-user-blk" and d.external_socket is None]
@@ -342,22 +341,24 @@ class VirtioSession:
             for disk in wanted:
                 servers[disk.name] = start_backend(disk, disk_files[disk.name], run_dir,
                                                    spec.smp)
-        except BaseException:
-            for s in servers.values():
-                s.close()
+        except BaseException as exc:
+            _stop_after_failure(servers, name, exc)
             raise
         return servers
 
     # -- teardown ------------------------------------------------------------
     def close(self) -> None:
+        """Close every guest and reap every QEMU; then raise a backend that would
+        not stop (BackendError naming its disk), once everything else is done."""
+        teardown = Teardown()
         for guest in self.guests:
-            with contextlib.suppress(VirtioError, OSError):
-                guest.close()
+            teardown.close(guest)
         self.guests.clear()
         reap_all()
         if self._run_root is not None and self.settings.keep != "always":
             shutil.rmtree(self._run_root, ignore_errors=True)
             self._run_root = None
+        teardown.raise_stuck()
 
     def __enter__(self) -> VirtioSession:
         return self
@@ -399,6 +400,15 @@ def check_drivers(image: GuestImage, spec: spec_mod.MachineSpec) -> None:
             if not any(m.replace("-", "_") in have for m in alternatives):
                 raise MissingDriver(image.kernel_version, device, alternatives,
                                     str(image.modules_dir))
+
+
+def _stop_after_failure(backends: dict[str, Any], guest: str, exc: BaseException) -> None:
+    """Stop the backends of a boot that failed; one that will not stop is noted on
+    the boot's own error (the cause the user must see first)."""
+    try:
+        stop_backends(backends, f"guest {guest!r}")
+    except BackendError as stuck:
+        exc.add_note(str(stuck))
 
 
 def prepare_disk_file(disk: spec_mod.Disk, run_dir: Path) -> str:

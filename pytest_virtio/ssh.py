@@ -327,8 +327,8 @@ class SshSession:
         """Open a channel and exec ``cmd``; paramiko waits here without a timeout,
         which is why ``run`` keeps a watchdog that closes the link past the deadline."""
         try:
-            channel = self._open_channel(timeout)
-            channel.exec_command(f"( {cmd}\n) </dev/null; exit $?")
+            channel = self._open_channel(
+                timeout, lambda ch: ch.exec_command(f"( {cmd}\n) </dev/null; exit $?"))
         except (OSError, EOFError, paramiko.SSHException) as exc:
             self.close()
             raise GuestTimeout(
@@ -337,27 +337,37 @@ class SshSession:
             ) from exc
         return channel
 
-    def _open_channel(self, timeout: float) -> paramiko.Channel:
-        """A session channel; a transport found dead on the way gets one reconnect.
+    def _open_channel(self, timeout: float,
+                      start: Callable[[paramiko.Channel], None]) -> paramiko.Channel:
+        """A session channel, started by ``start`` (exec a command, or the SFTP subsystem).
 
-        Retrying is safe only here (no command has been sent yet) and only for
-        a dead link: a live one that does not answer is a timeout, not staleness.
+        Retrying is safe only before the server has started anything, and only
+        for two causes: a transport found dead on the way gets one reconnect;
+        on a live link, a channel the server refused or closed before answering
+        ``start`` is opened again (:func:`_refused_start`).
         """
         client = self.client if self.connected else self.reconnect(timeout)
         for attempt in range(CHANNEL_OPEN_TRIES):
             try:
-                return self._new_session(client, timeout)
+                return self._started(client, timeout, start)
             except (OSError, EOFError, paramiko.SSHException) as exc:
                 if not self.connected:
-                    return self._new_session(self.reconnect(timeout), timeout)
-                # dropbear refuses a channel whose id paramiko reuses before the
-                # server has finished closing the previous one (seen right after
-                # an SFTP transfer): a refusal, not a dead link, so try again.
-                if "Unable to open channel" not in str(exc) or \
-                        attempt == CHANNEL_OPEN_TRIES - 1:
+                    return self._started(self.reconnect(timeout), timeout, start)
+                if not _refused_start(exc) or attempt == CHANNEL_OPEN_TRIES - 1:
                     raise
                 time.sleep(0.2 * (attempt + 1))
         raise AssertionError("unreachable")
+
+    @classmethod
+    def _started(cls, client: paramiko.SSHClient, timeout: float,
+                 start: Callable[[paramiko.Channel], None]) -> paramiko.Channel:
+        channel = cls._new_session(client, timeout)
+        try:
+            start(channel)
+        except BaseException:
+            channel.close()
+            raise
+        return channel
 
     @staticmethod
     def _new_session(client: paramiko.SSHClient, timeout: float) -> paramiko.Channel:
@@ -427,7 +437,11 @@ class _SftpGuard:
 
     def __enter__(self) -> paramiko.SFTPClient:
         try:
-            self.sftp = self.session.client.open_sftp()
+            # The exec path's channel and retry: without it ~6 in 40 back-to-back
+            # SFTP sessions failed ("Unable to open channel", "Channel closed").
+            channel = self.session._open_channel(self.session.connect_timeout,
+                                                 lambda ch: ch.invoke_subsystem("sftp"))
+            self.sftp = paramiko.SFTPClient(channel)
         except (OSError, EOFError, paramiko.SSHException) as exc:
             raise GuestError(
                 f"SFTP would not start for {self.what} ({exc!r}): dropbear runs "
@@ -443,6 +457,20 @@ class _SftpGuard:
         if isinstance(exc, (OSError, EOFError, paramiko.SSHException)):
             raise GuestError(f"SFTP {self.what} failed: {exc!r}",
                              self.session.console_tail()) from exc
+
+
+def _refused_start(exc: BaseException) -> bool:
+    """Did dropbear turn a new channel down before starting anything on it?
+
+    Seen right after another channel (an SFTP session above all) closed: the
+    open is answered, then the channel is closed at once, so paramiko reports
+    "Unable to open channel." (closed before open_session returned) or
+    "Channel closed." (before the exec/subsystem request was answered).  The
+    server answers a start request before it closes a channel that ran
+    something, so either message means nothing ran and a new channel is safe.
+    """
+    return isinstance(exc, paramiko.SSHException) and str(exc) in (
+        "Unable to open channel.", "Channel closed.")
 
 
 def _drain(channel: paramiko.Channel, out: bytearray, err: bytearray) -> bool:

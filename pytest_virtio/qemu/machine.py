@@ -6,6 +6,9 @@ Why these choices:
 - Its own process group plus ``PR_SET_PDEATHSIG(SIGKILL)``: if pytest (or an
   xdist worker) dies by any signal, even SIGKILL, the kernel kills QEMU too.
   Every live machine is also in a registry swept at interpreter exit.
+  No Python runs between fork and exec (backend threads hold locks a forked
+  child would inherit taken): ``subprocess`` makes the process group itself and
+  util-linux's ``setpriv --pdeathsig`` sets the death signal, then execs QEMU.
 - QMP through qemu.qmp's synchronous ``QEMUMonitorProtocol``: the project
   does not write its own QMP client.
 """
@@ -15,13 +18,17 @@ from __future__ import annotations
 import contextlib
 import enum
 import os
+import queue
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import threading
 import time
 import weakref
+from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +36,6 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from ..console import PANIC_RE, Console, tail_of
 from ..errors import GuestPanic, LaunchError
-from ..interrupts import set_parent_death_signal
 
 
 class RunState(enum.Enum):
@@ -92,8 +98,93 @@ def _refused(exc: BaseException | None) -> bool:
     return False
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child
-    set_parent_death_signal(signal.SIGKILL)
+#: Sets PR_SET_PDEATHSIG(SIGKILL), then execs the rest of its argv (the PID stays
+#: QEMU's).  util-linux is Essential in Debian, so every host has it.
+DEATH_SIGNAL_EXEC = ("setpriv", "--pdeathsig", "KILL", "--")
+
+_Start = Callable[[], "subprocess.Popen[bytes]"]
+
+
+class _Spawner:
+    """Forks QEMU from a thread that lives as long as the process.
+
+    The kernel sends the parent-death signal when the *thread* that forked the
+    child exits, not the process (prctl(2), PR_SET_PDEATHSIG): a QEMU started
+    from a short-lived thread (a test booting guests from a thread pool) would be
+    killed as soon as that thread ended.  The main thread lives as long as the
+    process, so it forks directly; any other thread hands the fork to one daemon
+    thread that never exits.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the thread (in a forked child, which has none)."""
+        self._jobs: queue.SimpleQueue[tuple[_Start, Future[subprocess.Popen[bytes]]]] = (
+            queue.SimpleQueue())
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def run(self, start: _Start) -> subprocess.Popen[bytes]:
+        """``start()`` (which forks) on a thread that outlives the child."""
+        if threading.current_thread() is threading.main_thread():
+            return start()
+        future: Future[subprocess.Popen[bytes]] = Future()
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._serve, daemon=True,
+                                                name="pytest-virtio-qemu-spawner")
+                self._thread.start()
+        self._jobs.put((start, future))
+        return future.result()
+
+    def _serve(self) -> None:
+        while True:
+            start, future = self._jobs.get()
+            try:
+                future.set_result(start())
+            except BaseException as exc:  # handed to the caller's thread
+                future.set_exception(exc)
+
+
+_SPAWNER = _Spawner()
+# A forked child (multiprocessing) has no spawner thread: it starts its own.
+os.register_at_fork(after_in_child=_SPAWNER.reset)
+
+
+def _launcher_argv(argv: list[str]) -> list[str]:
+    """``setpriv --pdeathsig KILL -- QEMU ...``; a missing tool names its package."""
+    if shutil.which(argv[0]) is None:
+        raise LaunchError(f"cannot run {argv[0]}: not found; "
+                          "install it with: apt-get install qemu-system-x86")
+    helper = shutil.which(DEATH_SIGNAL_EXEC[0])
+    if helper is None:
+        raise LaunchError(f"cannot run {DEATH_SIGNAL_EXEC[0]} (it makes QEMU die with "
+                          "pytest): install it with: apt-get install util-linux")
+    return [helper, *DEATH_SIGNAL_EXEC[1:], *argv]
+
+
+def connect_qmp(path: str, timeout: float, exited: Callable[[], bool]) -> QEMUMonitorProtocol:
+    """Connect to QEMU's QMP socket ``path`` and negotiate capabilities.
+
+    The socket file appears at bind(), a moment before listen(): a connect in
+    between is refused (seen once in 20 runs, and 4 times in one loaded run of
+    the argv tests), so a refusal is retried until ``timeout`` while
+    ``exited()`` is False.  Any other failure is raised as qemu.qmp raised it.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        qmp = QEMUMonitorProtocol(path)
+        try:
+            qmp.connect(negotiate=True)
+            return qmp
+        except Exception as exc:
+            with contextlib.suppress(Exception):
+                qmp.close()
+            if not (_refused(exc) and not exited() and time.monotonic() < deadline):
+                raise
+            time.sleep(0.02)
 
 
 _LIVE: weakref.WeakSet[Machine] = weakref.WeakSet()
@@ -144,19 +235,16 @@ class Machine:
         """Start QEMU paused, connect QMP and the console, then let it run."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.write_reproducer()
-        argv = [*self.argv, "-S"]
+        try:
+            argv = _launcher_argv([*self.argv, "-S"])
+        except LaunchError:
+            self.state = RunState.FAILED
+            raise
         with self.stderr_path.open("wb") as err:
-            try:
-                self._proc = subprocess.Popen(
-                    argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
-                    start_new_session=True, preexec_fn=_die_with_parent, close_fds=True,
-                )
-            except FileNotFoundError as exc:
-                self.state = RunState.FAILED
-                raise LaunchError(
-                    f"cannot run {argv[0]}: {exc.strerror}; "
-                    "install it with: apt-get install qemu-system-x86"
-                ) from exc
+            self._proc = _SPAWNER.run(lambda: subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+                process_group=0, close_fds=True,
+            ))
         with _LIVE_LOCK:
             _LIVE.add(self)
         try:
@@ -178,26 +266,16 @@ class Machine:
                 raise LaunchError(f"QEMU never created its QMP socket {self.qmp_socket}\n"
                                   f"{self.stderr_tail()}")
             time.sleep(0.01)
-        while True:
-            qmp = QEMUMonitorProtocol(self.qmp_socket)
-            try:
-                qmp.connect(negotiate=True)
-                return qmp
-            except Exception as exc:
-                with contextlib.suppress(Exception):
-                    qmp.close()
-                # The socket file appears at bind(), a moment before listen():
-                # a connect in between is refused.  Seen once in 20 runs.
-                if (_refused(exc) and self.exitcode() is None
-                        and time.monotonic() < deadline):
-                    time.sleep(0.02)
-                    continue
-                # QEMU listens before it opens its drives: a start-up failure (an
-                # image lock, say) looks like EOF here.  Report QEMU's reason instead.
-                self._wait_exit(2.0)
-                self.check_alive()
-                raise LaunchError(f"QMP handshake with QEMU failed: {exc}\n"
-                                  f"{self.stderr_tail()}") from exc
+        try:
+            return connect_qmp(self.qmp_socket, deadline - time.monotonic(),
+                               lambda: self.exitcode() is not None)
+        except Exception as exc:
+            # QEMU listens before it opens its drives: a start-up failure (an
+            # image lock, say) looks like EOF here.  Report QEMU's reason instead.
+            self._wait_exit(2.0)
+            self.check_alive()
+            raise LaunchError(f"QMP handshake with QEMU failed: {exc}\n"
+                              f"{self.stderr_tail()}") from exc
 
     def _wait_exit(self, timeout: float) -> None:
         if self._proc is not None:
@@ -321,11 +399,17 @@ class Machine:
 
     # -- shutdown ------------------------------------------------------------
     def shutdown(self, timeout: float = 5.0) -> int | None:
-        """Soft first (QMP quit flushes the block layer), then SIGTERM, then SIGKILL."""
+        """Soft first (QMP quit flushes the block layer), then SIGTERM, then SIGKILL.
+
+        ``timeout`` bounds the quit's reply too: a QEMU whose main loop is blocked
+        (waiting for a vhost-user back-end that does not answer) sends none, and
+        waiting for it hung the teardown for as long as the back-end did.
+        """
         if self._proc is None or self.state is RunState.STOPPED:
             return self.exitcode()
         if self._proc.poll() is None and self._qmp is not None:
             with contextlib.suppress(Exception), self._lock:
+                self._qmp.settimeout(timeout)
                 self._qmp.cmd_raw("quit")
         self._close_channels()
         self._wait_or_escalate(timeout)

@@ -28,8 +28,10 @@ import os
 import select
 import selectors
 import socket
+import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -78,6 +80,17 @@ def _fd_kind(fd: int) -> str:
 
 class _Stopping(ConnectionError):
     """stop() was called while a message was half read or written: drop the connection."""
+
+
+def _where(thread: threading.Thread, depth: int = 4) -> str:
+    """A live thread's innermost frames, ``func (file:line) < caller ...``, for a
+    stuck-thread error (the innermost alone is often a stdlib wait)."""
+    frame = sys._current_frames().get(thread.ident or -1)
+    if frame is None:
+        return "an unknown place (it just exited)"
+    frames = traceback.extract_stack(frame)[-depth:]
+    return " < ".join(f"{f.name} ({os.path.basename(f.filename)}:{f.lineno})"
+                      for f in reversed(frames))
 
 
 class VhostUserBlkServer:
@@ -195,15 +208,32 @@ class VhostUserBlkServer:
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop the thread, join it, close the socket and every fd.  Idempotent."""
+        """Stop the thread, join it, close the socket and every fd.  Idempotent.
+
+        A thread that does not stop in time (stuck in a storage call, say) is a
+        BackendError saying where it is stuck; the listener, its socket file, the
+        selector and the wake fd are closed all the same, and the thread, which
+        sees ``_stopping`` as soon as it returns to its loop, drops the front-end
+        connection and the queues itself.
+        """
+        try:
+            self._join(timeout)
+        finally:
+            self._close_own_fds()
+
+    def _join(self, timeout: float) -> None:
         thread = self._thread
-        if thread is not None:
-            self._stopping = True
-            self._wake()
-            thread.join(timeout)
-            if thread.is_alive():
-                raise BackendError(f"vhost-user thread did not stop within {timeout}s")
-            self._thread = None
+        if thread is None:
+            return
+        self._stopping = True
+        self._wake()
+        thread.join(timeout)
+        if thread.is_alive():
+            raise BackendError(f"vhost-user thread serving {self.socket_path} did not stop "
+                               f"within {timeout}s; it is in {_where(thread)}")
+        self._thread = None
+
+    def _close_own_fds(self) -> None:
         if self._sel is not None:
             self._sel.close()
             self._sel = None

@@ -13,11 +13,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.util
-import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -27,7 +25,9 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from qemu.qmp.legacy import QEMUMonitorProtocol
 
+from pytest_virtio.qemu.machine import connect_qmp
 from pytest_virtio.spec import (
     Balloon,
     CdRom,
@@ -101,39 +101,12 @@ def _process(argv: list[str]) -> Iterator[subprocess.Popen[bytes]]:
             proc.stderr.close()
 
 
-class Qmp:
-    """Minimal synchronous QMP client: enough for a few commands, no events kept."""
-
-    def __init__(self, path: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(20)
-        self.sock.connect(path)
-        self.file = self.sock.makefile("rwb")
-        self._read()  # greeting
-        self.cmd("qmp_capabilities")
-
-    def _read(self) -> dict[str, Any]:
-        while True:
-            line = self.file.readline()
-            if not line:
-                raise AssertionError("QMP connection closed")
-            msg: dict[str, Any] = json.loads(line)
-            if "event" not in msg:
-                return msg
-
-    def cmd(self, name: str, args: dict[str, Any] | None = None) -> Any:
-        msg: dict[str, Any] = {"execute": name}
-        if args:
-            msg["arguments"] = args
-        self.file.write(json.dumps(msg).encode() + b"\n")
-        self.file.flush()
-        reply = self._read()
-        assert "error" not in reply, f"{name} {args}: {reply['error']}"
-        return reply.get("return")
-
-    def close(self) -> None:
-        self.file.close()
-        self.sock.close()
+def _qmp(path: str, qemu: subprocess.Popen[bytes]) -> QEMUMonitorProtocol:
+    """qemu.qmp's client, connected the way Machine connects (a refusal between
+    QEMU's bind() and listen() is retried; this helper once connected only once)."""
+    qmp = connect_qmp(path, 30, lambda: qemu.poll() is not None)
+    qmp.settimeout(20)
+    return qmp
 
 
 def _vhost_disks(spec: MachineSpec) -> list[tuple[str, Disk | None]]:
@@ -205,8 +178,13 @@ def _expected_ids(spec: MachineSpec) -> set[str]:
     return ids
 
 
+def _quit(qmp: QEMUMonitorProtocol) -> None:
+    with contextlib.suppress(EOFError):  # QEMU may hang up before its reply is read
+        qmp.cmd("quit")
+
+
 @contextlib.contextmanager
-def _booted(spec: MachineSpec, run_dir: str) -> Iterator[tuple[Qmp, Any]]:
+def _booted(spec: MachineSpec, run_dir: str) -> Iterator[tuple[QEMUMonitorProtocol, Any]]:
     """QEMU paused (-S) with the spec's argv, QMP connected; torn down on exit."""
     spec, ctx = _materialize(spec, run_dir)
     with contextlib.ExitStack() as stack:
@@ -222,20 +200,21 @@ def _booted(spec: MachineSpec, run_dir: str) -> Iterator[tuple[Qmp, Any]]:
         if qemu.poll() is not None:
             err = qemu.stderr.read().decode() if qemu.stderr else ""
             pytest.fail(f"QEMU rejected the argv:\n{err}\nargv: {_qemu_argv(spec, ctx)}")
-        qmp = Qmp(ctx.qmp_socket)
+        qmp = _qmp(ctx.qmp_socket, qemu)
         try:
             yield qmp, ctx
-            qmp.cmd("quit")
+            _quit(qmp)
             qemu.wait(timeout=10)
         finally:
-            qmp.close()
+            with contextlib.suppress(EOFError):  # the hang-up after quit
+                qmp.close()
 
 
 @pytest.mark.parametrize("case", sorted(cases.CASES))
 def test_qemu_accepts_golden_argv(case: str, run_dir: str) -> None:
     spec = cases.CASES[case]
     with _booted(spec, run_dir) as (qmp, _ctx):
-        listed = {p["name"] for p in qmp.cmd("qom-list", {"path": "/machine/peripheral"})}
+        listed = {p["name"] for p in qmp.cmd("qom-list", path="/machine/peripheral")}
         assert _expected_ids(spec) <= listed
         assert qmp.cmd("query-status")["status"] == "prelaunch"
 
@@ -273,16 +252,17 @@ def test_hotplug_commands_accepted(kind: str, run_dir: str) -> None:
             _wait_for(lambda: os.path.exists(sock) or qsd.poll() is not None, 20, sock)
         qemu = stack.enter_context(_process(_qemu_argv(base, ctx)))
         _wait_for(lambda: os.path.exists(ctx.qmp_socket) or qemu.poll() is not None, 30, "QMP")
-        qmp = Qmp(ctx.qmp_socket)
+        qmp = _qmp(ctx.qmp_socket, qemu)
         try:
             for command, args in hotplug_commands(disk, ctx):
-                qmp.cmd(command, args)
-            listed = {p["name"] for p in qmp.cmd("qom-list", {"path": "/machine/peripheral"})}
+                qmp.cmd(command, **args)
+            listed = {p["name"] for p in qmp.cmd("qom-list", path="/machine/peripheral")}
             assert "hot" in listed
-            qmp.cmd("quit")
+            _quit(qmp)
             qemu.wait(timeout=10)
         finally:
-            qmp.close()
+            with contextlib.suppress(EOFError):  # the hang-up after quit
+                qmp.close()
 
 
 def test_no_process_left_behind() -> None:

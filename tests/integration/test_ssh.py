@@ -53,6 +53,19 @@ def test_put_get_round_trip_1mib(guest: Guest, tmp_path: Path) -> None:
         guest.get("/no/such/file", tmp_path / "nothing")
 
 
+def test_back_to_back_sftp_sessions(guest: Guest, tmp_path: Path) -> None:
+    """Each put/get is its own SFTP channel: right after one closes, dropbear may
+    refuse the next open ("Unable to open channel", ~6 in 40 before SFTP shared
+    the exec path's retry).  Exec channels are interleaved as tests do."""
+    for i in range(40):
+        (tmp_path / "up").write_text(f"round {i}\n")
+        guest.put(tmp_path / "up", "/root/round")
+        guest.get("/root/round", tmp_path / "down")
+        assert (tmp_path / "down").read_text() == f"round {i}\n"
+        if i % 4 == 3:
+            assert guest.run("cat /root/round", via="ssh").stdout == f"round {i}\n"
+
+
 def _session_with(guest: Guest, key: ssh_mod.KeyPair,
                   host_key: tuple[str, str] | None) -> ssh_mod.SshSession:
     real = guest.ssh_session()

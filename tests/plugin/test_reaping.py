@@ -233,6 +233,42 @@ def test_fixture_raising_half_way_leaves_nothing(
     assert _run_dirs(inner_tmp) == []
 
 
+def test_backend_that_will_not_stop_is_a_teardown_error_naming_its_disk(
+    pytester: pytest.Pytester, inner_tmp: Path, find_qemus
+) -> None:
+    """A vhost-user backend stuck in a request (here: 60 s of injected latency)
+    outlives stop()'s 10 s: teardown used to swallow that BackendError and
+    report a pass, leaving the thread and its selector, listener and wake fd."""
+    pytester.makepyfile(
+        """
+        import time
+        import pytest
+
+        @pytest.mark.vm(disks=[{"name": "slow", "bus": "vhost-user-blk", "size": "16M"}])
+        def test_x(guest, vhost):
+            server = vhost["slow"]
+            dev = guest.disk_path("slow")
+            server.faults.add_latency(60)  # every request from now on
+            kicks = sum(server.stats.kicks)
+            guest.check(f"dd if=/dev/zero of={dev} bs=4k count=1 oflag=direct "
+                        ">/dev/null 2>&1 &")
+            deadline = time.monotonic() + 60
+            while sum(server.stats.kicks) == kicks:  # the write is in the backend
+                assert time.monotonic() < deadline, "the write never reached the backend"
+                time.sleep(0.05)
+        """
+    )
+    result = pytester.runpytest_subprocess(TCG)
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines([
+        "*ERROR at teardown of test_x*",
+        "*BackendError: guest 'guest': vhost-user-blk disk 'slow' did not stop: "
+        "vhost-user thread serving * did not stop within 10.0s; it is in *",
+    ])
+    assert find_qemus(inner_tmp) == []
+    assert _run_dirs(inner_tmp) == []
+
+
 def test_sweep_removes_only_dead_sessions(tmp_path: Path) -> None:
     dead = subprocess.Popen(["true"])
     dead.wait()
