@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -32,3 +35,11 @@ def boot_shared(virtio_session: VirtioSession) -> Iterator[BootShared]:
     for guest in made:
         guest.close()
         virtio_session.guests.remove(guest)
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A short directory under /tmp: unix socket paths must fit in 108 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="pv", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

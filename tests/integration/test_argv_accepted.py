@@ -17,7 +17,6 @@ import os
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,11 +58,8 @@ STARTED: list[int] = []  # every pid this module spawned, checked at the end
 
 
 @pytest.fixture
-def run_dir() -> Iterator[str]:
-    """A short path under /tmp: unix socket paths must fit in 108 bytes."""
-    path = tempfile.mkdtemp(prefix="pv", dir="/tmp")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+def run_dir(short_tmp: Path) -> str:
+    return str(short_tmp)
 
 
 def _wait_for(predicate: Any, timeout: float, what: str) -> None:

@@ -10,10 +10,8 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,11 +24,8 @@ pytestmark = pytest.mark.skipif(QEMU is None, reason="needs qemu-system-x86")
 
 
 @pytest.fixture
-def run_dir() -> Iterator[Path]:
-    """A short path under /tmp: unix socket paths must fit in 108 bytes."""
-    path = Path(tempfile.mkdtemp(prefix="pvm", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+def run_dir(short_tmp: Path) -> Path:
+    return short_tmp
 
 
 def bare_machine(run_dir: Path, qemu: str | None = QEMU) -> Machine:
