@@ -19,6 +19,7 @@ bare latency number is nanoseconds (write ``"2ms"``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -56,6 +57,10 @@ ACCELERATORS = ("kvm", "tcg")
 METRICS = tuple(METRIC_TABLE)
 THRESHOLD_KEYS = ("min_iops", "min_bw", "max_lat_p99", "max_lat_mean")
 PERF_KEYS = (*THRESHOLD_KEYS, "faster_than", "by", "metric", "rounds")
+#: A timed sample whose QEMU spent more than this share of its runnable time waiting
+#: for a CPU measured the host's load, not the device: relative verdicts on such
+#: samples are inconclusive (recorded as ``extra["cpu_starved"]`` by the runner).
+STARVED_LIMIT = 0.5
 #: Most rounds a marker may ask for (each is a full workload run on the guest).
 MAX_ROUNDS = 50
 
@@ -459,8 +464,26 @@ def relative_outcomes(records: Iterable[Record], checks: Iterable[RelativeCheck]
         spec = PerfSpec(faster_than=check.faster_than, by=check.by, metric=check.metric)
         failures = () if verdict.outcome == OK else tuple(
             check_relative(spec, by_device, check.device, workload=check.workload))
+        starved = _starved(by_device, check)
+        if starved is not None and verdict.outcome != INCONCLUSIVE:
+            verdict = dataclasses.replace(verdict, outcome=INCONCLUSIVE, reason="starved")
+            failures = (
+                f"{check.workload} on {check.device}: inconclusive, {verdict.ratio:.2f}x "
+                f"measured while QEMU waited for a CPU {starved:.0%} of the time it was "
+                f"runnable (limit {STARVED_LIMIT:.0%}): the host is too busy for a timed "
+                "comparison",)
         outcomes.append(Outcome(check, verdict, failures))
     return outcomes
+
+
+def _starved(by_device: Mapping[str, list[Record]], check: RelativeCheck) -> float | None:
+    """The worst starvation among the compared samples of a timed metric, if over the limit."""
+    if check.metric in MECHANISM:
+        return None
+    shares = [float(v) for d in (check.device, check.faster_than) for r in by_device.get(d, ())
+              if isinstance(v := r.extra.get("cpu_starved"), int | float)]
+    worst = max(shares, default=0.0)
+    return worst if worst > STARVED_LIMIT else None
 
 
 def _unique(checks: Iterable[RelativeCheck]) -> list[RelativeCheck]:

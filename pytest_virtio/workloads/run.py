@@ -326,10 +326,33 @@ def count_mechanism(guest: Any, spec: WorkloadSpec) -> Mechanism | None:
     return window.mechanism(measured.ios)
 
 
+def schedstat(pid: int) -> tuple[int, int]:
+    """(ns on a CPU, ns runnable but waiting for one), summed over the process's threads
+    (``/proc/PID/task/*/schedstat``, fields 1 and 2)."""
+    ran = waited = 0
+    for task in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+        with contextlib.suppress(OSError, ValueError):
+            fields = task.read_text().split()
+            ran, waited = ran + int(fields[0]), waited + int(fields[1])
+    return ran, waited
+
+
 def measure(guest: Any, spec: WorkloadSpec, mechanism: Mechanism | None = None) -> Measurement:
-    """:func:`run_workload`, untraced, with ``mechanism`` (from :func:`count_mechanism`)."""
+    """:func:`run_workload`, untraced, with ``mechanism`` (from :func:`count_mechanism`).
+
+    Also records how starved QEMU was: the share of its runnable time spent waiting
+    for a CPU (``extra["cpu_starved"]``).  A timed comparison of two guests that the
+    host could not run is about the host, not the devices (see perf.STARVED_LIMIT).
+    """
+    pid = getattr(getattr(guest, "machine", None), "pid", None)
+    before = schedstat(pid) if isinstance(pid, int) else None
     measured = run_workload(guest, spec)
-    return dataclasses.replace(measured, mechanism=mechanism)
+    extra = dict(measured.extra)
+    if before is not None and isinstance(pid, int):
+        ran, waited = (b - a for a, b in zip(before, schedstat(pid), strict=True))
+        if ran + waited > 0:
+            extra["cpu_starved"] = round(waited / (ran + waited), 3)
+    return dataclasses.replace(measured, mechanism=mechanism, extra=extra)
 
 
 def _run_fio(guest: GuestLike, spec: WorkloadSpec, device: str, opts: dict[str, Any],

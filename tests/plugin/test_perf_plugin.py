@@ -200,6 +200,8 @@ def test_two_workers_one_report_and_relative_check(
     # IDE's task-file + BMDMA registers cost far more accesses per read than a virtio notify.
     traps = {r["device"]: r["traps_per_io"] for r in records}
     assert traps["ide"] > 10 * traps["virtio-blk"] > 0
+    # How starved each QEMU was while timed (its threads' run-queue wait share).
+    assert all(0 <= r["extra"]["cpu_starved"] <= 1 for r in records)
     assert find_qemus(inner_tmp) == []
 
 

@@ -166,3 +166,25 @@ def test_stacked_promises_on_one_item_are_all_judged() -> None:
     outcomes = relative_outcomes(records, checks)
     assert [(o.check.faster_than, o.verdict.outcome) for o in outcomes] == [
         ("ide", "ok"), ("ahci", "ok")]
+
+
+def test_timed_verdict_on_starved_samples_is_inconclusive() -> None:
+    """A QEMU that waited for a CPU most of the time it was runnable measured the
+    host's load: the timed verdict says so instead of failing (or passing)."""
+    def starved(device: str, iops: float, share: float) -> Record:
+        return dataclasses.replace(_rec(device, iops), extra={"group": "g", "cpu_starved": share})
+
+    check = RelativeCheck("t", "g", "virtio-blk", "randread", "tcg", "ide", by=1.2)
+    calm = [starved("ide", 1000, 0.2), starved("virtio-blk", 500, 0.3)]
+    [outcome] = relative_outcomes(calm, [check])
+    assert outcome.verdict.outcome == "FAILED"
+    busy = [starved("ide", 1000, 0.2), starved("virtio-blk", 500, 0.93)]
+    [outcome] = relative_outcomes(busy, [check])
+    assert outcome.verdict.outcome == "inconclusive"
+    assert "waited for a CPU 93%" in outcome.failures[0]
+    # Counted metrics do not care how busy the host was.
+    traps = dataclasses.replace(check, metric="traps_per_io")
+    counted = [dataclasses.replace(r, traps_per_io=t) for r, t in zip(busy, (26.0, 0.5),
+                                                                        strict=True)]
+    [outcome] = relative_outcomes(counted, [traps])
+    assert outcome.verdict.outcome == "ok"
