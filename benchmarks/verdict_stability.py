@@ -29,9 +29,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from pytest_virtio.metrics import spread
-from pytest_virtio.perf import judge
-from pytest_virtio.report import Record
+from pytest_virtio.perf import relative_outcomes
+from pytest_virtio.report import Record, RelativeCheck
 
 SUITE = """
 import pytest
@@ -68,14 +67,19 @@ def session(work: Path, index: int, workers: int) -> list[Record]:
 
 
 def verdict(records: list[Record], metric: str, by: float) -> tuple[str, float | None]:
-    """The plugin's own judgement (perf.judge) on the samples the check compares."""
-    mine = [r for r in records if r.device == "virtio-blk" and r.extra.get("role") != "reference"]
-    paired = [r for r in records if r.device == "ide" and r.extra.get("role") == "reference"]
-    # As the plugin does: the item's own interleaved pairs when it measured them.
-    ref = paired or [r for r in records if r.device == "ide"]
-    v = judge(metric, by, spread(r.value(metric) for r in mine),
-              spread(r.value(metric) for r in ref))
-    return v.outcome, v.ratio
+    """The plugin's own session-end judgement (perf.relative_outcomes) of the promise."""
+    [mine] = {r.test_id for r in records if r.device == "virtio-blk"}
+    group = str(next(r.extra["group"] for r in records))
+    check = RelativeCheck(mine, group, "virtio-blk", records[0].workload, records[0].accel,
+                          "ide", by, metric, records[0].machine)
+    [outcome] = relative_outcomes(records, [check])
+    return outcome.verdict.outcome, outcome.verdict.ratio
+
+
+def starvation(records: list[Record]) -> float:
+    """The worst share of runnable time a QEMU spent waiting for a CPU in a timed round."""
+    return max((float(v) for r in records if isinstance(v := r.extra.get("cpu_starved"),
+                                                        int | float)), default=0.0)
 
 
 def main() -> None:
@@ -104,7 +108,8 @@ def main() -> None:
                     results[metric].append(verdict(records, metric, factors[metric]))
                 line = ", ".join(f"{m} {o} {r:.2f}x" if r else f"{m} {o}"
                                  for m, (o, r) in ((m, results[m][-1]) for _, m in PROMISES))
-                print(f"run {i + 1}/{args.repeat}: {line}", flush=True)
+                print(f"run {i + 1}/{args.repeat}: {line}; worst QEMU CPU starvation "
+                      f"{starvation(records):.0%}", flush=True)
         finally:
             for proc in busy:
                 proc.kill()

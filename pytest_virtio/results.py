@@ -31,8 +31,15 @@ def absolute_failures(marker: Any, records: Sequence[Record]) -> list[str]:
     with rounds, against the best round (see :meth:`Record.best_of`)."""
     spec = perf_mod.PerfSpec.from_marker(tuple(marker.args), marker.kwargs)
     record = Record.best_of(records)
-    return perf_mod.check_absolute(spec, record, record.accel, record.device,
-                                   workload=record.workload)
+    failures = perf_mod.check_absolute(spec, record, record.accel, record.device,
+                                       workload=record.workload)
+    shares = [float(v) for r in records if isinstance(v := r.extra.get("cpu_starved"),
+                                                      int | float)]
+    if failures and shares and min(shares) > perf_mod.STARVED_LIMIT:
+        failures.append(f"(the host was too busy to time this: QEMU waited for a CPU "
+                        f"{min(shares):.0%} of the time it was runnable, even in its best "
+                        "round)")
+    return failures
 
 
 @dataclass(frozen=True)
