@@ -35,6 +35,8 @@ def boot_shared(virtio_session: VirtioSession) -> Iterator[BootShared]:
     for guest in made:
         guest.close()
         virtio_session.guests.remove(guest)
+    for guest in made:  # as make_guest does: a backend failure fails the module
+        guest.raise_backend_errors()
 
 
 @pytest.fixture

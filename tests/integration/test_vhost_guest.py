@@ -15,12 +15,11 @@ fault injector and trace as it found them.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from module_guest import module_guest
 
 from pytest_virtio.errors import BackendError, ConfigError
 from pytest_virtio.guest import Guest
@@ -34,11 +33,10 @@ SECTOR = 512
 
 
 @pytest.fixture(scope="module")
-def shared(virtio_session: VirtioSession) -> Iterator[Guest]:
+def shared(boot_shared: Callable[[MachineSpec, str], Guest]) -> Guest:
     """One smp=2 guest with a 64M vhost-user-blk disk for the single-guest checks."""
     spec = MachineSpec(smp=2, disks=(Disk(name="disk0", bus="vhost-user-blk", size="64M"),))
-    with module_guest(virtio_session, spec, "vhost") as g:
-        yield g
+    return boot_shared(spec, "vhost")
 
 
 @pytest.fixture

@@ -21,13 +21,11 @@ lost kick there can be the guest's fault; the idle re-check covers that case.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable
 
 import pytest
-from module_guest import module_guest
 
 from pytest_virtio.guest import Guest
-from pytest_virtio.session import VirtioSession
 from pytest_virtio.spec import Disk, MachineSpec
 from pytest_virtio.vhost_user import VhostUserBlkServer
 
@@ -45,10 +43,9 @@ RING_COMPLAINTS = ("is not a head", "out of range", "virtio_ring", "I/O error", 
 
 
 @pytest.fixture(scope="module")
-def loaded(virtio_session: VirtioSession) -> Iterator[Guest]:
+def loaded(boot_shared: Callable[[MachineSpec, str], Guest]) -> Guest:
     spec = MachineSpec(smp=2, disks=(Disk(name="disk0", bus="vhost-user-blk", size="64M"),))
-    with module_guest(virtio_session, spec, "ringload") as g:
-        yield g
+    return boot_shared(spec, "ringload")
 
 
 def test_ring_stays_consistent_under_mixed_load(loaded: Guest) -> None:
