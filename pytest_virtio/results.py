@@ -33,13 +33,22 @@ def absolute_failures(marker: Any, records: Sequence[Record]) -> list[str]:
     record = Record.best_of(records)
     failures = perf_mod.check_absolute(spec, record, record.accel, record.device,
                                        workload=record.workload)
+    starved = starvation(records)
+    if failures and starved is not None:
+        failures.append(f"(the host was too busy to time this: QEMU waited for a CPU "
+                        f"{starved:.0%} of the time it was runnable, even in its least "
+                        "starved round)")
+    return failures
+
+
+def starvation(records: Sequence[Record]) -> float | None:
+    """How starved QEMU was in the least starved round, when over perf.STARVED_LIMIT
+    in every round (None: at least one round was timed on a host that let it run)."""
     shares = [float(v) for r in records if isinstance(v := r.extra.get("cpu_starved"),
                                                       int | float)]
-    if failures and shares and min(shares) > perf_mod.STARVED_LIMIT:
-        failures.append(f"(the host was too busy to time this: QEMU waited for a CPU "
-                        f"{min(shares):.0%} of the time it was runnable, even in its best "
-                        "round)")
-    return failures
+    if shares and min(shares) > perf_mod.STARVED_LIMIT:
+        return min(shares)
+    return None
 
 
 @dataclass(frozen=True)

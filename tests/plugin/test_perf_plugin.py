@@ -255,3 +255,35 @@ def test_remote_workers_in_their_own_directory_home_and_cache(
         assert find_qemus(worker_tmp) == []
     finally:
         shutil.rmtree(worker_tmp, ignore_errors=True)
+
+
+STARVED_TEST = """
+import pytest
+from pytest_virtio.plugin import RESULTS_KEY
+from pytest_virtio.report import Record
+
+@pytest.mark.workload("fio")
+@pytest.mark.perf(min_iops=10_000)
+def test_starved(request):
+    # What the runner files for a round timed while QEMU waited for a CPU 90% of the
+    # time it was runnable (extra["cpu_starved"], from /proc/PID/task/*/schedstat).
+    request.config.stash[RESULTS_KEY].records.append(Record(
+        request.node.nodeid, "ide", "randread 4K qd16", "tcg", "m", iops=500, bw=0.0,
+        extra={"cpu_starved": {share}}))
+"""
+
+
+@pytest.mark.parametrize(("share", "policy", "outcome"), [
+    (0.9, "pass", "passed"), (0.9, "fail", "failed"), (0.2, "pass", "failed")])
+def test_absolute_miss_on_a_starved_guest_is_inconclusive(
+    pytester: pytest.Pytester, share: float, policy: str, outcome: str
+) -> None:
+    pytester.makepyfile(STARVED_TEST.replace("{share}", str(share)))
+    result = pytester.runpytest(TCG, "-p", "no:cacheprovider",
+                                f"--virtio-perf-inconclusive={policy}")
+    result.assert_outcomes(**{outcome: 1}, warnings=1 if outcome == "passed" else 0)
+    text = result.stdout.str()
+    assert "IOPS 500 < required 10,000 (tcg)" in text
+    assert ("waited for a CPU 90%" in text) == (share == 0.9)
+    if outcome == "passed":
+        assert "PerfInconclusiveWarning" in text and "not judged (inconclusive)" in text
