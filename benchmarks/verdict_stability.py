@@ -67,8 +67,12 @@ def session(work: Path, index: int, workers: int) -> list[Record]:
 
 
 def verdict(records: list[Record], metric: str, by: float) -> tuple[str, float | None]:
-    """The plugin's own session-end judgement (perf.relative_outcomes) of the promise."""
-    [mine] = {r.test_id for r in records if r.device == "virtio-blk"}
+    """The plugin's own session-end judgement (perf.relative_outcomes) of the promise;
+    ``("no result", None)`` when a guest of the session did not boot or measure."""
+    items = {r.test_id for r in records if r.device == "virtio-blk"}
+    if len(items) != 1 or not any(r.device == "ide" for r in records):
+        return "no result", None
+    [mine] = items
     group = str(next(r.extra["group"] for r in records))
     check = RelativeCheck(mine, group, "virtio-blk", records[0].workload, records[0].accel,
                           "ide", by, metric, records[0].machine)
@@ -112,7 +116,7 @@ def main() -> None:
                       f"{starvation(records):.0%}", flush=True)
         finally:
             for proc in busy:
-                proc.kill()
+                proc.terminate()  # SIGTERM: timeout passes it on to its busy loop
                 proc.wait()
         elapsed = time.monotonic() - start
     print(f"\n{args.repeat} sessions in {elapsed:.0f} s under 2 CPU hogs, rounds={args.rounds}, "
