@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from . import reproduce
 from . import serial as serial_mod
 from . import spec as spec_mod
 from . import ssh as ssh_mod
@@ -300,6 +301,7 @@ class VirtioSession:
             machine = Machine(argv, run_dir, qmp_socket=ctx.qmp_socket,
                               console_socket=ctx.console_socket,
                               console_log=Path(ctx.console_log))
+            machine.reproducer = reproduce.script(argv, run_dir, spec, ctx)
             guest = Guest(machine=machine, name=name, accel=accel,
                           timeout_scale=scale,
                           run_dir=run_dir, spec=spec, backends=backends,

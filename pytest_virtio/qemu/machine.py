@@ -225,6 +225,9 @@ class Machine:
         self.stderr_path = run_dir / "qemu.stderr"
         self.state = RunState.CREATED
         self.events: list[dict[str, Any]] = []
+        #: The text of ``reproduce.sh`` when the caller can make one that runs on its
+        #: own (see :mod:`pytest_virtio.reproduce`); else the bare command line.
+        self.reproducer: str | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._qmp: QEMUMonitorProtocol | None = None
         self._console: Console | None = None
@@ -454,10 +457,10 @@ class Machine:
     def write_reproducer(self) -> Path:
         """``reproduce.sh``: the exact command, runnable by hand (add -serial stdio)."""
         path = self.run_dir / "reproduce.sh"
-        path.write_text(
+        path.write_text(self.reproducer or (
             "#!/bin/sh\n# QEMU command line of this guest, as pytest-virtio ran it.\n"
             f"exec {self.command_line()} \"$@\"\n"
-        )
+        ))
         path.chmod(0o755)
         return path
 

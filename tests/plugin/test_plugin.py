@@ -6,6 +6,9 @@ import json
 import os
 import re
 import shutil
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -244,3 +247,40 @@ def test_readme_documents_every_fixture_and_marker_key(pytester: pytest.Pytester
             *(k for keys in workload_run.MARKER_KEYS.values() for k in keys)]
     missing = sorted({name for name in (*fixtures, *keys) if f"`{name}" not in text})
     assert not missing, f"README.md does not mention: {missing}"
+
+
+def test_kept_reproduce_sh_boots_after_the_session(
+    pytester: pytest.Pytester, inner_tmp: Path, find_qemus, tmp_path: Path
+) -> None:
+    """The kept reproduce.sh runs as it is once the session (and its run directory) is
+    gone: its own sockets and console log, blank disks recreated, the vhost-user-blk
+    disk served by qemu-storage-daemon. Proof: that guest reaches its shell."""
+    pytester.makepyfile(
+        """
+        import pytest
+        @pytest.mark.vm(disks=["vhost-user-blk", "virtio-blk"])
+        def test_fails(guest):
+            assert guest.check("echo hi").stdout == "nope"
+        """
+    )
+    result = pytester.runpytest_subprocess(TCG)
+    result.assert_outcomes(failed=1)
+    assert not list(inner_tmp.glob("pv-*")), "the inner session's run directory is gone"
+    script = next((pytester.path / ".pytest-virtio").glob("*test_fails")) / "guest" / \
+        "reproduce.sh"
+    run_dir = tmp_path / "repro"
+    proc = subprocess.Popen([str(script)], env={**os.environ, "PV_RUN": str(run_dir)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        log = run_dir / "console.log"
+        deadline = time.monotonic() + 300
+        while "PYTEST-VIRTIO-READY" not in (log.read_text(errors="replace")
+                                            if log.exists() else ""):
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+            assert time.monotonic() < deadline, log.read_text(errors="replace")[-2000:]
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    assert find_qemus(run_dir) == []

@@ -1,0 +1,96 @@
+"""``reproduce.sh``: a guest's QEMU command line that still runs after the session ended.
+
+Why not just the argv: it names the run directory (sockets, console log, blank
+data disks), which is deleted with the session, and vhost-user-blk disks whose
+server was the pytest process. The script therefore makes its own directory
+(``$PV_RUN`` or a fresh ``mktemp -d``), puts every run-directory path there,
+recreates blank data disks at their size, serves vhost-user-blk disks with
+``qemu-storage-daemon`` (Debian ``qemu-system-common``) and drops the session's
+SSH key (``-fw_cfg``; its private half is gone). Files that outlive the session
+stay as they were: the cached kernel, initramfs and root image (opened with
+``snapshot=on``), and disk images the test named.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Sequence
+from pathlib import Path
+
+from .spec import Disk, LaunchContext, MachineSpec, parse_size
+
+__all__ = ["script"]
+
+
+def _quote(arg: str, run_dir: str) -> str:
+    """``arg`` shell-quoted, with the run directory replaced by ``"$R"``."""
+    return '"$R"'.join(shlex.quote(part) if part else "" for part in arg.split(run_dir))
+
+
+def _without_fw_cfg(argv: Sequence[str]) -> list[str]:
+    kept: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "-fw_cfg":
+            skip = True
+        else:
+            kept.append(arg)
+    return kept
+
+
+def _blank_disks(spec: MachineSpec, ctx: LaunchContext, run_dir: str) -> list[str]:
+    lines = []
+    for disk in spec.disks:
+        path = ctx.disk_files.get(disk.name, "")
+        if disk.image is None and path.startswith(run_dir) and disk.external_socket is None:
+            lines.append(f"truncate -s {parse_size(disk.size)} {_quote(path, run_dir)}")
+    return lines
+
+
+def _storage_daemon(disks: Sequence[Disk], ctx: LaunchContext, run_dir: str,
+                    smp: int) -> list[str]:
+    """Lines starting one qemu-storage-daemon serving every in-process vhost-user-blk disk."""
+    if not disks:
+        return []
+    args = ["qemu-storage-daemon"]
+    for disk in disks:
+        writable = "off" if disk.readonly else "on"
+        args += ["--blockdev",
+                 f"driver=file,node-name=f-{disk.name},filename={ctx.disk_files[disk.name]}"]
+        args += ["--export", f"type=vhost-user-blk,id=e-{disk.name},node-name=f-{disk.name},"
+                 f"addr.type=unix,addr.path={ctx.vhost_sockets[disk.name]},"
+                 f"writable={writable},num-queues={disk.num_queues or smp}"]
+    socks = " ".join(_quote(ctx.vhost_sockets[d.name], run_dir) for d in disks)
+    return [
+        "# vhost-user-blk disks were served by the pytest process: qemu-storage-daemon now.",
+        " ".join(_quote(a, run_dir) for a in args) + " &",
+        "qsd=$!",
+        "trap 'kill $qsd 2>/dev/null' EXIT  # Ctrl-C reaches both: one process group",
+        f"for s in {socks}; do",
+        '  while [ ! -S "$s" ]; do kill -0 $qsd || exit 1; sleep 0.05; done',
+        "done",
+    ]
+
+
+def script(argv: Sequence[str], run_dir: Path, spec: MachineSpec, ctx: LaunchContext) -> str:
+    """The text of ``reproduce.sh`` for one guest (see the module docstring)."""
+    rd = str(run_dir)
+    served = [d for d in spec.disks if d.bus == "vhost-user-blk" and d.external_socket is None]
+    command = " ".join(_quote(a, rd) for a in _without_fw_cfg(argv))
+    exec_or_run = "exec " if not served else ""
+    lines = [
+        "#!/bin/sh",
+        "# This guest's QEMU command line as pytest-virtio ran it, runnable after the",
+        "# session: sockets, console log and blank disks go to $PV_RUN (default: a new",
+        "# temporary directory). Extra QEMU arguments may follow, e.g. -serial stdio.",
+        "set -e",
+        'R=${PV_RUN:-$(mktemp -d "${TMPDIR:-/tmp}/pv-repro.XXXXXX")}',
+        'mkdir -p "$R"',
+        'echo "reproduce.sh: run directory $R (console log: $R/console.log)" >&2',
+        *_blank_disks(spec, ctx, rd),
+        *_storage_daemon(served, ctx, rd, spec.smp),
+        f'{exec_or_run}{command} "$@"',
+    ]
+    return "\n".join(lines) + "\n"
