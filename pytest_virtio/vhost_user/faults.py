@@ -206,13 +206,14 @@ class _Latency:
 class FaultInjector:
     """Rules the blk device consults per request; cheap when nothing is armed."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_break: Callable[[int], None] | None = None) -> None:
+        """``on_break(index)`` is how the owning server breaks a queue on its own thread."""
         self._lock = threading.Lock()
         self.rules: list[FaultRule] = []
         self._latency: list[_Latency] = []
         self.readonly: bool | None = None  # None/False: the device's own setting
         self.active = False
-        self._break_hook: Callable[[int], None] | None = None
+        self._on_break = on_break
 
     def _refresh(self) -> None:
         self.active = bool(self.rules or self._latency)
@@ -262,9 +263,9 @@ class FaultInjector:
 
     def break_queue(self, index: int) -> None:
         """Mark queue ``index`` broken and signal its ERR eventfd (in the backend thread)."""
-        if self._break_hook is None:
+        if self._on_break is None:
             raise BackendError("fault injector is not attached to a running server")
-        self._break_hook(index)
+        self._on_break(index)
 
     def clear(self) -> None:
         """Disarm every rule, latency and read-only override."""

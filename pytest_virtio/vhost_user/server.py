@@ -123,7 +123,7 @@ class VhostUserBlkServer:
         self.num_queues = num_queues
         self.queue_size_max = queue_size_max
         self.stats = Stats(num_queues)
-        self.faults = FaultInjector()
+        self.faults = FaultInjector(on_break=self._request_break)
         self.trace = Trace()
         self.ring_check: RingCheck | None = None
         readonly = readonly or bool(getattr(storage, "readonly", False))
@@ -134,7 +134,6 @@ class VhostUserBlkServer:
             seg_max=max(1, min(SEG_MAX, queue_size_max - 2)),
             stats=self.stats, faults=self.faults, trace=self.trace,
         )
-        self.faults._break_hook = self._request_break
         self.messages_seen: collections.Counter[str] = collections.Counter()
         #: The most recent requests in order, for failure reports.
         self.message_log: collections.deque[str] = collections.deque(maxlen=200)
