@@ -54,11 +54,12 @@ def hogs(seconds: int) -> list[subprocess.Popen[bytes]]:
             for _ in range(2)]
 
 
-def session(work: Path, index: int, workers: int) -> list[Record]:
+def session(work: Path, index: int, workers: int, timeout_scale: float) -> list[Record]:
     """One pytest session of the pair; its records (every round of both devices)."""
     out = work / f"run{index}.json"
     args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-            "--virtio-accel=tcg", f"--virtio-json={out}", "-n", str(workers)]
+            "--virtio-accel=tcg", f"--virtio-json={out}", "-n", str(workers),
+            f"--virtio-timeout-scale={timeout_scale}"]
     proc = subprocess.run(args, cwd=work, capture_output=True, text=True)
     if not out.exists():
         sys.exit(f"run {index} wrote no results:\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}")
@@ -95,6 +96,8 @@ def main() -> None:
     parser.add_argument("--by", type=float, default=1.2)
     parser.add_argument("--traps-by", type=float, default=10.0)
     parser.add_argument("--hog-seconds", type=int, default=3600)
+    parser.add_argument("--timeout-scale", type=float, default=10.0,
+                        help="guest timeouts (boot!) for a host this busy; TCG default is 4")
     args = parser.parse_args()
     factors = {"iops": args.by, "traps_per_io": args.traps_by}
     with tempfile.TemporaryDirectory(prefix="pvv", dir="/tmp") as tmp:
@@ -107,7 +110,7 @@ def main() -> None:
         start = time.monotonic()
         try:
             for i in range(args.repeat):
-                records = session(work, i, args.workers)
+                records = session(work, i, args.workers, args.timeout_scale)
                 for _, metric in PROMISES:
                     results[metric].append(verdict(records, metric, factors[metric]))
                 line = ", ".join(f"{m} {o} {r:.2f}x" if r else f"{m} {o}"
