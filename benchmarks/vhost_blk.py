@@ -246,12 +246,15 @@ def main() -> None:
     parser.add_argument("--qsd-direct", action="store_true",
                         help="qemu-storage-daemon with cache.direct=on (O_DIRECT)")
     parser.add_argument("--accel", default="auto")
+    parser.add_argument("--timeout-scale", default=None,
+                        help="guest timeouts (e.g. 10 on a busy host; TCG default 4)")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="vub", dir="/tmp"))  # short: sun_path limit
     try:
         image, sock = tmp / "disk.img", tmp / "qsd.sock"
         make_disk_file(image)
-        with VirtioSession(Settings.from_values({"accel": args.accel})) as session:
+        with VirtioSession(Settings.from_values({"accel": args.accel,
+                                                   "timeout_scale": args.timeout_scale})) as session:
             print(f"accel: {session.accel().accel}; fio {args.runtime}s per job, "
                   f"{DISK_SIZE >> 20} MiB raw file in the page cache")
             results = {c: measure(session, c, image, sock, args.runtime, args.profile,
