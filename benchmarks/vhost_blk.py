@@ -253,8 +253,9 @@ def main() -> None:
     try:
         image, sock = tmp / "disk.img", tmp / "qsd.sock"
         make_disk_file(image)
-        with VirtioSession(Settings.from_values({"accel": args.accel,
-                                                   "timeout_scale": args.timeout_scale})) as session:
+        settings = Settings.from_values({"accel": args.accel,
+                                         "timeout_scale": args.timeout_scale})
+        with VirtioSession(settings) as session:
             print(f"accel: {session.accel().accel}; fio {args.runtime}s per job, "
                   f"{DISK_SIZE >> 20} MiB raw file in the page cache")
             results = {c: measure(session, c, image, sock, args.runtime, args.profile,
