@@ -76,11 +76,13 @@ def test_virtio_blk_drives_the_vhost_user_disk(shared: Guest, vu: VhostUserBlkSe
 def test_fio_verify_and_stats(shared: Guest, vu: VhostUserBlkServer) -> None:
     """Random 4k writes at iodepth 16 verified with crc32c; the stats account for them."""
     before = _stats(vu)
-    # 8M at ~1.5k IOPS under TCG: the write and the verify pass both end before runtime
-    res = shared.fio(_dev(shared), rw="randwrite", bs="4k", iodepth=16, runtime="10s",
-                     size="8M", verify="crc32c")
+    # Size-bound, not time-bound: a runtime cap cut the verify pass short on a
+    # loaded host (2012 of 2048 blocks read back at ~20 IOPS), which is not a
+    # backend fault.  4M = 1024 writes, then 1024 verify reads.
+    res = shared.fio(_dev(shared), rw="randwrite", bs="4k", iodepth=16,
+                     size="4M", verify="crc32c")
     assert res.errors == 0 and res.verify_ok is not False, res.to_dict()
-    assert res.write.total_ios == 2048
+    assert res.write.total_ios == 1024
     assert res.read.total_ios == res.write.total_ios, "verify did not read every block back"
     after = _stats(vu)
     writes = _delta(before, after, "requests", "OUT")
