@@ -20,6 +20,7 @@ from . import spec as spec_mod
 from .errors import GuestError, VirtioError
 from .guest import Guest, Teardown
 from .session import MissingDevices, VirtioSession
+from .sharing import SharedGuests, pool_fixture_name, split_scope
 
 MakeGuest = Callable[..., Guest]
 
@@ -48,7 +49,7 @@ def make_guest(
     one's console log, QEMU stderr, QMP events, reproduce.sh and (when the
     guest still answers) dmesg are kept under ``.pytest-virtio/<test id>/``.
     """
-    from .plugin import REPORTS_KEY, USES_GUEST_KEY, artifacts_dir
+    from .plugin import USES_GUEST_KEY, artifacts_dir
 
     made: list[Guest] = []
     request.node.stash[USES_GUEST_KEY] = True
@@ -59,26 +60,13 @@ def make_guest(
             spec = spec_mod.spec_from_kwargs(vm_kwargs, where="make_guest")
         elif vm_kwargs:
             raise VirtioError("make_guest(): pass either spec= or vm keyword arguments")
-        try:
-            guest = virtio_session.boot(spec, name or f"guest{len(made)}")
-        except MissingDevices as exc:
-            # A QEMU build without the model cannot run this test: skip, naming it.
-            pytest.skip(f"QEMU lacks device model(s) {', '.join(sorted(exc.missing))} "
-                        f"({exc.qemu})")
-        except VirtioError as exc:
-            failed = exc.failed_guest
-            if isinstance(failed, Guest) and virtio_session.settings.keep != "never":
-                dest = artifacts_dir(request.node) / failed.name
-                _keep_artifacts(failed, dest)
-                exc.add_note(f"pytest-virtio artifacts: {dest}")
-            raise
+        guest = boot_for(request.node, virtio_session, spec, name or f"guest{len(made)}")
         made.append(guest)
         return guest
 
     yield factory
 
-    reports = request.node.stash.get(REPORTS_KEY, {})
-    failed = any(r.failed for r in reports.values())
+    failed = _test_failed(request.node)
     keep = virtio_session.settings.keep
     teardown = Teardown()
     for guest in made:
@@ -90,6 +78,33 @@ def make_guest(
     for guest in made:
         guest.raise_backend_errors()
     teardown.raise_stuck()
+
+
+def boot_for(node: Any, session: VirtioSession, spec: spec_mod.MachineSpec,
+             name: str) -> Guest:
+    """Boot ``spec`` for the test ``node``: a QEMU without the model skips the test,
+    a failed boot keeps its artifacts under the test's directory."""
+    from .plugin import artifacts_dir
+
+    try:
+        return session.boot(spec, name)
+    except MissingDevices as exc:
+        # A QEMU build without the model cannot run this test: skip, naming it.
+        pytest.skip(f"QEMU lacks device model(s) {', '.join(sorted(exc.missing))} "
+                    f"({exc.qemu})")
+    except VirtioError as exc:
+        failed = exc.failed_guest
+        if isinstance(failed, Guest) and session.settings.keep != "never":
+            dest = artifacts_dir(node) / failed.name
+            _keep_artifacts(failed, dest)
+            exc.add_note(f"pytest-virtio artifacts: {dest}")
+        raise
+
+
+def _test_failed(node: Any) -> bool:
+    from .plugin import REPORTS_KEY
+
+    return any(r.failed for r in node.stash.get(REPORTS_KEY, {}).values())
 
 
 def _keep_artifacts(guest: Guest, dest: Any) -> None:
@@ -107,14 +122,65 @@ def _keep_artifacts(guest: Guest, dest: Any) -> None:
     shutil.copytree(guest.run_dir, dest, ignore=shutil.ignore_patterns("*.sock", "disk-*"))
 
 
-def spec_for(node: Any, choice: Mapping[str, str] | None) -> spec_mod.MachineSpec:
-    """The machine a test's ``vm`` marks (merged, closest key wins) and matrix choice ask for."""
+def spec_for(node: Any, choice: Mapping[str, str] | None) -> tuple[str, spec_mod.MachineSpec]:
+    """The (scope, machine) a test's ``vm`` marks (merged, closest key wins) and matrix
+    choice ask for."""
     from .plugin import vm_kwargs
 
-    spec = spec_mod.spec_from_kwargs(vm_kwargs(node), where="vm")
+    scope, kwargs = split_scope(vm_kwargs(node))
+    spec = spec_mod.spec_from_kwargs(kwargs, where="vm")
     if choice:
         spec = spec_mod.apply_matrix(spec, dict(choice))
-    return spec
+    return scope, spec
+
+
+def _pool(scope: str, session: VirtioSession) -> Iterator[SharedGuests]:
+    """The body of the per-scope pool fixtures: close the guests when the scope ends."""
+    pool = SharedGuests(scope)
+    yield pool
+    closed = pool.close()
+    for g in closed:
+        with contextlib.suppress(ValueError):
+            session.guests.remove(g)
+    for g in closed:
+        g.raise_backend_errors()
+
+
+@pytest.fixture(scope="class", name=pool_fixture_name("class"))
+def _virtio_class_guests(virtio_session: VirtioSession) -> Iterator[SharedGuests]:
+    """The guests shared by the tests of one class (``vm(scope="class")``)."""
+    yield from _pool("class", virtio_session)
+
+
+@pytest.fixture(scope="module", name=pool_fixture_name("module"))
+def _virtio_module_guests(virtio_session: VirtioSession) -> Iterator[SharedGuests]:
+    """The guests shared by the tests of one module (``vm(scope="module")``)."""
+    yield from _pool("module", virtio_session)
+
+
+@pytest.fixture(scope="session", name=pool_fixture_name("session"))
+def _virtio_session_guests(virtio_session: VirtioSession) -> Iterator[SharedGuests]:
+    """The guests shared by every test of the session (``vm(scope="session")``)."""
+    yield from _pool("session", virtio_session)
+
+
+def _shared_guest(request: pytest.FixtureRequest, scope: str,
+                  spec: spec_mod.MachineSpec) -> Guest:
+    """This test's guest from the ``scope`` pool; a failure keeps artifacts for this test."""
+    from .plugin import USES_GUEST_KEY, artifacts_dir
+
+    session: VirtioSession = request.getfixturevalue("virtio_session")
+    pool: SharedGuests = request.getfixturevalue(pool_fixture_name(scope))
+    request.node.stash[USES_GUEST_KEY] = True
+    g = pool.get(spec, lambda s, name: boot_for(request.node, session, s, name))
+
+    def keep_if_failed() -> None:
+        keep = session.settings.keep
+        if (keep == "failed" and _test_failed(request.node)) or keep == "always":
+            _keep_artifacts(g, artifacts_dir(request.node) / g.name)
+
+    request.addfinalizer(keep_if_failed)
+    return g
 
 
 @pytest.fixture
@@ -122,8 +188,13 @@ def guest(
     request: pytest.FixtureRequest, make_guest: MakeGuest,
     virtio_choice: dict[str, str] | None,
 ) -> Guest:
-    """A fresh guest for this test, shaped by ``@pytest.mark.vm(...)``."""
-    g = make_guest(spec_for(request.node, virtio_choice), name="guest")
+    """A guest for this test, shaped by ``@pytest.mark.vm(...)``: fresh per test, or
+    shared by the class/module/session with ``vm(scope=...)``."""
+    scope, spec = spec_for(request.node, virtio_choice)
+    if scope == "function":
+        g = make_guest(spec, name="guest")
+    else:
+        g = _shared_guest(request, scope, spec)
     exp = request.node.get_closest_marker("expect_drivers")
     if exp is not None:
         from .plugin import expect_drivers_args

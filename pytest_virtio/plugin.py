@@ -29,6 +29,7 @@ from .images import kernel as kernel_mod
 from .report import SessionResults
 from .session import VirtioSession, check_honoured
 from .settings import OPTIONS, Settings, resolve_values
+from .sharing import SCOPES, split_scope
 from .workloads import run as workload_mod
 from .workloads.run import Measurement, WorkloadSpec
 
@@ -56,8 +57,9 @@ def _marker_docs() -> dict[str, str]:
         f"{kind}: {_keys(keys)}" for kind, keys in workload_mod.MARKER_KEYS.items()
     )
     return {
-        "vm": f"vm({_keys(spec_mod.SPEC_KEYS)}): the machine the `guest` fixture boots for "
-        f"this test. disks=/nics=/devices= items are a bus, model or kind name, or "
+        "vm": f"vm({_keys(spec_mod.SPEC_KEYS)}, scope=): the machine the `guest` fixture "
+        f"boots for this test; scope={'|'.join(SCOPES)} shares one guest per machine shape "
+        f"among those tests. disks=/nics=/devices= items are a bus, model or kind name, or "
         f"a dict of — {items}.",
         "virtio_matrix": f"virtio_matrix({_keys(spec_mod.MATRIX_AXES, '{}=[...]')}): run the "
         "test once per device choice, ids like [disk=ahci-nic=e1000]; the choice is the "
@@ -209,7 +211,8 @@ def vm_kwargs(node: Any) -> dict[str, Any]:
 
 def validate_markers(node: Any) -> list[tuple[str, dict[str, str]]] | None:
     """Check every pytest-virtio marker of a test; returns the matrix choices."""
-    base = spec_mod.spec_from_kwargs(vm_kwargs(node), where="vm")
+    _, vm = split_scope(vm_kwargs(node))
+    base = spec_mod.spec_from_kwargs(vm, where="vm")
     _check_kernel_keys(node, base)
     exp = node.get_closest_marker("expect_drivers")
     if exp is not None:
