@@ -122,16 +122,21 @@ def _keep_artifacts(guest: Guest, dest: Any) -> None:
     shutil.copytree(guest.run_dir, dest, ignore=shutil.ignore_patterns("*.sock", "disk-*"))
 
 
-def spec_for(node: Any, choice: Mapping[str, str] | None) -> tuple[str, spec_mod.MachineSpec]:
-    """The (scope, machine) a test's ``vm`` marks (merged, closest key wins) and matrix
-    choice ask for."""
+def spec_for(node: Any, choice: Mapping[str, str] | None) -> spec_mod.MachineSpec:
+    """The machine a test's ``vm`` marks (merged, closest key wins) and matrix choice ask for."""
     from .plugin import vm_kwargs
 
-    scope, kwargs = split_scope(vm_kwargs(node))
-    spec = spec_mod.spec_from_kwargs(kwargs, where="vm")
+    spec = spec_mod.spec_from_kwargs(split_scope(vm_kwargs(node))[1], where="vm")
     if choice:
         spec = spec_mod.apply_matrix(spec, dict(choice))
-    return scope, spec
+    return spec
+
+
+def scope_for(node: Any) -> str:
+    """How long the test's guest lives: ``vm(scope=...)``, "function" by default."""
+    from .plugin import vm_kwargs
+
+    return split_scope(vm_kwargs(node))[0]
 
 
 def _pool(scope: str, session: VirtioSession) -> Iterator[SharedGuests]:
@@ -190,7 +195,7 @@ def guest(
 ) -> Guest:
     """A guest for this test, shaped by ``@pytest.mark.vm(...)``: fresh per test, or
     shared by the class/module/session with ``vm(scope=...)``."""
-    scope, spec = spec_for(request.node, virtio_choice)
+    scope, spec = scope_for(request.node), spec_for(request.node, virtio_choice)
     if scope == "function":
         g = make_guest(spec, name="guest")
     else:

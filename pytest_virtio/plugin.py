@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import os
 import re
 import signal
 import sys
 import threading
 import warnings
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
 
@@ -108,18 +109,39 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[REPORTS_KEY] = {}
     config.stash[RESULTS_KEY] = SessionResults()
     config.stash[OUTCOME_KEY] = []
-    reporter = config.pluginmanager.get_plugin("terminalreporter")
-
-    def progress(msg: str) -> None:
-        if reporter is not None:
-            reporter.write_line(f"pytest-virtio: {msg}")
-
+    progress = terminal_progress(config)
     session = VirtioSession(settings, progress)
     config.stash[SESSION_KEY] = session
     # Also at interpreter exit: an interrupted xdist worker whose controller is
     # gone fails in pytest_sessionfinish (cannot send) and never unconfigures.
     atexit.register(session.close)
     install_signal_handling(config)
+
+
+def terminal_progress(config: pytest.Config) -> Callable[[str], None]:
+    """Where session progress (an image build, a wait for another worker's) is shown.
+
+    The terminal reporter is looked up per message: it registers after this
+    plugin's ``pytest_configure``, so a lookup there found none and a first-run
+    image build sat silent for minutes.  Capture is suspended for the line, as
+    live logging does.  An xdist worker's terminal is not shown: it writes to its
+    stderr, which xdist passes through to the user's terminal, naming itself.
+    """
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+
+    def progress(msg: str) -> None:
+        capman = config.pluginmanager.get_plugin("capturemanager")
+        suspended = capman.global_and_fixture_disabled() if capman else contextlib.nullcontext()
+        reporter = config.pluginmanager.get_plugin("terminalreporter")
+        with suspended:
+            if worker is not None or reporter is None:
+                prefix = f"pytest-virtio [{worker}]" if worker else "pytest-virtio"
+                sys.stderr.write(f"{prefix}: {msg}\n")
+                sys.stderr.flush()
+            else:
+                reporter.write_line(f"pytest-virtio: {msg}")
+
+    return progress
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

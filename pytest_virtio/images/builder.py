@@ -10,22 +10,26 @@ half-built image.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import lzma
 import os
+import queue
 import re
 import shutil
 import struct
 import subprocess
+import threading
+import time
 import tomllib
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from ..errors import ConfigError, ImageError, MissingToolError
 
@@ -202,6 +206,8 @@ class GuestImage:
 
 
 MANIFEST = "manifest.json"
+#: A build in progress: ``.build-<key>-<builder pid>`` beside the final directory.
+BUILD_PREFIX = ".build-"
 
 
 def _require(tool: str, package: str) -> str:
@@ -211,13 +217,39 @@ def _require(tool: str, package: str) -> str:
     return found
 
 
+#: Seconds of silence after which a build step or a wait says it is still going.
+HEARTBEAT = 10.0
+
+
 def _run(argv: list[str], progress: Progress, what: str) -> None:
-    """Run a build step, streaming its lines to ``progress``; fail with its tail."""
+    """Run a build step, streaming its lines to ``progress``; fail with its tail.
+
+    mmdebstrap can be quiet for a minute (unpacking, configuring the kernel):
+    a reader thread queues its lines so this thread, the one allowed to write
+    to pytest's terminal, also says "still running" every HEARTBEAT seconds.
+    """
     progress(f"{what}: {' '.join(argv[:3])} ...")
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    tail: list[str] = []
+    lines: queue.Queue[str | None] = queue.Queue()
     assert proc.stdout is not None
-    for line in proc.stdout:
+    out = proc.stdout
+
+    def pump() -> None:
+        for text in out:
+            lines.put(text)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True, name=f"pv-build-{what}").start()
+    tail: list[str] = []
+    start = time.monotonic()
+    while True:
+        try:
+            line = lines.get(timeout=HEARTBEAT)
+        except queue.Empty:
+            progress(f"{what}: still running ({time.monotonic() - start:.0f}s in this step)")
+            continue
+        if line is None:
+            break
         tail = [*tail[-40:], line.rstrip()]
         if line.startswith(("I: ", "E: ", "W: ")):
             progress(f"{what}: {line.rstrip()}")
@@ -272,18 +304,18 @@ def _build_into(recipe: Recipe, out: Path, progress: Progress) -> None:
             "run once: sudo python -m pytest_virtio.images build"
         )
     rootdir = out / "rootfs"
-    _run(_mmdebstrap_argv(recipe, rootdir), progress, "mmdebstrap")
+    _run(_mmdebstrap_argv(recipe, rootdir), progress, "step 1/3 mmdebstrap")
     kver = _kernel_version(rootdir)
     shutil.copy2(rootdir / "boot" / f"vmlinuz-{kver}", out / "vmlinuz")
     shutil.copy2(rootdir / "usr" / "bin" / "busybox", out / "busybox")
-    progress("copying kernel modules for the initramfs builder")
+    progress("step 2/3 copying kernel modules for the initramfs builder")
     mods_src = rootdir / "usr" / "lib" / "modules" / kver
     shutil.copytree(mods_src, out / "modules" / kver, symlinks=True)
     mke2fs = _require("mke2fs", "e2fsprogs")
     _run(
         [mke2fs, "-q", "-t", "ext4", "-L", "pvroot", "-d", str(rootdir), "-F",
          str(out / "rootfs.img"), recipe.rootfs_size],
-        progress, "mke2fs",
+        progress, "step 3/3 mke2fs",
     )
     shutil.rmtree(rootdir)
     manifest = {
@@ -426,22 +458,50 @@ def ensure_image(
     if not force and (final / MANIFEST).exists():
         return verify(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(_lock_path(final)):
+    start = time.monotonic()
+
+    def timed(msg: str) -> None:
+        progress(f"[{time.monotonic() - start:4.0f}s] {msg}")
+
+    with _image_lock(final, recipe.key(), timed):
         if (final / MANIFEST).exists():
             if not force:
                 return verify(final)
             shutil.rmtree(final)
-        tmp = final.parent / f".build-{recipe.key()}-{os.getpid()}"
+        tmp = final.parent / f"{BUILD_PREFIX}{recipe.key()}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         try:
-            progress(f"building guest image {recipe.key()} (once per machine, ~1 min)")
-            _build_into(recipe, tmp, progress)
+            timed(f"building guest image {recipe.key()} (once per machine, 1-3 min)")
+            _build_into(recipe, tmp, timed)
             os.rename(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        progress(f"guest image ready: {final}")
+        timed(f"guest image ready: {final}")
     return verify(final)
+
+
+@contextlib.contextmanager
+def _image_lock(final: Path, key: str, progress: Progress) -> Iterator[None]:
+    """Hold the image lock; while another process has it, say so every HEARTBEAT s.
+
+    Under xdist one worker builds and the others block here: without this they
+    sat silent for the whole build.
+    """
+    lock = FileLock(_lock_path(final))
+    while True:
+        try:
+            lock.acquire(timeout=HEARTBEAT)
+            break
+        except Timeout:
+            builders = [p.name.rpartition("-")[2]
+                        for p in final.parent.glob(f"{BUILD_PREFIX}{key}-*")]
+            who = f"process {', '.join(builders)}" if builders else "another process"
+            progress(f"waiting for {who} to finish building guest image {key}")
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _tree_size(path: Path) -> int:
@@ -482,7 +542,7 @@ def stale_images(keep: set[str], cache_dir: Path | None = None) -> list[Path]:
     Every change to a recipe, the guest init or the builder makes a new key,
     so without pruning the cache grows by ~1 GiB per change.
     """
-    dead, finished = cache_entries((cache_dir or default_cache_dir()) / "images", ".build-")
+    dead, finished = cache_entries((cache_dir or default_cache_dir()) / "images", BUILD_PREFIX)
     stale = dead + [entry for entry in finished if entry.name not in keep]
     return stale
 

@@ -139,3 +139,4 @@ def test_bad_scope_fails_at_collection_naming_marker_and_key(pytester: pytest.Py
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*@pytest.mark.vm: scope='package' is not one of function, "
                                  "class, module, session*"])
+
