@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import os
 import re
 import signal
 import sys
@@ -85,7 +84,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     for opt in OPTIONS:
         # argparse %-formats help text: a literal '%' (as in 'iops:10%') must be doubled.
         text = f"{opt.help} (ini {opt.ini}, env {opt.env})".replace("%", "%%")
-        group.addoption(opt.flag, default=None, help=text, choices=opt.choices)
+        bare = {"nargs": "?", "const": opt.bare} if opt.bare is not None else {}
+        group.addoption(opt.flag, default=None, help=text, choices=opt.choices, **bare)
         parser.addini(opt.ini, help=opt.help, default=None)
 
 
@@ -127,7 +127,8 @@ def terminal_progress(config: pytest.Config) -> Callable[[str], None]:
     live logging does.  An xdist worker's terminal is not shown: it writes to its
     stderr, which xdist passes through to the user's terminal, naming itself.
     """
-    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    # Not $PYTEST_XDIST_WORKER: a pytest run started from inside a worker inherits it.
+    worker = getattr(config, "workerinput", {}).get("workerid")
 
     def progress(msg: str) -> None:
         capman = config.pluginmanager.get_plugin("capturemanager")

@@ -13,11 +13,12 @@ import hashlib
 import os
 import secrets
 import shutil
+import subprocess
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import reproduce
 from . import serial as serial_mod
@@ -32,6 +33,9 @@ from .qemu import capabilities
 from .qemu.accel import TIMEOUT_SCALE, AccelChoice, choose_accel
 from .qemu.machine import Machine, reap_all
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from .snapshot import Templates
 
 Progress = Callable[[str], None]
 #: Kernel command line shared by every guest: quiet console, fast boot.
@@ -140,6 +144,7 @@ class VirtioSession:
         self._run_root: Path | None = None
         self._counter = 0
         self._ssh_key: ssh_mod.KeyPair | None = None
+        self._templates: Templates | None = None
         self.guests: list[Guest] = []
 
     # -- resolved lazily -----------------------------------------------------
@@ -225,10 +230,10 @@ class VirtioSession:
                 self._ssh_key = ssh_mod.generate_keypair(self.run_root / "ssh")
             return self._ssh_key
 
-    def new_run_dir(self) -> Path:
+    def new_run_dir(self, prefix: str = "g") -> Path:
         with self._lock:
             self._counter += 1
-            d = self.run_root / f"g{self._counter}"
+            d = self.run_root / f"{prefix}{self._counter}"
         longest = d / "vu-" / ("x" * 20 + ".sock")
         if len(str(longest)) > SUN_PATH_MAX:
             raise ConfigError(
@@ -249,26 +254,56 @@ class VirtioSession:
             guest.close()
 
     def boot(self, spec: spec_mod.MachineSpec | None = None, name: str = "guest") -> Guest:
-        """Boot a guest for ``spec`` and wait until its shell answers."""
+        """A guest for ``spec`` whose shell answers: restored from the shape's snapshot
+        template with ``--virtio-snapshot``, else booted."""
         spec = spec or spec_mod.MachineSpec()
         check_honoured(spec, self.settings)
+        if self.settings.snapshot:
+            self._check_can_launch(spec)
+            restored = self.templates.guest(spec, name)
+            if restored is not None:
+                return restored
+        return self.boot_fresh(spec, name)
+
+    @property
+    def templates(self) -> Templates:
+        """The process's snapshot templates (:class:`pytest_virtio.snapshot.Templates`)."""
+        from .snapshot import Templates
+
+        with self._lock:
+            if self._templates is None:
+                self._templates = Templates(self, self.progress)
+            return self._templates
+
+    def _check_can_launch(self, spec: spec_mod.MachineSpec) -> None:
         missing = capabilities.missing_devices(spec, self.qemu)
         if missing:
             raise MissingDevices(self.qemu, missing)
         check_memory_available(spec)
+
+    def boot_fresh(self, spec: spec_mod.MachineSpec, name: str = "guest", *,
+                   own_root: Path | None = None) -> Guest:
+        """Boot a guest for ``spec`` and wait until its shell answers."""
+        self._check_can_launch(spec)
         accel = self.accel().accel
         scale = self.timeout_scale
         guest = self._launch(spec, name, accel=accel, boot_timeout=BOOT_TIMEOUT * scale,
-                             scale=scale)
+                             scale=scale, own_root=own_root)
         self.guests.append(guest)
         return guest
 
     def _launch(self, spec: spec_mod.MachineSpec, name: str, *, accel: str,
-                boot_timeout: float, scale: float) -> Guest:
+                boot_timeout: float, scale: float, own_root: Path | None = None) -> Guest:
+        """Boot ``spec``; ``own_root`` is a qcow2 overlay file made for its root disk (a
+        snapshot template keeps it) instead of QEMU's temporary one."""
         image = self.image_for(spec)
         check_drivers(image, spec)
         check_cdrom_isos(spec)
         run_dir = self.new_run_dir()
+        root_image, root_format = str(image.rootfs), image.rootfs_format
+        if own_root is not None:
+            root_image, root_format = str(own_root), "qcow2"
+            create_overlay(own_root, image.rootfs, image.rootfs_format)
         disk_files = {d.name: prepare_disk_file(d, run_dir) for d in spec.disks}
         serials = {d.name: d.serial or d.name for d in spec.disks}
         ssh_nic = next((n for n in spec.nics if n.hostfwd_ssh), None)
@@ -283,8 +318,8 @@ class VirtioSession:
             initrd = initramfs_for(image, spec.root_modules)
             ctx = spec_mod.LaunchContext(
                 qemu_binary=self.qemu, accel=accel, kernel=str(image.kernel),
-                initrd=str(initrd), root_image=str(image.rootfs),
-                root_format=image.rootfs_format,
+                initrd=str(initrd), root_image=root_image, root_format=root_format,
+                root_snapshot=own_root is None,
                 append=" ".join([BASE_APPEND, *ssh_args, *spec.kernel_args]),
                 qmp_socket=str(run_dir / "qmp.sock"),
                 console_socket=str(run_dir / "con.sock"),
@@ -313,20 +348,15 @@ class VirtioSession:
             if isinstance(exc, VirtioError) and guest is not None:
                 exc.failed_guest = guest
             raise
-        try:
+        with closed_on_failure(guest):
             guest.boot_uptime = _wait_ready(machine, spec, boot_timeout)
             if spec.disks or spec.devices:
                 guest.load_drivers()
             if ssh_nic is not None:
-                self._attach_ssh(guest, ssh_nic.name, scale)
-        except BaseException as exc:
-            guest.close()
-            if isinstance(exc, VirtioError):
-                exc.failed_guest = guest
-            raise
+                self.attach_ssh(guest, ssh_nic.name, scale)
         return guest
 
-    def _attach_ssh(self, guest: Guest, netdev: str, scale: float) -> None:
+    def attach_ssh(self, guest: Guest, netdev: str, scale: float) -> None:
         """Give the guest its (lazily connecting) SSH session and pinned host key."""
         session = ssh_mod.session_for(guest.machine, self.ssh_key(), netdev,
                                       SSH_CONNECT_TIMEOUT * scale)
@@ -356,6 +386,8 @@ class VirtioSession:
         for guest in self.guests:
             teardown.close(guest)
         self.guests.clear()
+        if self._templates is not None:
+            self._templates.close()
         reap_all()
         if self._run_root is not None and self.settings.keep != "always":
             shutil.rmtree(self._run_root, ignore_errors=True)
@@ -411,6 +443,32 @@ def _stop_after_failure(backends: dict[str, Any], guest: str, exc: BaseException
         stop_backends(backends, f"guest {guest!r}")
     except BackendError as stuck:
         exc.add_note(str(stuck))
+
+
+@contextlib.contextmanager
+def closed_on_failure(guest: Guest) -> Iterator[None]:
+    """Shut ``guest`` down if the block fails; the error names it (for its artifacts)."""
+    try:
+        yield
+    except BaseException as exc:
+        guest.close()
+        if isinstance(exc, VirtioError):
+            exc.failed_guest = guest
+        raise
+
+
+def create_overlay(path: Path, backing: Path, backing_format: str) -> None:
+    """A qcow2 file over ``backing`` (which it never writes): ``qemu-img create -b``."""
+    qemu_img = shutil.which("qemu-img")
+    if qemu_img is None:
+        raise LaunchError("qemu-img not found: install it with: apt-get install qemu-utils")
+    proc = subprocess.run(
+        [qemu_img, "create", "-q", "-f", "qcow2", "-F", backing_format, "-b", str(backing),
+         str(path)], capture_output=True, text=True,
+    )
+    if proc.returncode != 0:
+        raise LaunchError(f"qemu-img could not create the overlay {path} over {backing}: "
+                          f"{proc.stderr.strip()}")
 
 
 def prepare_disk_file(disk: spec_mod.Disk, run_dir: Path) -> str:

@@ -28,6 +28,8 @@ class Option:
     default: str | None
     help: str
     choices: tuple[str, ...] | None = None
+    #: The value of the bare flag (``--virtio-snapshot`` means ``on``); None: needs one.
+    bare: str | None = None
 
     @property
     def flag(self) -> str:
@@ -59,6 +61,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("keep", "failed", "keep guest artifacts (console, stderr, reproduce.sh)", KEEP),
     Option("artifacts", ".pytest-virtio", "where kept artifacts go"),
     Option("timeout_scale", None, "multiply every guest timeout (default: 1 kvm, 4 tcg)"),
+    Option("snapshot", "off", "restore each guest from a per-worker snapshot of its machine "
+           "shape (booted once) instead of booting it", ("on", "off"), bare="on"),
     Option("json", None, "write every workload result of the session to this JSON file"),
     Option("plot", None, "draw a bar chart of the results to this .svg or .png file"),
     Option("save", None, "save the results as a baseline file for this machine"),
@@ -86,6 +90,7 @@ class Settings:
     keep: str = "failed"
     artifacts: Path = Path(".pytest-virtio")
     timeout_scale: float | None = None
+    snapshot: bool = False
     json: Path | None = None
     plot: Path | None = None
     save: Path | None = None
@@ -130,6 +135,7 @@ class Settings:
             keep=values.get("keep") or "failed",
             artifacts=Path(values.get("artifacts") or ".pytest-virtio"),
             timeout_scale=scale_f,
+            snapshot=(values.get("snapshot") or "off") == "on",
             **report_paths,
             compare_fail=_compare_fail(values.get("compare_fail")),
             perf_rounds=_rounds(values.get("perf_rounds")),

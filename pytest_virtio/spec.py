@@ -774,6 +774,9 @@ class LaunchContext:
     initrd: str
     root_image: str
     root_format: str = "raw"
+    #: False when ``root_image`` is already this guest's own overlay (a snapshot
+    #: template's, or one made for a restore): QEMU writes it instead of a temp file.
+    root_snapshot: bool = True
     append: str = ""
     qmp_socket: str
     console_socket: str
@@ -937,7 +940,8 @@ def _root_argv(spec: MachineSpec, ctx: LaunchContext, placed: Mapping[str, Props
     if spec.root_bus == "vhost-user-blk":
         socket = _lookup(ctx.vhost_sockets, "root", "vhost_sockets")
         return _vhost_user_device("root", socket, None, None)
-    drive_props = [("format", ctx.root_format), ("snapshot", "on"), ("cache", "unsafe")]
+    drive_props = [("format", ctx.root_format), ("snapshot", _onoff(ctx.root_snapshot)),
+                   ("cache", "unsafe")]
     argv = _drive("drv-root", ctx.root_image, drive_props)
     return argv + _block_device(spec.root_bus, "root", "drv-root", placed.get("root", []), None)
 

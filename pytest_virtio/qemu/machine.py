@@ -215,8 +215,11 @@ class Machine:
         console_socket: str,
         console_log: Path,
         connect_timeout: float = 10.0,
+        pass_fds: tuple[int, ...] = (),
     ) -> None:
         self.argv = list(argv)
+        #: Descriptors QEMU inherits (a restore's ``-incoming fd:N`` state file).
+        self.pass_fds = pass_fds
         self.run_dir = run_dir
         self.qmp_socket = qmp_socket
         self.console_socket = console_socket
@@ -234,8 +237,12 @@ class Machine:
         self._lock = threading.Lock()
 
     # -- lifecycle -----------------------------------------------------------
-    def launch(self) -> None:
-        """Start QEMU paused, connect QMP and the console, then let it run."""
+    def launch(self, incoming_timeout: float | None = None) -> None:
+        """Start QEMU paused, connect QMP and the console, then let it run.
+
+        With ``incoming_timeout``, the argv has ``-incoming`` (a restore): QEMU
+        loads the guest while we connect, and it runs once the load completed.
+        """
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.write_reproducer()
         try:
@@ -246,7 +253,7 @@ class Machine:
         with self.stderr_path.open("wb") as err:
             self._proc = _SPAWNER.run(lambda: subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
-                process_group=0, close_fds=True,
+                process_group=0, close_fds=True, pass_fds=self.pass_fds,
             ))
         with _LIVE_LOCK:
             _LIVE.add(self)
@@ -255,6 +262,8 @@ class Machine:
             self._console = Console.connect(
                 self.console_socket, self.console_log, self.check_alive, self.connect_timeout
             )
+            if incoming_timeout is not None:
+                self.wait_migration(incoming_timeout)
             self.qmp("cont")
         except BaseException:
             self.kill()
@@ -351,6 +360,30 @@ class Machine:
         if "error" in reply:
             raise LaunchError(f"QMP {cmd} failed: {reply['error'].get('desc', reply)}")
         return reply.get("return")
+
+    def wait_migration(self, timeout: float) -> dict[str, Any]:
+        """Poll ``query-migrate`` until the migration (out or in) completed.
+
+        QEMU 7.2 has no synchronous save: ``migrate`` returns at once and the
+        stream runs in QEMU's migration thread.  A failure raises with QEMU's
+        own reason (e.g. a device that blocks migration).
+        """
+        deadline = time.monotonic() + timeout
+        delay = 0.002
+        while True:
+            info = self.qmp("query-migrate") or {}
+            status = info.get("status")
+            if status == "completed":
+                return dict(info)
+            if status in ("failed", "cancelled"):
+                raise LaunchError(f"migration {status}: {info.get('error-desc', info)}\n"
+                                  f"{self.stderr_tail()}")
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise LaunchError(f"migration not complete within {timeout:.0f}s "
+                                  f"(status {status!r})")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
 
     def hmp(self, command: str) -> str:
         out = self.qmp("human-monitor-command", **{"command-line": command})
