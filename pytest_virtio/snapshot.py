@@ -165,7 +165,7 @@ class Templates:
         with self._lock:
             template = self._templates.get(shape)
             made = self._make(shape, name) if template is None else None
-        guest = made if template is None else self.restore(template, name)
+        guest = made if template is None else self.restore(template, name, bool(hotplugged))
         assert guest is not None
         try:
             for disk in hotplugged:
@@ -189,10 +189,17 @@ class Templates:
         start = time.monotonic()
         booted = s.boot_fresh(shape, name, own_root=directory / ROOT_OVERLAY)
         boot_seconds = time.monotonic() - start
+        # Run the freshening once before the save: perl and date are then in
+        # the template's page cache, so no restore reads them from disk.  A
+        # rootfs that cannot run it (no perl) is a shape that cannot be restored.
+        res = booted.run(freshen_command())
+        if not res.ok:
+            self._failed[shape] = (f"the guest cannot be freshened after a restore (exit "
+                                   f"{res.rc}: {res.output.strip()[-200:]}); it needs GNU date "
+                                   "and perl for the clock and RNDRESEEDCRNG")
+            self._say_once(self._failed[shape])
+            return booted
         try:
-            # Run the freshening once before the save: perl and date are then
-            # in the template's page cache, so no restore reads them from disk.
-            booted.check(freshen_command())
             save_start = time.monotonic()
             save(booted, directory, MIGRATE_TIMEOUT * s.timeout_scale)
             save_seconds = time.monotonic() - save_start
@@ -221,7 +228,7 @@ class Templates:
         return booted
 
     # -- restore -----------------------------------------------------------------
-    def restore(self, template: Template, name: str) -> Guest:
+    def restore(self, template: Template, name: str, hotplug_vhost: bool = True) -> Guest:
         """A new QEMU loaded from ``template``, over its own overlay, freshened."""
         from .session import closed_on_failure, prepare_disk_file
 
@@ -240,6 +247,7 @@ class Templates:
             template.ctx, root_image=str(template.overlay), root_snapshot=True,
             qmp_socket=str(run_dir / "qmp.sock"), console_socket=str(run_dir / "con.sock"),
             console_log=str(console_log), disk_files=disk_files, name=name,
+            shared_memory=hotplug_vhost,
         )
         # fd:N, not exec:cat: QEMU reads the file itself instead of waking up
         # for every 64 KiB a pipe holds (measured 2.5-4 s for 77 MiB that way

@@ -777,6 +777,11 @@ class LaunchContext:
     #: False when ``root_image`` is already this guest's own overlay (a snapshot
     #: template's, or one made for a restore): QEMU writes it instead of a temp file.
     root_snapshot: bool = True
+    #: Guest RAM in a shared memfd, which vhost-user back-ends map.  A restored
+    #: guest with no vhost-user device gets private RAM instead: loading a
+    #: saved state reads every page, and a read of a memfd hole allocates it
+    #: (all of RAM resident) where private memory maps the zero page.
+    shared_memory: bool = True
     append: str = ""
     qmp_socket: str
     console_socket: str
@@ -834,7 +839,8 @@ def _base_argv(spec: MachineSpec, ctx: LaunchContext) -> list[str]:
         "-cpu", "host" if ctx.accel == "kvm" else "max",
         "-smp", str(spec.smp),
         "-m", mem,
-        "-object", f"memory-backend-memfd,id=mem,size={mem},share=on",
+        "-object", (f"memory-backend-memfd,id=mem,size={mem},share=on" if ctx.shared_memory
+                    else f"memory-backend-ram,id=mem,size={mem}"),
         "-kernel", ctx.kernel,
         "-initrd", ctx.initrd,
         "-append", ctx.append,
