@@ -256,6 +256,7 @@ class Templates:
         machine = Machine(argv, run_dir, qmp_socket=ctx.qmp_socket,
                           console_socket=ctx.console_socket, console_log=console_log,
                           pass_fds=(state,))
+        machine.reproducer = _boot_reproducer(s, template, run_dir, ctx)
         guest = Guest(machine=machine, name=name, accel=template.ctx.accel,
                       timeout_scale=scale, run_dir=run_dir, spec=template.spec,
                       disk_serials={d.name: d.serial or d.name for d in template.spec.disks},
@@ -274,6 +275,24 @@ class Templates:
 
     def close(self) -> None:
         self._templates.clear()
+
+
+def _boot_reproducer(session: VirtioSession, template: Template, run_dir: Path,
+                     ctx: spec_mod.LaunchContext) -> str:
+    """``reproduce.sh`` of a restored guest: a *boot* of its shape (the saved state
+    is gone after the session, and a restore is meant to equal a boot)."""
+    from . import reproduce
+
+    image = session.image_for(template.spec)
+    boot_ctx = dataclasses.replace(ctx, root_image=str(image.rootfs),
+                                   root_format=image.rootfs_format, root_snapshot=True,
+                                   shared_memory=True)
+    text = reproduce.script(spec_mod.to_argv(template.spec, boot_ctx), run_dir,
+                            template.spec, boot_ctx)
+    head, _, rest = text.partition("\n")
+    return (f"{head}\n# This guest was restored from a snapshot template; this boots the "
+            "same machine shape\n# (hot-plugged vhost-user-blk disks are not in it).\n"
+            f"{rest}")
 
 
 def save(guest: Guest, directory: Path, timeout: float) -> None:

@@ -61,6 +61,10 @@ def test_restored_guest_has_the_host_wall_clock(snap) -> None:
     guest = session.boot(PLAIN, "clock")
     guest_now = float(guest.check("date +%s.%N").stdout)
     assert abs(guest_now - time.time()) < 5 * guest.timeout_scale
+    # Its reproduce.sh boots the shape: the saved state is gone after the session.
+    script = (guest.run_dir / "reproduce.sh").read_text()
+    assert "-incoming" not in script and "restored from a snapshot template" in script
+    assert str(session.image().rootfs) in script
     guest.close()
 
 
