@@ -9,6 +9,7 @@ image cache and accelerator verdict are shared through file locks.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import secrets
@@ -287,7 +288,8 @@ class VirtioSession:
         self._check_can_launch(spec)
         accel = self.accel().accel
         scale = self.timeout_scale
-        guest = self._launch(spec, name, accel=accel, boot_timeout=BOOT_TIMEOUT * scale,
+        budget = self.image_for(spec).boot_timeout or BOOT_TIMEOUT
+        guest = self._launch(spec, name, accel=accel, boot_timeout=budget * scale,
                              scale=scale, own_root=own_root)
         self.guests.append(guest)
         return guest
@@ -310,6 +312,7 @@ class VirtioSession:
         ssh_args = ["pv.ssh=1"] if ssh_nic else []
         if image.modules_disk is not None:
             ssh_args.append(f"pv.modules={image.kernel_version}")
+        ssh_args += image.append
         fw_cfg = {ssh_mod.AUTHORIZED_KEYS_FW_CFG: str(self.ssh_key().public_path)
                   } if ssh_nic else {}
         backends = self._start_backends(spec, run_dir, disk_files, name)
@@ -408,6 +411,11 @@ def check_honoured(spec: spec_mod.MachineSpec, settings: Settings) -> None:
     user's own, a test of a missing driver would pass when it should fail.
     """
     if not settings.initrd:
+        if spec.initramfs_modules is not None and _distro_boot(settings.image):
+            raise ConfigError(
+                f"initramfs_modules={list(spec.initramfs_modules)!r}: the image recipe "
+                f"{settings.image} boots the distro's own initramfs (boot = \"distro\"), so "
+                "pytest-virtio cannot choose the modules it loads; drop the key")
         return
     why = "--virtio-initrd is used as is, so pytest-virtio cannot"
     if spec.initramfs_modules is not None:
@@ -422,6 +430,11 @@ def check_honoured(spec: spec_mod.MachineSpec, settings: Settings) -> None:
     if spec.kernel is not None:
         raise ConfigError(f"kernel={spec.kernel!r}: {why} build an initramfs for another "
                           "kernel; drop the key or use --virtio-kernel with --virtio-modules")
+
+
+@functools.lru_cache(maxsize=4)
+def _distro_boot(recipe: str | None) -> bool:
+    return recipe is not None and load_recipe(recipe).boot == "distro"
 
 
 def check_drivers(image: GuestImage, spec: spec_mod.MachineSpec) -> None:

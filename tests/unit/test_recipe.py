@@ -44,3 +44,16 @@ def test_errors_name_the_field(tmp_path: Path, text: str, field: str, words: str
     with pytest.raises(ConfigError) as err:
         load_recipe_file(path)
     assert str(path) in str(err.value) and field in str(err.value) and words in str(err.value)
+
+
+def test_distro_boot_recipe_ships_its_console_service() -> None:
+    distro = load_recipe("bookworm-distro")
+    assert distro.boot == "distro"
+    assert [name for name, _ in distro.files] == ["pvinit", "pv-console",
+                                                   "pytest-virtio-console.service"]
+    assert load_recipe("bookworm").boot == "ours"
+
+
+def test_boot_field_is_checked(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"field 'boot': 'grub' is not one of ours, distro"):
+        load_recipe_file(_recipe(tmp_path, 'extends = "bookworm"\nname = "x"\nboot = "grub"'))
