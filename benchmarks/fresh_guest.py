@@ -92,7 +92,8 @@ def per_guest(accel: str, n: int) -> tuple[float, float]:
             restores.append(one(restoring, shape))
         template = restoring.templates.templates[0]
         print(f"template: first guest of the shape {first:.2f} s (boot "
-              f"{template.boot_seconds:.2f} s + save {template.save_seconds:.2f} s + restore); "
+              f"{template.boot_seconds:.2f} s + save {template.save_seconds:.2f} s; that guest "
+              "then runs on for its test); "
               f"state {template.state.stat().st_size / 2**20:.0f} MiB, root overlay "
               f"{template.overlay.stat().st_blocks * 512 / 2**20:.1f} MiB on disk")
     print(_line("boot to shell   ", boots))
