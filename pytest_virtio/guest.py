@@ -396,10 +396,10 @@ class Guest:
         names the size the guest did reach when it falls short.
         """
         from . import balloon as balloon_mod
-        from .spec import parse_size
+        from .units import parse_size
 
         self._balloon_device()
-        size = parse_size(target, "guest.balloon(target)")
+        size = parse_size(target, "guest.balloon(target)", positive=True)
         t = timeout if timeout is not None else self.default_timeout()
         return balloon_mod.resize(self.machine.qmp, size, t, self.console_tail)
 

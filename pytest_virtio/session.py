@@ -491,7 +491,7 @@ def prepare_disk_file(disk: spec_mod.Disk, run_dir: Path) -> str:
         return str(disk.image)
     path = run_dir / f"disk-{disk.name}.img"
     with path.open("wb") as f:
-        f.truncate(spec_mod.parse_size(disk.size))
+        f.truncate(disk.size_bytes)
     return str(path)
 
 

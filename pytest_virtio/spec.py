@@ -23,6 +23,7 @@ from types import MappingProxyType
 from typing import Any, Final, TypeAlias
 
 from pytest_virtio.errors import ConfigError
+from pytest_virtio.units import parse_size
 
 __all__ = [
     "CACHE_MODES",
@@ -57,7 +58,6 @@ __all__ = [
     "item_keys",
     "matrix_params",
     "nic_mac",
-    "parse_size",
     "required_qemu_devices",
     "spec_from_kwargs",
     "to_argv",
@@ -158,10 +158,6 @@ _DISK_DEVICES: Final[Mapping[str, frozenset[str]]] = MappingProxyType(
 )
 
 _NAME_RE: Final = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
-_SIZE_RE: Final = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
-_SIZE_UNITS: Final[Mapping[str, int]] = MappingProxyType(
-    {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-)
 _RESERVED_NAMES: Final = frozenset({"root", "pvmods"})
 
 
@@ -199,22 +195,6 @@ def _check_count(value: object, what: str, low: int, high: int) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise ConfigError(f"{what} must be an integer in {low}..{high}, got {value!r}")
-
-
-def parse_size(value: str | int, what: str = "size") -> int:
-    """Bytes from ``64M``/``1G``/``512KiB``/an int (binary units, as QEMU reads them)."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{what} must be like '64M', '1G' or a byte count, got {value!r}")
-    if isinstance(value, int):
-        number = value
-    else:
-        match = _SIZE_RE.match(value) if isinstance(value, str) else None
-        if match is None:
-            raise ConfigError(f"{what} must be like '64M', '1G' or a byte count, got {value!r}")
-        number = int(match.group(1)) * _SIZE_UNITS[match.group(2).upper()]
-    if number <= 0:
-        raise ConfigError(f"{what} must be positive, got {value!r}")
-    return number
 
 
 def _esc(value: str) -> str:
@@ -306,7 +286,7 @@ class Disk:
         _check_choice(self.cache, CACHE_MODES, f"disk {self.name!r}: cache")
         _check_choice(self.transport, TRANSPORTS, f"disk {self.name!r}: transport")
         if self.image is None:
-            parse_size(self.size, f"disk {self.name!r}: size")
+            parse_size(self.size, f"disk {self.name!r}: size", positive=True)
             if self.format != "raw":
                 raise ConfigError(
                     f"disk {self.name!r}: a blank disk (no image=) is always 'raw'; "
@@ -591,7 +571,7 @@ class MachineSpec:
                 raise ConfigError(f"{key} must be a path (str), got {value!r}")
         if self.modules is not None and self.kernel is None:
             raise ConfigError("modules goes with kernel: give the kernel these modules belong to")
-        mem = parse_size(self.memory, "memory")
+        mem = parse_size(self.memory, "memory", positive=True)
         if mem % (1 << 20) or not 64 << 20 <= mem <= 64 << 30:
             raise ConfigError(
                 f"memory must be a whole number of MiB in 64M..64G, got {self.memory!r}"

@@ -71,22 +71,32 @@ def _check_number(value: int | float, what: str, example: str) -> float:
     return float(value)
 
 
-def parse_size(value: int | str) -> int:
-    """Bytes in ``value`` (``4096``, ``"4k"``, ``"200M"``, ``"1GiB"``), 1024-based.
+def parse_size(value: int | str, what: str = "size", *, positive: bool = False) -> int:
+    """Bytes in ``value`` (``4096``, ``"4k"``, ``"200M"``, ``"1.5G"``, ``"1GiB"``), 1024-based.
 
-    Fractions are allowed where they come out whole-ish (``"1.5k"`` is 1536); the
-    result is rounded to whole bytes because nothing transfers half a byte.
+    The one size grammar for every caller: fio and dd block sizes, guest memory,
+    blank disk sizes, balloon targets.  Fractions are allowed with any suffix, as
+    QEMU's own ``-m 1.5G`` allows them; the result is rounded to whole bytes
+    because nothing transfers half a byte, and a caller that needs a coarser unit
+    (memory: whole MiB) checks that itself.  ``what`` names the value in the error
+    (``"memory"``, ``"disk 'data': size"``); ``positive`` refuses zero.
     """
-    example = "a size like '4k', '200M', '1G' (1024-based)"
-    if isinstance(value, int | float):
-        return round(_check_number(value, "size", example))
-    if not isinstance(value, str):
-        raise ConfigError(f"invalid size {value!r}: expected {example}")
-    match = _SIZE_RE.match(value)
-    if match is None:
-        raise ConfigError(f"invalid size {value!r}: expected {example}")
-    number, prefix = match.groups()
-    return round(float(number) * _BINARY[prefix.lower()])
+    problem = f"{what} must be like '64M', '1.5G', '4k' or a byte count (1024-based), got {value!r}"
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ConfigError(problem)
+    if isinstance(value, str):
+        match = _SIZE_RE.match(value)
+        if match is None:
+            raise ConfigError(problem)
+        number, prefix = match.groups()
+        size = round(float(number) * _BINARY[prefix.lower()])
+    elif not math.isfinite(value) or value < 0:
+        raise ConfigError(problem)
+    else:
+        size = round(value)
+    if positive and size <= 0:
+        raise ConfigError(f"{what} must be positive, got {value!r}")
+    return size
 
 
 def parse_rate(value: int | float | str) -> float:

@@ -35,6 +35,10 @@ from pytest_virtio.units import (
         (" 2 MiB ", 2 * 1024**2),
         ("1T", 1024**4),
         ("10b", 10),
+        ("1.5G", 3 << 29),
+        ("1P", 1 << 50),
+        (0, 0),
+        (7.0, 7),
     ],
 )
 def test_parse_size(text: int | str, expected: int) -> None:
@@ -47,6 +51,20 @@ def test_parse_size_rejects(bad: object) -> None:
         parse_size(bad)  # type: ignore[arg-type]
     assert repr(bad) in str(info.value)
     assert "1024-based" in str(info.value)
+
+
+@given(st.integers(min_value=1, max_value=1 << 40), st.sampled_from(["", "K", "M", "G", "T"]))
+def test_parse_size_whole_numbers_exact(number: int, unit: str) -> None:
+    scale = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[unit]
+    assert parse_size(f"{number}{unit}") == number * scale
+
+
+def test_parse_size_names_the_value_and_can_refuse_zero() -> None:
+    with pytest.raises(ConfigError, match=r"^memory must be like .*, got 'lots'$"):
+        parse_size("lots", "memory")
+    with pytest.raises(ConfigError, match=r"^guest.balloon\(target\) must be positive, got '0M'$"):
+        parse_size("0M", "guest.balloon(target)", positive=True)
+    assert parse_size("1k", positive=True) == 1024
 
 
 @pytest.mark.parametrize(
