@@ -17,7 +17,7 @@ import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
-from .spec import Disk, LaunchContext, MachineSpec, parse_size
+from .spec import Disk, LaunchContext, MachineSpec
 
 __all__ = ["script"]
 
@@ -45,7 +45,7 @@ def _blank_disks(spec: MachineSpec, ctx: LaunchContext, run_dir: str) -> list[st
     for disk in spec.disks:
         path = ctx.disk_files.get(disk.name, "")
         if disk.image is None and path.startswith(run_dir) and disk.external_socket is None:
-            lines.append(f"truncate -s {parse_size(disk.size)} {_quote(path, run_dir)}")
+            lines.append(f"truncate -s {disk.size_bytes} {_quote(path, run_dir)}")
     return lines
 
 
