@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from .errors import MissingToolError, WorkloadError
 from .guest import Guest
-from .workloads.iperf import NetResult, iperf3_client_shell, parse_iperf3_json
+from .workloads.iperf import GUEST_GATEWAY, NetResult, iperf3_client_shell, parse_iperf3_json
 
 __all__ = [
     "GUEST_GATEWAY",
@@ -30,8 +30,6 @@ __all__ = [
     "token_server",
 ]
 
-#: The host as the guest sees it on QEMU user-mode networking.
-GUEST_GATEWAY = "10.0.2.2"
 LOOPBACK = "127.0.0.1"
 #: Margin over the transfer for iperf3's connection setup and JSON (TCG is slow).
 IPERF_SLACK = 20.0

@@ -59,8 +59,6 @@ FIO_DEFAULTS: Mapping[str, Any] = {
 }
 DD_KEYS = ("disk", "direction", "bs", "count", "timeout")
 IPERF_KEYS = ("nic", "seconds", "reverse", "timeout")
-#: Slirp's address for the host: its loopback, so traffic never leaves the machine.
-SLIRP_HOST = "10.0.2.2"
 _FIO_FIELDS = tuple(f for f in fio_mod.FioJob.__dataclass_fields__ if f != "filename")
 #: Every key the marker takes, per kind (``pytest --markers`` lists these).
 MARKER_KEYS: Mapping[str, tuple[str, ...]] = {
@@ -202,7 +200,8 @@ def _dd_options(opts: dict[str, Any]) -> dict[str, Any]:
 def _iperf_options(opts: dict[str, Any]) -> dict[str, Any]:
     merged = {"seconds": 3, "reverse": False, "timeout": None, **opts}
     try:
-        iperf_mod.iperf3_client_shell(SLIRP_HOST, 5201, merged["seconds"], bool(merged["reverse"]))
+        gateway = iperf_mod.GUEST_GATEWAY
+        iperf_mod.iperf3_client_shell(gateway, 5201, merged["seconds"], bool(merged["reverse"]))
     except ConfigError as exc:
         raise ConfigError(f"{_where()}: {exc}") from None
     return merged
@@ -394,7 +393,8 @@ def _run_iperf3(guest: GuestLike, spec: WorkloadSpec, device: str, opts: dict[st
     packets = _packets_shell(guest, spec.target)
     before = _packets(guest, packets)
     with host_iperf3_server() as port:
-        cmd = iperf_mod.iperf3_client_shell(SLIRP_HOST, port, seconds, bool(opts["reverse"]))
+        gateway = iperf_mod.GUEST_GATEWAY
+        cmd = iperf_mod.iperf3_client_shell(gateway, port, seconds, bool(opts["reverse"]))
         t = timeout or guest.default_timeout() + seconds * 3
         res = guest.run(cmd, timeout=t)
     after = _packets(guest, packets)
