@@ -65,6 +65,9 @@ NO_EXIT_STATUS = -1
 WATCHDOG_GRACE = 2.0
 #: How often a refused channel open is retried on a live link.
 CHANNEL_OPEN_TRIES = 5
+#: How long a finished channel waits for the server's own close before it is
+#: dropped locally (see :meth:`SshSession._retire`).
+SERVER_CLOSE_WAIT = 5.0
 
 _FORWARD_RE = re.compile(
     r"TCP\[HOST_FORWARD\]\s+\d+\s+(?P<src>\S+)\s+(?P<port>\d+)\s+\S+\s+(?P<gport>\d+)"
@@ -205,6 +208,9 @@ class SshSession:
         self.console_tail = console_tail
         self.alive = alive
         self._client: paramiko.SSHClient | None = None
+        #: Channel starts dropbear refused and we retried; nonzero means the
+        #: quiesce in :meth:`_retire` did not prevent the race (tests read it).
+        self.refused_starts = 0
 
     # -- connection ------------------------------------------------------------
     @property
@@ -317,7 +323,7 @@ class SshSession:
             try:
                 out, err, rc = self._collect(channel, cmd, start + timeout, timeout, watch)
             finally:
-                channel.close()
+                self._retire(channel, wait=channel.exit_status_ready())
         finally:
             watchdog.cancel()
         return Result(cmd=cmd, rc=rc, stdout=out, stderr=err,
@@ -343,20 +349,52 @@ class SshSession:
 
         Retrying is safe only before the server has started anything, and only
         for two causes: a transport found dead on the way gets one reconnect;
-        on a live link, a channel the server refused or closed before answering
-        ``start`` is opened again (:func:`_refused_start`).
+        on a live link, a channel the server closed before answering ``start``
+        is opened again (:func:`_refused_start`), counted in ``refused_starts``.
         """
         client = self.client if self.connected else self.reconnect(timeout)
+        reconnected = False
         for attempt in range(CHANNEL_OPEN_TRIES):
             try:
                 return self._started(client, timeout, start)
             except (OSError, EOFError, paramiko.SSHException) as exc:
-                if not self.connected:
-                    return self._started(self.reconnect(timeout), timeout, start)
+                if not self.connected and not reconnected:
+                    client, reconnected = self.reconnect(timeout), True
+                    continue
                 if not _refused_start(exc) or attempt == CHANNEL_OPEN_TRIES - 1:
                     raise
+                self.refused_starts += 1
                 time.sleep(0.2 * (attempt + 1))
         raise AssertionError("unreachable")
+
+    def _retire(self, channel: paramiko.Channel, wait: bool = True) -> None:
+        """Close a finished channel only once the server has closed its end.
+
+        Why: paramiko forgets a channel the moment it sends its own close, so
+        the next channel could be opened while dropbear is still tearing the
+        old one down (its child's exit not yet reaped).  Seen under load: a
+        channel opened in that window is closed by dropbear before its
+        exec/subsystem request is answered (paramiko log: the new channel's
+        EOF arrives together with the old one's exit-status and close).  Half
+        closing first (EOF: sftp-server exits) and waiting for the server's
+        close removes that window; the wait is bounded so a hung server only
+        costs :data:`SERVER_CLOSE_WAIT`.  A command cut at its deadline is
+        closed at once (``wait=False``): it would never finish on its own.
+        """
+        try:
+            if not wait:
+                return
+            if not channel.closed and not channel.eof_sent:
+                channel.shutdown_write()
+            deadline = time.monotonic() + SERVER_CLOSE_WAIT
+            while not channel.closed and time.monotonic() < deadline:
+                if _link_dead(channel):
+                    break
+                time.sleep(POLL)
+        except (OSError, EOFError, paramiko.SSHException):
+            pass
+        finally:
+            channel.close()
 
     @classmethod
     def _started(cls, client: paramiko.SSHClient, timeout: float,
@@ -437,8 +475,8 @@ class _SftpGuard:
 
     def __enter__(self) -> paramiko.SFTPClient:
         try:
-            # The exec path's channel and retry: without it ~6 in 40 back-to-back
-            # SFTP sessions failed ("Unable to open channel", "Channel closed").
+            # The exec path's channel and retry (see SshSession._retire for why a
+            # fresh channel can be refused at all).
             channel = self.session._open_channel(self.session.connect_timeout,
                                                  lambda ch: ch.invoke_subsystem("sftp"))
             self.sftp = paramiko.SFTPClient(channel)
@@ -453,6 +491,9 @@ class _SftpGuard:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: object) -> None:
         if self.sftp is not None:
+            channel = self.sftp.get_channel()
+            if channel is not None:
+                self.session._retire(channel)
             self.sftp.close()
         if isinstance(exc, (OSError, EOFError, paramiko.SSHException)):
             raise GuestError(f"SFTP {self.what} failed: {exc!r}",
@@ -460,17 +501,17 @@ class _SftpGuard:
 
 
 def _refused_start(exc: BaseException) -> bool:
-    """Did dropbear turn a new channel down before starting anything on it?
+    """Did dropbear close a new channel before starting anything on it?
 
-    Seen right after another channel (an SFTP session above all) closed: the
-    open is answered, then the channel is closed at once, so paramiko reports
-    "Unable to open channel." (closed before open_session returned) or
-    "Channel closed." (before the exec/subsystem request was answered).  The
-    server answers a start request before it closes a channel that ran
-    something, so either message means nothing ran and a new channel is safe.
+    paramiko reports that one event three ways, by when it notices the close:
+    "Unable to open channel." (before open_session returned), "Channel is not
+    open" (before the exec/subsystem request was sent) or "Channel closed."
+    (before the request was answered).  The server answers a start request
+    before it can close a channel that ran something, so each means nothing
+    ran and a new channel is safe.
     """
     return isinstance(exc, paramiko.SSHException) and str(exc) in (
-        "Unable to open channel.", "Channel closed.")
+        "Unable to open channel.", "Channel is not open", "Channel closed.")
 
 
 def _drain(channel: paramiko.Channel, out: bytearray, err: bytearray) -> bool:

@@ -107,3 +107,18 @@ def test_nothing_listening_is_a_guest_error_after_the_deadline(tmp_path: Path) -
                                  console_tail=lambda: "tail")
     with pytest.raises(GuestError, match="is dropbear running"):
         session.reconnect()
+
+
+@pytest.mark.parametrize("message", [
+    "Unable to open channel.", "Channel is not open", "Channel closed."])
+def test_each_way_paramiko_reports_an_unstarted_channel_is_retried(message: str) -> None:
+    """The three spellings of "dropbear closed the channel before it ran anything"
+    (the third, "Channel is not open", failed a CI run before it was listed)."""
+    assert ssh_mod._refused_start(paramiko.SSHException(message))
+
+
+@pytest.mark.parametrize("exc", [
+    paramiko.SSHException("Timeout opening channel."), OSError("Channel closed."),
+    paramiko.SSHException("Channel closed. extra")])
+def test_other_failures_are_not_retried(exc: BaseException) -> None:
+    assert not ssh_mod._refused_start(exc)
