@@ -20,7 +20,7 @@ from . import spec as spec_mod
 from .errors import GuestError, VirtioError
 from .guest import Guest, Teardown
 from .session import MissingDevices, VirtioSession
-from .sharing import SharedGuests, pool_fixture_name, split_scope
+from .sharing import SharedGuests, pool_fixture_name
 
 MakeGuest = Callable[..., Guest]
 
@@ -123,20 +123,10 @@ def _keep_artifacts(guest: Guest, dest: Any) -> None:
 
 
 def spec_for(node: Any, choice: Mapping[str, str] | None) -> spec_mod.MachineSpec:
-    """The machine a test's ``vm`` marks (merged, closest key wins) and matrix choice ask for."""
-    from .plugin import vm_kwargs
+    """The machine a test's plan (its ``vm`` marks) and matrix choice ask for."""
+    from .plugin import plan_of
 
-    spec = spec_mod.spec_from_kwargs(split_scope(vm_kwargs(node))[1], where="vm")
-    if choice:
-        spec = spec_mod.apply_matrix(spec, dict(choice))
-    return spec
-
-
-def scope_for(node: Any) -> str:
-    """How long the test's guest lives: ``vm(scope=...)``, "function" by default."""
-    from .plugin import vm_kwargs
-
-    return split_scope(vm_kwargs(node))[0]
+    return plan_of(node).machine_for(choice)
 
 
 def _pool(scope: str, session: VirtioSession) -> Iterator[SharedGuests]:
@@ -195,16 +185,16 @@ def guest(
 ) -> Guest:
     """A guest for this test, shaped by ``@pytest.mark.vm(...)``: fresh per test, or
     shared by the class/module/session with ``vm(scope=...)``."""
-    scope, spec = scope_for(request.node), spec_for(request.node, virtio_choice)
-    if scope == "function":
+    from .plugin import plan_of
+
+    plan = plan_of(request.node)
+    spec = plan.machine_for(virtio_choice)
+    if plan.scope == "function":
         g = make_guest(spec, name="guest")
     else:
-        g = _shared_guest(request, scope, spec)
-    exp = request.node.get_closest_marker("expect_drivers")
-    if exp is not None:
-        from .plugin import expect_drivers_args
-
-        check_drivers(g, *expect_drivers_args(exp))
+        g = _shared_guest(request, plan.scope, spec)
+    if plan.expect is not None:
+        check_drivers(g, plan.expect.present, plan.expect.absent)
     _run_marked_workload(request, g, virtio_choice, make_guest)
     return g
 
@@ -223,17 +213,15 @@ def _run_marked_workload(request: pytest.FixtureRequest, g: Guest,
     alternates rounds between the two (A, ref, A, ref, ...): both devices see
     the same host load, so a load swing moves both samples, not the ratio.
     """
-    marker = request.node.get_closest_marker("workload")
-    if marker is None:
-        return
     from .metrics import MECHANISM
-    from .plugin import MEASURED_KEY, RESULTS_KEY, SETTINGS_KEY
-    from .workloads.run import WorkloadSpec, count_mechanism, device_of, measure
+    from .plugin import MEASURED_KEY, RESULTS_KEY, SETTINGS_KEY, plan_of
+    from .workloads.run import count_mechanism, device_of, measure
 
-    spec = WorkloadSpec.from_marker(marker.args, marker.kwargs)
-    perfs = _perf_specs(request.node)
-    rounds = max([p.rounds for p in perfs if p.rounds]
-                 or [request.config.stash[SETTINGS_KEY].perf_rounds])
+    plan = plan_of(request.node)
+    spec, perfs = plan.workload, plan.perfs
+    if spec is None:
+        return
+    rounds = plan.rounds(request.config.stash[SETTINGS_KEY].perf_rounds)
     device = device_of(g, spec)
     # Timed promises only: counted (mechanism) metrics do not move with load.
     references = sorted({ref for p in perfs if (ref := p.reference_for(device))
@@ -241,7 +229,7 @@ def _run_marked_workload(request: pytest.FixtureRequest, g: Guest,
     partners: list[Guest] = []
     if rounds > 1 and choice and references:
         axis = "nic" if spec.kind == "iperf3" else "disk"
-        partners = [make_guest(spec_for(request.node, {**choice, axis: ref}), name=f"ref-{ref}")
+        partners = [make_guest(plan.machine_for({**choice, axis: ref}), name=f"ref-{ref}")
                     for ref in references]
     results = request.config.stash[RESULTS_KEY]
     tags: dict[str, str | int | float | bool | None] = {}
@@ -280,13 +268,6 @@ def with_mechanism(record: Any, mechanism: Any) -> Any:
         extra={**record.extra, **mechanism.counts()})
 
 
-def _perf_specs(node: Any) -> list[Any]:
-    """Every ``perf`` marker of the test (stacked marks are several promises)."""
-    from .perf import PerfSpec
-
-    return [PerfSpec.from_marker(m.args, m.kwargs) for m in node.iter_markers("perf")]
-
-
 def record_of(node: Any, accel: str, measured: Any) -> Any:
     """The report Record of a measurement of this test (``group``: the test function)."""
     group = f"{node.nodeid.rsplit('::', 1)[0]}::{getattr(node, 'originalname', node.name)}"
@@ -297,12 +278,13 @@ def record_measurement(node: Any, accel: str, measured: Any) -> tuple[Any, list[
     """The report Record and the relative perf checks (one per ``perf`` mark with a
     ``faster_than`` for this device) of a measurement; the record's figures also
     become junit properties of the test."""
+    from .plugin import plan_of
     from .report import RelativeCheck, junit_properties
 
     record = record_of(node, accel, measured)
     node.user_properties.extend(junit_properties(record))
     checks = []
-    for spec in _perf_specs(node):
+    for spec in plan_of(node).perfs:
         reference, by = spec.reference_for(record.device), spec.by_for(accel)
         if reference is not None and by is not None:
             checks.append(RelativeCheck(node.nodeid, record.extra["group"], record.device,

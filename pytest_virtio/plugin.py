@@ -25,13 +25,13 @@ from . import perf as perf_mod
 from . import results as results_mod
 from . import spec as spec_mod
 from .errors import BackendError, ConfigError, VirtioError
-from .images import kernel as kernel_mod
+from .plan import TestPlan, build_plan
 from .report import SessionResults
-from .session import VirtioSession, check_honoured
+from .session import VirtioSession
 from .settings import OPTIONS, Settings, resolve_values
-from .sharing import SCOPES, split_scope
+from .sharing import SCOPES
 from .workloads import run as workload_mod
-from .workloads.run import Measurement, WorkloadSpec
+from .workloads.run import Measurement
 
 SETTINGS_KEY = pytest.StashKey[Settings]()
 SESSION_KEY = pytest.StashKey[VirtioSession]()
@@ -40,6 +40,9 @@ RESULTS_KEY = pytest.StashKey[SessionResults]()
 MEASURED_KEY = pytest.StashKey[Measurement]()
 OUTCOME_KEY = pytest.StashKey[list[str]]()
 FINISH_KEY = pytest.StashKey[results_mod.Finish]()
+PLAN_KEY = pytest.StashKey[TestPlan]()
+#: Plans by test-function node id, filled at collection, read by :func:`plan_of`.
+PLANS_KEY = pytest.StashKey[dict[str, TestPlan]]()
 
 def _keys(keys: tuple[str, ...] | list[str], fmt: str = "{}=") -> str:
     return ", ".join(fmt.format(k) for k in keys)
@@ -205,110 +208,22 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         return [f"virtio: guests unavailable: {str(exc).splitlines()[0]}"]
 
 
-def _keywords(marker: pytest.Mark) -> dict[str, Any]:
-    if marker.args:
-        raise ConfigError(f"@pytest.mark.{marker.name}: takes keyword arguments only, "
-                          f"got positional {marker.args!r}")
-    return dict(marker.kwargs)
+def plan_of(item: pytest.Item) -> TestPlan:
+    """The test's plan, built at collection (``pytest_generate_tests``).
 
-
-def _marker_kwargs(node: Any, name: str) -> dict[str, Any] | None:
-    marker = node.get_closest_marker(name)
-    return None if marker is None else _keywords(marker)
-
-
-def vm_kwargs(node: Any) -> dict[str, Any]:
-    """The test's ``vm`` keywords: stacked marks merged key by key, the closest winning.
-
-    Why merge rather than take the closest mark whole: ``vm(memory="1G")`` on a
-    class plus ``vm(smp=2)`` on a method silently lost the memory. pytest lists
-    marks closest first (function, class, module), so the farthest is applied
-    first and nearer ones override per key; a list key (``disks``) is replaced,
-    not extended, so a method can say exactly which disks it wants.
+    Why a lookup by definition id: the plan is built once per test function,
+    before pytest splits it into matrix items, and an item keeps no link to
+    its definition.  A node collected some other way (no generate hook ran)
+    gets its plan built here, once, and kept.
     """
-    merged: dict[str, Any] = {}
-    for marker in reversed(list(node.iter_markers("vm"))):
-        merged.update(_keywords(marker))
-    return merged
-
-
-def validate_markers(node: Any) -> list[tuple[str, dict[str, str]]] | None:
-    """Check every pytest-virtio marker of a test; returns the matrix choices."""
-    _, vm = split_scope(vm_kwargs(node))
-    base = spec_mod.spec_from_kwargs(vm, where="vm")
-    _check_kernel_keys(node, base)
-    exp = node.get_closest_marker("expect_drivers")
-    if exp is not None:
-        expect_drivers_args(exp)
-    matrix = _marker_kwargs(node, "virtio_matrix")
-    validate_perf_markers(node, matrix)
-    if matrix is None:
-        return None
-    choices = spec_mod.matrix_params(matrix)
-    for _, choice in choices:
-        try:
-            check_honoured(spec_mod.apply_matrix(base, choice), node.config.stash[SETTINGS_KEY])
-        except ConfigError as exc:
-            raise ConfigError(f"@pytest.mark.virtio_matrix: {exc}") from None
-    return choices
-
-
-def _check_kernel_keys(node: Any, spec: spec_mod.MachineSpec) -> None:
-    """vm(kernel=, modules=) paths, and keys a custom --virtio-initrd cannot honour."""
-    try:
-        check_honoured(spec, node.config.stash[SETTINGS_KEY])
-        if spec.kernel is not None:
-            kernel_mod.check_choice(spec.kernel, spec.modules, where="@pytest.mark.vm")
-    except ConfigError as exc:
-        msg = str(exc)
-        if not msg.startswith("@pytest.mark.vm"):
-            msg = f"@pytest.mark.vm: {msg}"
-        raise ConfigError(msg) from None
-
-
-def validate_perf_markers(node: Any, matrix: dict[str, Any] | None) -> None:
-    """``workload`` and ``perf``: bad keys, a perf without a workload, and a
-    ``faster_than`` naming a device the test's matrix never runs."""
-    wl = node.get_closest_marker("workload")
-    work = WorkloadSpec.from_marker(wl.args, wl.kwargs) if wl is not None else None
-    for pm in node.iter_markers("perf"):
-        perf = perf_mod.PerfSpec.from_marker(pm.args, pm.kwargs)
-        if work is None:
-            raise ConfigError("@pytest.mark.perf needs @pytest.mark.workload(...) on the same "
-                              "test: it checks that workload's figures")
-        _validate_perf(perf, work, matrix)
-
-
-def _validate_perf(perf: perf_mod.PerfSpec, work: WorkloadSpec,
-                   matrix: dict[str, Any] | None) -> None:
-    perf_mod.check_applicable(perf, work.kind)
-    axis = "nic" if work.kind == "iperf3" else "disk"
-    values = (matrix or {}).get(axis) or ()
-    values = (values,) if isinstance(values, str) else tuple(values)
-    for device in perf.references:
-        if device not in values:
-            raise ConfigError(
-                f"@pytest.mark.perf(faster_than=...): {device!r} is not in the test's "
-                f"@pytest.mark.virtio_matrix({axis}=[...]) (has: {', '.join(values) or 'none'});"
-                " relative checks compare the matrix items of one test"
-            )
-
-
-def expect_drivers_args(marker: pytest.Mark) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    unknown = set(marker.kwargs) - {"absent"}
-    if unknown:
-        raise ConfigError(
-            f"@pytest.mark.expect_drivers: unknown key(s) {', '.join(sorted(unknown))}; "
-            "allowed: absent"
-        )
-    names = tuple(marker.args)
-    absent = marker.kwargs.get("absent", ())
-    if isinstance(absent, str):
-        absent = (absent,)
-    for n in (*names, *absent):
-        if not isinstance(n, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", n):
-            raise ConfigError(f"@pytest.mark.expect_drivers: {n!r} is not a driver name")
-    return names, tuple(absent)
+    plan = item.stash.get(PLAN_KEY, None)
+    if plan is None:
+        plans = item.config.stash.get(PLANS_KEY, {})
+        plan = plans.get(item.nodeid.partition("[")[0])
+        if plan is None:
+            plan = build_plan(item, item.config.stash[SETTINGS_KEY])
+        item.stash[PLAN_KEY] = plan
+    return plan
 
 
 class BadMarkers(pytest.Collector):
@@ -347,18 +262,21 @@ def _marker_error(message: str) -> pytest.Collector.CollectError:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    definition = metafunc.definition
     try:
-        choices = validate_markers(metafunc.definition)
+        plan = build_plan(definition, metafunc.config.stash[SETTINGS_KEY])
     except ConfigError as exc:
-        raise _marker_error(f"{metafunc.definition.nodeid}: {exc}") from None
-    if choices is not None:
+        raise _marker_error(f"{definition.nodeid}: {exc}") from None
+    metafunc.config.stash.setdefault(PLANS_KEY, {})[definition.nodeid] = plan
+    if plan.matrix is not None:
         if "virtio_choice" not in metafunc.fixturenames:
             raise _marker_error(
                 f"{metafunc.definition.nodeid}: @pytest.mark.virtio_matrix needs the "
                 "`guest` fixture (or `virtio_choice`)"
             )
         metafunc.parametrize(
-            "virtio_choice", [c for _, c in choices], ids=[i for i, _ in choices],
+            "virtio_choice", [dict(m.choice) for m in plan.matrix],
+            ids=[m.id for m in plan.matrix],
             indirect=True,
         )
 
@@ -397,8 +315,8 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
     result = yield
     records = [r for r in item.config.stash[RESULTS_KEY].records
                if r.test_id == item.nodeid and r.extra.get("role") != "reference"]
-    failures = [line for marker in item.iter_markers("perf") if records
-                for line in results_mod.absolute_failures(marker, records)]
+    failures = [line for perf in plan_of(item).perfs if records
+                for line in results_mod.absolute_failures(perf, records)]
     policy = item.config.stash[SETTINGS_KEY].perf_inconclusive
     if failures and policy == "pass" and results_mod.starvation(records) is not None:
         # Timed on a host that did not let QEMU run: not a verdict on the device.

@@ -13,7 +13,6 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from . import perf as perf_mod
 from . import plot as plot_mod
@@ -26,10 +25,9 @@ __all__ = ["Finish", "Judgement", "absolute_failures", "finish", "judge_relative
            "summary_lines"]
 
 
-def absolute_failures(marker: Any, records: Sequence[Record]) -> list[str]:
-    """The ``perf`` marker's thresholds against one test's records (empty: all met);
+def absolute_failures(spec: perf_mod.PerfSpec, records: Sequence[Record]) -> list[str]:
+    """One ``perf`` promise's thresholds against one test's records (empty: all met);
     with rounds, against the best round (see :meth:`Record.best_of`)."""
-    spec = perf_mod.PerfSpec.from_marker(tuple(marker.args), marker.kwargs)
     record = Record.best_of(records)
     failures = perf_mod.check_absolute(spec, record, record.accel, record.device,
                                        workload=record.workload)

@@ -191,9 +191,10 @@ def test_timed_verdict_on_starved_samples_is_inconclusive() -> None:
 
 
 def test_absolute_failure_on_a_starved_guest_says_the_host_was_busy() -> None:
+    from pytest_virtio.perf import PerfSpec
     from pytest_virtio.results import absolute_failures
 
-    marker = pytest.mark.perf(min_iops=10_000).mark
+    marker = PerfSpec.from_marker((), {"min_iops": 10_000})
     busy = [dataclasses.replace(_rec("ide", 500), extra={"cpu_starved": 0.9})]
     assert "QEMU waited for a CPU 90%" in absolute_failures(marker, busy)[-1]
     calm = [dataclasses.replace(_rec("ide", 500), extra={"cpu_starved": 0.1})]
