@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from .errors import GuestTimeout, LaunchError
+from .errors import GuestTimeout, QmpError
 
 __all__ = ["BalloonStats", "resize", "stats"]
 
@@ -110,7 +110,7 @@ def _read(qmp: Qmp, path: str) -> BalloonStats | None:
     """The device's last report, None before the guest sent any."""
     try:
         return BalloonStats.from_qom(qmp("qom-get", path=path, property="guest-stats"))
-    except LaunchError as exc:
-        if "hasn't updated" in str(exc):  # QEMU: "guest hasn't updated any stats yet"
+    except QmpError as exc:
+        if "hasn't updated" in exc.desc:  # QEMU: "guest hasn't updated any stats yet"
             return None
         raise

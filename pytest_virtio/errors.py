@@ -40,6 +40,25 @@ class LaunchError(VirtioError):
     """QEMU would not start, or exited while the test still needed it."""
 
 
+class QmpError(LaunchError):
+    """QEMU answered a QMP command with an error.
+
+    Like qemu.qmp's ``ExecuteError`` it carries what was sent and what came
+    back, so callers decide on QEMU's error class and description, not on the
+    text of a message (hotplug retries "in use", the balloon waits out "hasn't
+    updated").  A LaunchError because for the test it is the same failure: QEMU
+    would not do what the guest needed.
+    """
+
+    def __init__(self, command: str, arguments: dict[str, object] | None,
+                 error_class: str, desc: str) -> None:
+        self.command = command
+        self.arguments = arguments
+        self.error_class = error_class
+        self.desc = desc
+        super().__init__(f"QMP {command} failed: {desc} ({error_class})")
+
+
 class MissingDriver(LaunchError):
     """The guest kernel has no driver for a device the spec asks for.
 

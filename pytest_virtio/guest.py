@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .console import Result
-from .errors import BackendError, ConfigError, GuestError, GuestTimeout, LaunchError, VirtioError
+from .errors import (
+    BackendError,
+    ConfigError,
+    GuestError,
+    GuestTimeout,
+    QmpError,
+    VirtioError,
+)
 from .qemu.machine import Machine
 from .serial import SerialPort, guest_link_script
 
@@ -589,8 +596,8 @@ class Guest:
             try:
                 self.machine.qmp(cmd, **args)
                 return
-            except LaunchError as exc:
-                if not _STILL_HELD.search(str(exc)) or time.monotonic() > deadline:
+            except QmpError as exc:
+                if not _STILL_HELD.search(exc.desc) or time.monotonic() > deadline:
                     raise
             time.sleep(0.05)
 

@@ -35,7 +35,7 @@ from typing import Any
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from ..console import PANIC_RE, Console, tail_of
-from ..errors import GuestPanic, LaunchError
+from ..errors import GuestPanic, LaunchError, QmpError
 
 
 class RunState(enum.Enum):
@@ -350,7 +350,7 @@ class Machine:
 
     # -- QMP -----------------------------------------------------------------
     def qmp(self, cmd: str, **args: Any) -> Any:
-        """Run a QMP command; QMP errors become LaunchError with the reply."""
+        """Run a QMP command; QEMU's error reply becomes a QmpError carrying it."""
         if self._qmp is None:
             raise LaunchError("QMP is not connected")
         with self._lock:
@@ -358,7 +358,9 @@ class Machine:
             self.events.extend(self._qmp.get_events(wait=False))
             self._qmp.clear_events()
         if "error" in reply:
-            raise LaunchError(f"QMP {cmd} failed: {reply['error'].get('desc', reply)}")
+            error = reply["error"]
+            raise QmpError(cmd, args or None, str(error.get("class", "?")),
+                           str(error.get("desc", reply)))
         return reply.get("return")
 
     def wait_migration(self, timeout: float) -> dict[str, Any]:

@@ -115,3 +115,23 @@ def test_missing_qemu_names_the_package(run_dir: Path) -> None:
     with pytest.raises(LaunchError, match="apt-get install qemu-system-x86"):
         machine.launch()
     assert machine.state is RunState.FAILED
+
+
+def test_a_refused_qmp_command_is_a_qmp_error_carrying_both_sides(run_dir: Path) -> None:
+    """Callers decide on QEMU's error class and words, not on a message's text."""
+    from pytest_virtio.errors import QmpError
+
+    machine = bare_machine(run_dir)
+    machine.launch()
+    try:
+        with pytest.raises(QmpError) as info:
+            machine.qmp("qom-get", path="/no/such/object", property="type")
+        err = info.value
+        assert isinstance(err, LaunchError)
+        assert err.command == "qom-get"
+        assert err.arguments == {"path": "/no/such/object", "property": "type"}
+        assert err.error_class in ("GenericError", "DeviceNotFound")
+        assert "/no/such/object" in err.desc and err.desc in str(err)
+        assert machine.qmp("query-status")["status"] == "running"  # still usable
+    finally:
+        machine.shutdown()

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from pytest_virtio.errors import LaunchError
+from pytest_virtio.errors import LaunchError, QmpError
 from pytest_virtio.guest import Guest
 
 
@@ -34,25 +34,39 @@ def _guest(machine: ScriptedQmp, tmp_path: Path) -> Guest:
                  run_dir=tmp_path)
 
 
+def _refused(command: str, desc: str) -> QmpError:
+    return QmpError(command, None, "GenericError", desc)
+
+
 @pytest.mark.parametrize("refusal", [
-    "QMP blockdev-del failed: Node drv-a is in use",
-    "QMP chardev-remove failed: Chardev 'vu-a' is busy",
+    _refused("blockdev-del", "Node drv-a is in use"),
+    _refused("chardev-remove", "Chardev 'vu-a' is busy"),
 ])
-def test_a_still_held_backend_is_retried_until_released(tmp_path: Path, refusal: str) -> None:
-    machine = ScriptedQmp([LaunchError(refusal), LaunchError(refusal), None])
+def test_a_still_held_backend_is_retried_until_released(tmp_path: Path,
+                                                        refusal: QmpError) -> None:
+    machine = ScriptedQmp([refusal, refusal, None])
     _guest(machine, tmp_path)._qmp_once_released(5.0, "blockdev-del", **{"node-name": "drv-a"})
     assert len(machine.calls) == 3
 
 
 def test_other_qmp_errors_are_not_retried(tmp_path: Path) -> None:
-    machine = ScriptedQmp([LaunchError("QMP blockdev-del failed: Cannot find node drv-a")])
-    with pytest.raises(LaunchError, match="Cannot find node"):
+    machine = ScriptedQmp([_refused("blockdev-del", "Cannot find node drv-a")])
+    with pytest.raises(QmpError, match="Cannot find node"):
         _guest(machine, tmp_path)._qmp_once_released(5.0, "blockdev-del")
     assert len(machine.calls) == 1
 
 
 def test_a_backend_held_past_the_timeout_fails_with_qemus_words(tmp_path: Path) -> None:
-    machine = ScriptedQmp([LaunchError("Node drv-a is in use")] * 1000)
-    with pytest.raises(LaunchError, match="is in use"):
+    machine = ScriptedQmp([_refused("blockdev-del", "Node drv-a is in use")] * 1000)
+    with pytest.raises(QmpError, match="is in use"):
         _guest(machine, tmp_path)._qmp_once_released(0.2, "blockdev-del")
     assert 2 <= len(machine.calls) < 1000
+
+
+def test_qemu_gone_is_not_mistaken_for_a_busy_backend(tmp_path: Path) -> None:
+    """A LaunchError that is not QEMU's reply (the socket died) whose text happens to
+    say "in use" is raised at once: only a QMP error reply is waited out."""
+    machine = ScriptedQmp([LaunchError("QMP socket closed while a disk was in use")])
+    with pytest.raises(LaunchError, match="socket closed"):
+        _guest(machine, tmp_path)._qmp_once_released(5.0, "blockdev-del")
+    assert len(machine.calls) == 1
