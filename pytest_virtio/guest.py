@@ -38,21 +38,6 @@ if TYPE_CHECKING:
     from .workloads.fio import FioResult
 
 
-def _seconds(runtime: object) -> float:
-    """fio's ``runtime`` (``5``, ``"5s"``, ``"500ms"``) in seconds; 10 when unset or odd."""
-    from .units import parse_duration
-
-    if runtime is None or isinstance(runtime, bool):
-        return 10.0
-    if isinstance(runtime, int | float):
-        return float(runtime)
-    try:
-        text = str(runtime)
-        return parse_duration(text if text[-1:].isalpha() else text + "s") / 1e9
-    except (ConfigError, IndexError):
-        return 10.0
-
-
 @dataclass(frozen=True, slots=True)
 class VirtioDevice:
     """A device on the guest's virtio bus and the driver bound to it.
@@ -302,14 +287,15 @@ class Guest:
         """Run fio in the guest and parse its JSON; WorkloadError carries its stderr."""
         from .workloads import fio as fio_mod
 
+        runtime = fio_mod.FioJob.UNTIMED_SECONDS
         if jobfile is not None:
             cmd = fio_mod.fio_jobfile_shell(jobfile)
         else:
             if device is None:
                 raise ConfigError("guest.fio(): give device= (e.g. '/dev/vdb') or jobfile=")
-            cmd = fio_mod.fio_shell(fio_mod.FioJob(filename=device, **job))
-        t = timeout if timeout is not None else self.default_timeout() + _seconds(
-            job.get("runtime")) * 3
+            fio_job = fio_mod.FioJob(filename=device, **job)
+            cmd, runtime = fio_mod.fio_shell(fio_job), fio_job.runtime_seconds
+        t = timeout if timeout is not None else self.default_timeout() + runtime * 3
         res = self.run(cmd, timeout=t)
         return fio_mod.check_fio_run(res.rc, res.stdout, res.stderr)
 

@@ -151,6 +151,17 @@ class FioJob:
     name: str = "job"
     extra: Mapping[str, OptionValue] = field(default_factory=dict, hash=False)
 
+    #: What a caller budgets for a job without a runtime (fio then runs until
+    #: ``size`` is done, which it cannot know beforehand).
+    UNTIMED_SECONDS = 10.0
+
+    @property
+    def runtime_seconds(self) -> float:
+        """The job's runtime in seconds (:data:`UNTIMED_SECONDS` when unset)."""
+        if self.runtime is None:
+            return self.UNTIMED_SECONDS
+        return runtime_ns(self.runtime) / 1e9
+
     def __post_init__(self) -> None:
         """Validate at construction so a bad job fails at collection, not in a guest."""
         if not self.filename or "\n" in self.filename:

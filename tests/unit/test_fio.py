@@ -373,3 +373,13 @@ def test_check_lenient_returns_verify_state() -> None:
         strict=False,
     )
     assert result.verify_ok is False
+
+
+@pytest.mark.parametrize(("runtime", "seconds"), [
+    (5, 5.0), ("5", 5.0), ("5s", 5.0), ("500ms", 0.5), ("2m", 120.0), (None, 10.0)])
+def test_runtime_seconds_is_the_one_reading_of_runtime(runtime: object, seconds: float) -> None:
+    """guest.fio() budgets its timeout from this, the reading FioJob validated
+    (it had a second parser of its own, which fell back to 10 s on any error)."""
+    from pytest_virtio.workloads.fio import FioJob
+
+    assert FioJob(filename="/dev/vdb", runtime=runtime).runtime_seconds == seconds  # type: ignore[arg-type]
