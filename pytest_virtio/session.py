@@ -26,6 +26,7 @@ from . import serial as serial_mod
 from . import spec as spec_mod
 from . import ssh as ssh_mod
 from .errors import BackendError, ConfigError, GuestError, LaunchError, MissingDriver, VirtioError
+from .files import check_readable_file
 from .guest import Guest, Teardown, stop_backends
 from .images import GuestImage, custom_image, ensure_image, initramfs_for, load_recipe
 from .images import kernel as kernel_mod
@@ -506,12 +507,7 @@ def check_image_file(what: str, image: Path, kind: str) -> None:
     Why before QEMU: QEMU's own refusal comes only at start-up, buried under
     its whole command line (seen for a mistyped CD-ROM ISO path).
     """
-    if not image.is_file():
-        raise ConfigError(f"{what} {image} does not exist or is not a file; "
-                          f"give the path of an existing {kind}")
-    if not os.access(image, os.R_OK):
-        raise ConfigError(f"{what} {image} is not readable by this user; "
-                          f"fix its permissions (e.g. chmod a+rw {image})")
+    check_readable_file(image, what, kind)
 
 
 def check_cdrom_isos(spec: spec_mod.MachineSpec) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .files import check_readable_file
 from .images import default_cache_dir
 
 ACCELS = ("auto", "kvm", "tcg")
@@ -198,15 +199,7 @@ def _compare_fail(spec: str | None) -> str:
 
 def _check_readable_file(name: str, path: str) -> None:
     """Fail at configure time, not at the first boot minutes later."""
-    flag = f"--virtio-{name}"
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise ConfigError(f"{flag}: {path} does not exist; give the path of an existing file")
-    if not p.is_file():
-        raise ConfigError(f"{flag}: {path} is not a regular file; give the {name} file itself")
-    if not os.access(p, os.R_OK):
-        raise ConfigError(f"{flag}: {path} is not readable by this user; fix its permissions "
-                          f"(e.g. chmod a+r {path})")
+    check_readable_file(Path(path).expanduser(), f"--virtio-{name}:", f"{name} file")
 
 
 def resolve_values(getoption: Any, getini: Any) -> dict[str, str | None]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import ImageError
+from ..files import check_readable_file
 from .builder import (
     GuestImage,
     Recipe,
@@ -37,8 +38,7 @@ def custom_image(kernel: str, initrd: str, rootfs: str, rootfs_format: str = "ra
     """
     paths = {"kernel": Path(kernel), "initrd": Path(initrd), "rootfs": Path(rootfs)}
     for what, path in paths.items():
-        if not path.is_file() or not _readable(path):
-            raise ImageError(f"{what} image {path} does not exist or is not readable")
+        check_readable_file(path, f"{what} image", f"{what} file", error=ImageError)
     return GuestImage(
         key=f"custom-{paths['kernel'].name}",
         kernel=paths["kernel"],
@@ -48,12 +48,3 @@ def custom_image(kernel: str, initrd: str, rootfs: str, rootfs_format: str = "ra
         initrd=paths["initrd"],
         rootfs_format=rootfs_format,
     )
-
-
-def _readable(path: Path) -> bool:
-    try:
-        with path.open("rb") as f:
-            f.read(1)
-    except OSError:
-        return False
-    return True
