@@ -1,7 +1,7 @@
 """iperf3: network throughput between the host and a guest's virtio-net/e1000 NIC.
 
-Only the client side is built here; the test starts ``iperf3 -s`` wherever it
-likes.  ``-J`` makes iperf3 print one JSON document, which is what we parse.
+The client side is built here (the host's server is workloads.iperf_server).
+``-J`` makes iperf3 print one JSON document, which is what we parse.
 """
 
 from __future__ import annotations

@@ -23,11 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import shlex
-import shutil
-import socket
-import subprocess
-import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -38,6 +34,7 @@ from pytest_virtio.units import format_size, parse_size
 from pytest_virtio.workloads import dd as dd_mod
 from pytest_virtio.workloads import fio as fio_mod
 from pytest_virtio.workloads import iperf as iperf_mod
+from pytest_virtio.workloads.iperf_server import host_iperf3_server
 from pytest_virtio.workloads.mechanism import (
     PLANS,
     BackendWindow,
@@ -48,7 +45,7 @@ from pytest_virtio.workloads.mechanism import (
 
 __all__ = [
     "KINDS", "MARKER_KEYS", "Measurement", "WorkloadSpec", "count_mechanism", "device_of",
-    "host_iperf3_server", "measure", "run_workload",
+    "measure", "run_workload",
 ]
 
 MARKER = "workload"
@@ -427,56 +424,4 @@ def _packets(guest: GuestLike, cmd: str | None) -> int:
     out = guest.run(cmd).stdout.strip()
     return int(out) if out.isdigit() else 0
 
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _listening(port: int) -> bool:
-    """Is something listening on 127.0.0.1:port?  Read from /proc, because a test
-    connection would be taken by the one-shot iperf3 server as its client."""
-    want = f"0100007F:{port:04X}"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-            cols = line.split()
-            if len(cols) > 3 and cols[1] == want and cols[3] == "0A":
-                return True
-    return False
-
-
-@contextlib.contextmanager
-def host_iperf3_server(timeout: float = 10.0) -> Iterator[int]:
-    """A one-shot ``iperf3 -s`` on host loopback; yields its port, always stopped after.
-
-    Loopback only: the guest reaches it as 10.0.2.2 through QEMU user-mode
-    networking, so no traffic leaves the machine and no firewall is involved.
-    """
-    tool = shutil.which("iperf3")
-    if tool is None:
-        raise WorkloadError("iperf3 is not installed on the host (Debian package iperf3)")
-    port = _free_port()
-    proc = subprocess.Popen(
-        [tool, "-s", "-B", "127.0.0.1", "-p", str(port), "-1"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    try:
-        deadline = time.monotonic() + timeout
-        while not _listening(port):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                out = proc.stdout.read() if proc.stdout and proc.poll() is not None else ""
-                raise WorkloadError(f"host iperf3 server on port {port} did not start: {out}")
-            time.sleep(0.05)
-        yield port
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if proc.stdout:
-            proc.stdout.close()
 

@@ -33,7 +33,7 @@ def test_unreadable_is_found_by_reading_not_by_asking() -> None:
 def test_custom_image_raises_image_error(tmp_path: Path) -> None:
     kernel = tmp_path / "bzImage"
     kernel.write_bytes(b"k")
-    with pytest.raises(ImageError, match="initrd image .* does not exist"):
+    with pytest.raises(ImageError, match=r"initrd image .* does not exist"):
         custom_image(str(kernel), str(tmp_path / "initrd"), str(kernel))
 
 

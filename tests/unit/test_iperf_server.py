@@ -1,0 +1,59 @@
+"""The one host iperf3 server, against a real iperf3 client on loopback."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from pytest_virtio.errors import MissingToolError
+from pytest_virtio.workloads import iperf_server
+from pytest_virtio.workloads.iperf import parse_iperf3_json
+
+pytestmark = pytest.mark.skipif(shutil.which("iperf3") is None, reason="needs iperf3 (apt)")
+
+
+def test_server_serves_one_client_and_is_gone_after() -> None:
+    with iperf_server.host_iperf3_server() as port:
+        assert iperf_server._listening(port)
+        out = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", "1", "-J"],
+                             capture_output=True, text=True, timeout=60).stdout
+    result = parse_iperf3_json(out)
+    assert result.bytes > 0 and json.loads(out)["start"]["connected"]
+    assert not iperf_server._listening(port)
+
+
+def test_server_that_cannot_listen_is_retried_then_reported(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each attempt's port is taken by a listener first (the race it retries):
+    every attempt fails, and the error carries iperf3's own words."""
+    import socket
+
+    held: list[socket.socket] = []
+
+    def taken_port() -> int:
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        held.append(s)
+        return int(s.getsockname()[1])
+
+    monkeypatch.setattr(iperf_server, "_free_loopback_port", taken_port)
+    monkeypatch.setattr(iperf_server, "_listening", lambda port: False)
+    try:
+        with pytest.raises(Exception, match="would not start on 127.0.0.1: .*in use"), \
+                iperf_server.host_iperf3_server(start_timeout=5, attempts=2):
+            pass
+        assert len(held) == 2
+    finally:
+        for s in held:
+            s.close()
+
+
+def test_missing_iperf3_names_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(MissingToolError, match="apt-get install iperf3"), \
+            iperf_server.host_iperf3_server():
+        pass
