@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from pytest_virtio.errors import MissingToolError
+from pytest_virtio.errors import MissingToolError, WorkloadError
 from pytest_virtio.workloads import iperf_server
 from pytest_virtio.workloads.iperf import parse_iperf3_json
 
@@ -43,7 +43,7 @@ def test_server_that_cannot_listen_is_retried_then_reported(
     monkeypatch.setattr(iperf_server, "_free_loopback_port", taken_port)
     monkeypatch.setattr(iperf_server, "_listening", lambda port: False)
     try:
-        with pytest.raises(Exception, match="would not start on 127.0.0.1: .*in use"), \
+        with pytest.raises(WorkloadError, match=r"would not start on 127\.0\.0\.1: .*in use"), \
                 iperf_server.host_iperf3_server(start_timeout=5, attempts=2):
             pass
         assert len(held) == 2
