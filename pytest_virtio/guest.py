@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import ids
 from .console import Result
 from .errors import (
     BackendError,
@@ -537,10 +538,10 @@ class Guest:
         self.machine.wait_event("DEVICE_DELETED", t, {"device": name}, since=mark)
         self._wait_qom_gone(name, t)
         if name in self.backends:
-            self._qmp_once_released(t, "chardev-remove", id=f"vu-{name}")
+            self._qmp_once_released(t, "chardev-remove", id=ids.vhost_chardev_id(name))
             stop_backends({name: self.backends.pop(name)}, f"guest {self.name!r}")
         else:
-            self._qmp_once_released(t, "blockdev-del", **{"node-name": f"drv-{name}"})
+            self._qmp_once_released(t, "blockdev-del", **{"node-name": ids.drive_id(name)})
         self._wait_block(name, present=False, timeout=t)
         del self.disk_serials[name]
 
@@ -564,7 +565,7 @@ class Guest:
                 if "blockdev-add" in done:
                     self.machine.qmp("blockdev-del", **{"node-name": disk.drive_id})
                 if "chardev-add" in done:
-                    self.machine.qmp("chardev-remove", id=f"vu-{disk.name}")
+                    self.machine.qmp("chardev-remove", id=ids.vhost_chardev_id(disk.name))
             if disk.name in self.backends:
                 stop_backends({disk.name: self.backends.pop(disk.name)},
                               f"guest {self.name!r}")

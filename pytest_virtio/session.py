@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import reproduce
+from . import ids, reproduce
 from . import serial as serial_mod
 from . import spec as spec_mod
 from . import ssh as ssh_mod
@@ -236,7 +236,7 @@ class VirtioSession:
         with self._lock:
             self._counter += 1
             d = self.run_root / f"{prefix}{self._counter}"
-        longest = d / "vu-" / ("x" * 20 + ".sock")
+        longest = d / ids.vhost_socket_name("x" * 20)
         if len(str(longest)) > SUN_PATH_MAX:
             raise ConfigError(
                 f"run directory {d} is too long for unix socket paths "
@@ -544,7 +544,7 @@ def external_sockets(spec: spec_mod.MachineSpec) -> dict[str, str]:
 
 def backend_socket(run_dir: Path, name: str) -> str:
     """Where the vhost-user-blk server of disk ``name`` listens (short: sun_path)."""
-    return str(run_dir / f"vu-{name}.sock")
+    return str(run_dir / ids.vhost_socket_name(name))
 
 
 def start_backend(disk: spec_mod.Disk, path: str, run_dir: Path, smp: int) -> Any:

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from . import ids
 from . import spec as spec_mod
 from .errors import LaunchError
 from .guest import Guest
@@ -305,7 +306,7 @@ def save(guest: Guest, directory: Path, timeout: float) -> None:
     """
     machine = guest.machine
     machine.qmp("stop")
-    machine.qmp("blockdev-snapshot-sync", device="drv-root", format="qcow2",
+    machine.qmp("blockdev-snapshot-sync", device=ids.ROOT_DRIVE, format="qcow2",
                 **{"snapshot-file": str(guest.run_dir / ROOT_OVERLAY)})
     machine.qmp("migrate-set-parameters", **{"max-bandwidth": MAX_BANDWIDTH})
     state = directory / STATE_FILE

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Final, TypeAlias
 
+from pytest_virtio import ids
 from pytest_virtio.errors import ConfigError
 from pytest_virtio.units import parse_size
 
@@ -158,7 +159,7 @@ _DISK_DEVICES: Final[Mapping[str, frozenset[str]]] = MappingProxyType(
 )
 
 _NAME_RE: Final = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
-_RESERVED_NAMES: Final = frozenset({"root", "pvmods"})
+_RESERVED_NAMES: Final = frozenset({ids.ROOT, ids.MODULES_DEVICE})
 
 
 # --------------------------------------------------------------------------- helpers
@@ -305,7 +306,7 @@ class Disk:
 
     @property
     def drive_id(self) -> str:
-        return f"drv-{self.name}"
+        return ids.drive_id(self.name)
 
     def _check_bus_options(self) -> None:
         where = f"disk {self.name!r} (bus {self.bus!r})"
@@ -508,7 +509,7 @@ class CdRom:
 
     @property
     def drive_id(self) -> str:
-        return f"drv-{self.name}"
+        return ids.drive_id(self.name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -914,22 +915,24 @@ def _block_device(
 def _vhost_user_device(
     ident: str, socket: str, disk: Disk | None, reconnect: int | None
 ) -> list[str]:
-    chardev = [("id", f"vu-{ident}"), ("path", socket)]
+    chardev = [("id", ids.vhost_chardev_id(ident)), ("path", socket)]
     if reconnect is not None:
         chardev.append(("reconnect", str(reconnect)))
-    props = [("chardev", f"vu-{ident}"), ("id", ident), *_frontend_props(disk, "vhost-user-blk")]
+    props = [("chardev", ids.vhost_chardev_id(ident)), ("id", ident),
+             *_frontend_props(disk, "vhost-user-blk")]
     return ["-chardev", _opts("socket", chardev), "-device", _opts("vhost-user-blk-pci", props)]
 
 
 def _root_argv(spec: MachineSpec, ctx: LaunchContext, placed: Mapping[str, Props]) -> list[str]:
     """The root disk: a snapshot=on overlay so no test can write the cached image."""
     if spec.root_bus == "vhost-user-blk":
-        socket = _lookup(ctx.vhost_sockets, "root", "vhost_sockets")
-        return _vhost_user_device("root", socket, None, None)
+        socket = _lookup(ctx.vhost_sockets, ids.ROOT, "vhost_sockets")
+        return _vhost_user_device(ids.ROOT, socket, None, None)
     drive_props = [("format", ctx.root_format), ("snapshot", _onoff(ctx.root_snapshot)),
                    ("cache", "unsafe")]
-    argv = _drive("drv-root", ctx.root_image, drive_props)
-    return argv + _block_device(spec.root_bus, "root", "drv-root", placed.get("root", []), None)
+    argv = _drive(ids.ROOT_DRIVE, ctx.root_image, drive_props)
+    return argv + _block_device(spec.root_bus, ids.ROOT, ids.ROOT_DRIVE,
+                                placed.get(ids.ROOT, []), None)
 
 
 #: Units per shared controller; the modules disk takes the next free one after
@@ -965,9 +968,10 @@ def _modules_disk_argv(spec: MachineSpec, ctx: LaunchContext) -> list[str]:
         placement = _placement(ctrl, used)
     # snapshot, not readonly: QEMU's ide-hd refuses a read-only drive; the
     # guest mounts it read-only and the cached image is never written either way.
-    drive = _drive("drv-pvmods", ctx.modules_image,
+    drive = _drive(ids.MODULES_DRIVE, ctx.modules_image,
                    [("format", "raw"), ("snapshot", "on"), ("cache", "unsafe")])
-    props = [*placement, ("drive", "drv-pvmods"), ("id", "pvmods"), ("serial", "pvmods")]
+    props = [*placement, ("drive", ids.MODULES_DRIVE), ("id", ids.MODULES_DEVICE),
+             ("serial", ids.MODULES_DEVICE)]
     return [*drive, "-device", _opts(_FRONTEND_MODEL[bus], props)]
 
 
@@ -1238,9 +1242,9 @@ def _vhost_user_hotplug(disk: Disk, ctx: LaunchContext) -> tuple[dict[str, Any],
     data: dict[str, Any] = {"addr": {"type": "unix", "data": {"path": socket}}, "server": False}
     if disk.reconnect is not None:
         data["reconnect"] = disk.reconnect
-    chardev = {"id": f"vu-{disk.name}", "backend": {"type": "socket", "data": data}}
+    chardev = {"id": ids.vhost_chardev_id(disk.name), "backend": {"type": "socket", "data": data}}
     device: dict[str, Any] = {"driver": "vhost-user-blk-pci", "id": disk.name}
-    device["chardev"] = f"vu-{disk.name}"
+    device["chardev"] = ids.vhost_chardev_id(disk.name)
     device.update(_qmp_frontend_props(disk))
     return chardev, device
 

@@ -1,0 +1,36 @@
+"""The names we give QEMU objects: one place, so argv, hotplug QMP, unplug,
+snapshots and socket paths cannot drift apart.
+
+Why it matters: an unplug deletes ``drive_id(name)`` and a hotplug rollback
+removes ``vhost_chardev_id(name)``; a spelling that differed from the argv's
+would leave the node behind and make the next hotplug of that name fail.
+"""
+
+from __future__ import annotations
+
+__all__ = ["MODULES_DEVICE", "MODULES_DRIVE", "ROOT", "ROOT_DRIVE", "drive_id",
+           "vhost_chardev_id", "vhost_socket_name"]
+
+#: The root disk's name (its device id; ``-drive``/blockdev node ``drv-root``).
+ROOT = "root"
+#: The read-only modules disk of a user kernel (device id and serial).
+MODULES_DEVICE = "pvmods"
+
+
+def drive_id(name: str) -> str:
+    """Block node (``-drive id=`` / ``blockdev-add node-name=``) of disk ``name``."""
+    return f"drv-{name}"
+
+
+def vhost_chardev_id(name: str) -> str:
+    """The socket chardev a vhost-user-blk device ``name`` connects through."""
+    return f"vu-{name}"
+
+
+def vhost_socket_name(name: str) -> str:
+    """File name of the in-process backend's unix socket for disk ``name``."""
+    return f"vu-{name}.sock"
+
+
+ROOT_DRIVE = drive_id(ROOT)
+MODULES_DRIVE = drive_id(MODULES_DEVICE)
