@@ -1,4 +1,4 @@
-"""spec.py: golden argv per device kind, validation messages, marker input, matrix.
+"""pytest_virtio.spec: golden argv per device kind, validation messages, marker input, matrix.
 
 Goldens live in tests/unit/golden/<case>.argv (one argument per line). To accept
 an intended change: PYTEST_VIRTIO_UPDATE_GOLDENS=1 pytest tests/unit/test_spec.py,

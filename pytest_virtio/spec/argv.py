@@ -1,0 +1,320 @@
+"""MachineSpec + LaunchContext -> QEMU argv (pure, golden-tested)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Final
+
+from pytest_virtio import ids
+from pytest_virtio.errors import ConfigError
+from pytest_virtio.spec._util import Props, _onoff, _opts, _transport_props
+from pytest_virtio.spec.catalogue import (
+    _NIC_DEVICE,
+    _NUM_QUEUES_PROP,
+    _QUEUE_SIZE_PROP,
+    AHCI_PORTS,
+    IDE_UNITS,
+    LSI_TARGETS,
+)
+from pytest_virtio.spec.context import LaunchContext, _disk_file, _lookup
+from pytest_virtio.spec.layout import (
+    _controller_users,
+    _placement,
+    _placements,
+    _scsi_controller_options,
+)
+from pytest_virtio.spec.model import (
+    Balloon,
+    CdRom,
+    Device,
+    Disk,
+    MachineSpec,
+    Nic,
+    Pvpanic,
+    Rng,
+    SerialPorts,
+)
+
+
+def _base_argv(spec: MachineSpec, ctx: LaunchContext) -> list[str]:
+    mem = f"{spec.memory_mib}M"
+    console = [("id", "con0"), ("path", ctx.console_socket), ("server", "on")]
+    console += [("wait", "off"), ("logfile", ctx.console_log), ("logappend", "on")]
+    qmp = [("id", "qmp0"), ("path", ctx.qmp_socket), ("server", "on"), ("wait", "off")]
+    return [
+        ctx.qemu_binary,
+        "-name", ctx.name,
+        "-nodefaults",
+        "-no-user-config",
+        "-display", "none",
+        "-machine", f"{spec.machine},accel={ctx.accel},memory-backend=mem",
+        "-cpu", "host" if ctx.accel == "kvm" else "max",
+        "-smp", str(spec.smp),
+        "-m", mem,
+        "-object", (f"memory-backend-memfd,id=mem,size={mem},share=on" if ctx.shared_memory
+                    else f"memory-backend-ram,id=mem,size={mem}"),
+        "-kernel", ctx.kernel,
+        "-initrd", ctx.initrd,
+        "-append", ctx.append,
+        "-chardev", _opts("socket", console),
+        "-serial", "chardev:con0",
+        "-chardev", _opts("socket", qmp),
+        "-mon", "chardev=qmp0,mode=control",
+        "-device", "pvpanic",
+        "-no-reboot",
+        *_fw_cfg_argv(ctx),
+    ]  # fmt: skip
+
+
+def _fw_cfg_argv(ctx: LaunchContext) -> list[str]:
+    """One ``-fw_cfg`` per blob, sorted so the argv does not depend on dict order."""
+    argv: list[str] = []
+    for name, path in sorted(ctx.fw_cfg.items()):
+        argv += ["-fw_cfg", _opts("", [("name", name), ("file", path)])]
+    return argv
+
+
+def _controllers_argv(spec: MachineSpec) -> list[str]:
+    """Shared controllers, once each, before any unit that plugs into them."""
+    counts = _controller_users(spec)
+    argv: list[str] = []
+    if counts["scsi"]:
+        argv += [
+            "-device",
+            _opts("virtio-scsi-pci", [("id", "scsi0"), *_scsi_controller_options(spec)]),
+        ]
+    if counts["ahci"]:
+        argv += ["-device", "ahci,id=ahci0"]
+    if counts["lsi"]:
+        argv += ["-device", "lsi53c895a,id=lsi0"]
+    return argv
+
+
+def _drive(drive_id: str, path: str, props: Props) -> list[str]:
+    return ["-drive", _opts("", [("if", "none"), ("id", drive_id), ("file", path), *props])]
+
+
+def _disk_drive_props(disk: Disk) -> Props:
+    props = [("format", disk.format), ("cache", disk.cache), ("readonly", _onoff(disk.readonly))]
+    if disk.discard:
+        props.append(("discard", "unmap"))
+    return props
+
+
+def _frontend_props(disk: Disk | None, bus: str) -> Props:
+    """Per-disk device options: serial, queues, transport (None = the root disk)."""
+    if disk is None:
+        return [("serial", "root")] if bus == "nvme" else []
+    props: Props = []
+    if bus != "vhost-user-blk":
+        props.append(("serial", disk.serial or disk.name))
+    if disk.num_queues is not None and bus != "virtio-scsi":
+        props.append((_NUM_QUEUES_PROP[bus], str(disk.num_queues)))
+    if disk.queue_size is not None and bus != "virtio-scsi":
+        props.append((_QUEUE_SIZE_PROP[bus], str(disk.queue_size)))
+    props += [(k, "off") for k in _ring_features_off(disk)]
+    if bus != "virtio-scsi":
+        props += _transport_props(disk.transport)
+    return props
+
+
+def _ring_features_off(disk: Disk) -> list[str]:
+    """QEMU property names of the ring features the disk switches off."""
+    return [flag for flag in ("event_idx", "indirect_desc") if not getattr(disk, flag)]
+
+
+_FRONTEND_MODEL: Final[Mapping[str, str]] = MappingProxyType(
+    {
+        "virtio-blk": "virtio-blk-pci",
+        "virtio-scsi": "scsi-hd",
+        "ide": "ide-hd",
+        "ahci": "ide-hd",
+        "lsi": "scsi-hd",
+        "nvme": "nvme",
+    }
+)
+
+
+def _block_device(
+    bus: str, ident: str, drive_id: str, placement: Props, disk: Disk | None
+) -> list[str]:
+    """The -device for a disk served by QEMU's block layer."""
+    props = [*placement, ("drive", drive_id), ("id", ident), *_frontend_props(disk, bus)]
+    return ["-device", _opts(_FRONTEND_MODEL[bus], props)]
+
+
+def _vhost_user_device(
+    ident: str, socket: str, disk: Disk | None, reconnect: int | None
+) -> list[str]:
+    chardev = [("id", ids.vhost_chardev_id(ident)), ("path", socket)]
+    if reconnect is not None:
+        chardev.append(("reconnect", str(reconnect)))
+    props = [("chardev", ids.vhost_chardev_id(ident)), ("id", ident),
+             *_frontend_props(disk, "vhost-user-blk")]
+    return ["-chardev", _opts("socket", chardev), "-device", _opts("vhost-user-blk-pci", props)]
+
+
+def _root_argv(spec: MachineSpec, ctx: LaunchContext, placed: Mapping[str, Props]) -> list[str]:
+    """The root disk: a snapshot=on overlay so no test can write the cached image."""
+    if spec.root_bus == "vhost-user-blk":
+        socket = _lookup(ctx.vhost_sockets, ids.ROOT, "vhost_sockets")
+        return _vhost_user_device(ids.ROOT, socket, None, None)
+    drive_props = [("format", ctx.root_format), ("snapshot", _onoff(ctx.root_snapshot)),
+                   ("cache", "unsafe")]
+    argv = _drive(ids.ROOT_DRIVE, ctx.root_image, drive_props)
+    return argv + _block_device(spec.root_bus, ids.ROOT, ids.ROOT_DRIVE,
+                                placed.get(ids.ROOT, []), None)
+
+
+#: Units per shared controller; the modules disk takes the next free one after
+#: the root, data disks and CD-ROMs (units 0..n-1 keep their usual places).
+_UNITS: Final[Mapping[str, int]] = MappingProxyType(
+    {"ide": IDE_UNITS, "ahci": AHCI_PORTS, "lsi": LSI_TARGETS, "scsi": 256}
+)
+_CONTROLLER: Final[Mapping[str, str]] = MappingProxyType(
+    {"ide": "ide", "ahci": "ahci", "lsi": "lsi", "virtio-scsi": "scsi"}
+)
+
+
+def _modules_disk_argv(spec: MachineSpec, ctx: LaunchContext) -> list[str]:
+    """The read-only modules disk of a user kernel, on the root disk's bus.
+
+    Why that bus: the initramfs loads exactly the root bus's drivers, so the
+    disk is found by them and adds no driver of its own (vhost-user-blk roots
+    get a virtio-blk one: same guest driver).
+    """
+    if ctx.modules_image is None:
+        return []
+    bus = "virtio-blk" if spec.root_bus == "vhost-user-blk" else spec.root_bus
+    ctrl = _CONTROLLER.get(bus, "")
+    placement: Props = []
+    if ctrl:
+        used = _controller_users(spec)[ctrl]
+        if used >= _UNITS[ctrl]:
+            raise ConfigError(
+                f"root bus {spec.root_bus!r}: the kernel's modules disk needs a free unit on "
+                f"the {ctrl} controller, but the root disk, data disks and CD-ROMs use all of "
+                "them; put a data disk on another bus"
+            )
+        placement = _placement(ctrl, used)
+    # snapshot, not readonly: QEMU's ide-hd refuses a read-only drive; the
+    # guest mounts it read-only and the cached image is never written either way.
+    drive = _drive(ids.MODULES_DRIVE, ctx.modules_image,
+                   [("format", "raw"), ("snapshot", "on"), ("cache", "unsafe")])
+    props = [*placement, ("drive", ids.MODULES_DRIVE), ("id", ids.MODULES_DEVICE),
+             ("serial", ids.MODULES_DEVICE)]
+    return [*drive, "-device", _opts(_FRONTEND_MODEL[bus], props)]
+
+
+def _disk_argv(disk: Disk, ctx: LaunchContext, placed: Mapping[str, Props]) -> list[str]:
+    if disk.bus == "vhost-user-blk":
+        socket = _lookup(ctx.vhost_sockets, disk.name, "vhost_sockets")
+        return _vhost_user_device(disk.name, socket, disk, disk.reconnect)
+    argv = _drive(disk.drive_id, _disk_file(disk, ctx), _disk_drive_props(disk))
+    placement = placed.get(disk.name, [])
+    return argv + _block_device(disk.bus, disk.name, disk.drive_id, placement, disk)
+
+
+def nic_mac(nic: Nic, index: int) -> str:
+    """The NIC's MAC: its own, else one derived from its position (how the guest finds it)."""
+    return nic.mac or f"52:54:00:12:34:{0x56 + index:02x}"
+
+
+def _nic_argv(nic: Nic, index: int) -> list[str]:
+    netdev = [("id", nic.name)]
+    if nic.hostfwd_ssh:
+        netdev.append(("hostfwd", "tcp:127.0.0.1:0-:22"))
+    mac = nic_mac(nic, index)
+    props = [("netdev", nic.name), ("id", f"{nic.name}-dev"), ("mac", mac)]
+    props += _transport_props(nic.transport)
+    return ["-netdev", _opts("user", netdev), "-device", _opts(_NIC_DEVICE[nic.model], props)]
+
+
+def _serial_argv(dev: SerialPorts, ctx: LaunchContext) -> list[str]:
+    argv = [
+        "-device",
+        _opts("virtio-serial-pci", [("id", dev.name), *_transport_props(dev.transport)]),
+    ]
+    for index, port in enumerate(dev.names):
+        chardev_id = f"{dev.name}-p{index}"
+        path = _lookup(ctx.serial_sockets, port, "serial_sockets")
+        chardev = [("id", chardev_id), ("path", path), ("server", "on"), ("wait", "off")]
+        props = [("bus", f"{dev.name}.0"), ("chardev", chardev_id), ("name", port)]
+        props.append(("id", f"{dev.name}-port{index}"))
+        argv += ["-chardev", _opts("socket", chardev), "-device", _opts("virtserialport", props)]
+    return argv
+
+
+def _cdrom_argv(dev: CdRom, placed: Mapping[str, Props]) -> list[str]:
+    drive_props = [("format", "raw"), ("readonly", "on"), ("media", "cdrom")]
+    model = "scsi-cd" if dev.bus == "scsi" else "ide-cd"
+    props = [*placed.get(dev.name, []), ("drive", dev.drive_id), ("id", dev.name)]
+    return [*_drive(dev.drive_id, dev.iso, drive_props), "-device", _opts(model, props)]
+
+
+def _other_device_argv(dev: Device, ctx: LaunchContext, placed: Mapping[str, Props]) -> list[str]:
+    if isinstance(dev, Balloon):
+        props = [("id", dev.name), *_transport_props(dev.transport)]
+        if dev.deflate_on_oom:
+            props.append(("deflate-on-oom", "on"))
+        if dev.free_page_reporting:
+            props.append(("free-page-reporting", "on"))
+        return ["-device", _opts("virtio-balloon-pci", props)]
+    if isinstance(dev, Rng):
+        obj = _opts("rng-random", [("id", dev.name), ("filename", "/dev/urandom")])
+        props = [("rng", dev.name), ("id", f"{dev.name}-dev"), *_transport_props(dev.transport)]
+        return ["-object", obj, "-device", _opts("virtio-rng-pci", props)]
+    if isinstance(dev, SerialPorts):
+        return _serial_argv(dev, ctx)
+    if isinstance(dev, CdRom):
+        return _cdrom_argv(dev, placed)
+    return []  # Pvpanic: already in the base argv
+
+
+def device_argv(
+    dev: Disk | Nic | Device, ctx: LaunchContext, spec: MachineSpec | None = None
+) -> list[str]:
+    """The argv fragment for one device as placed in ``spec``.
+
+    Without ``spec`` the device is placed as if it were the only one of its kind
+    next to a virtio-blk root (controllers are not included: see ``to_argv``).
+    """
+    if spec is None:
+        spec = _spec_holding(dev)
+    placed = _placements(spec)
+    if isinstance(dev, Disk):
+        return _disk_argv(dev, ctx, placed)
+    if isinstance(dev, Nic):
+        index = next((i for i, n in enumerate(spec.nics) if n.name == dev.name), 0)
+        return _nic_argv(dev, index)
+    if isinstance(dev, Pvpanic):
+        return ["-device", "pvpanic"]
+    return _other_device_argv(dev, ctx, placed)
+
+
+def _spec_holding(dev: Disk | Nic | Device) -> MachineSpec:
+    if isinstance(dev, Disk):
+        return MachineSpec(disks=(dev,))
+    if isinstance(dev, Nic):
+        return MachineSpec(nics=(dev,))
+    return MachineSpec(devices=(dev,))
+
+
+def to_argv(spec: MachineSpec, ctx: LaunchContext) -> list[str]:
+    """THE QEMU command line for ``spec`` in ``ctx``: deterministic, pure.
+
+    Order: base machine, shared controllers, root disk, data disks (spec order),
+    NICs, other devices, ``extra_args``. Ids are derived from names so QMP and
+    the guest-side checks can find every device again.
+    """
+    placed = _placements(spec)
+    argv = _base_argv(spec, ctx) + _controllers_argv(spec) + _root_argv(spec, ctx, placed)
+    argv += _modules_disk_argv(spec, ctx)
+    for disk in spec.disks:
+        argv += _disk_argv(disk, ctx, placed)
+    for index, nic in enumerate(spec.nics):
+        argv += _nic_argv(nic, index)
+    for dev in spec.devices:
+        argv += _other_device_argv(dev, ctx, placed)
+    return argv + list(spec.extra_args)

@@ -1,0 +1,123 @@
+"""Marker keywords -> MachineSpec: the vm(...) grammar and its key tables."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, Final
+
+from pytest_virtio.errors import ConfigError
+from pytest_virtio.spec._util import _as_tuple, _check_choice, _choices, _str_tuple
+from pytest_virtio.spec.catalogue import DEVICE_KINDS, DISK_BUSES, NIC_MODELS
+from pytest_virtio.spec.model import _DEVICE_CLASS, _DEVICE_TYPES, Device, Disk, MachineSpec, Nic
+
+#: Every key ``@pytest.mark.vm`` / ``make_guest`` accepts (the MachineSpec fields).
+SPEC_KEYS: Final = tuple(f.name for f in dataclasses.fields(MachineSpec))
+
+
+def _fields_of(cls: type[Any]) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def item_keys() -> dict[str, tuple[str, ...]]:
+    """The dict keys each ``disks=``/``nics=``/``devices=`` item accepts, by item kind.
+
+    ``disk``, ``nic``, then one entry per device kind (its dict also takes
+    ``kind``). What ``pytest --markers`` and the README list, and what passes.
+    """
+    keys = {"disk": _fields_of(Disk), "nic": _fields_of(Nic)}
+    keys.update({kind: _fields_of(cls) for kind, cls in _DEVICE_CLASS.items()})
+    return keys
+
+
+def _build(cls: type[Any], data: Mapping[str, Any], what: str) -> Any:
+    """``cls(**data)`` with unknown keys reported as a ConfigError listing the allowed."""
+    allowed = _fields_of(cls)
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise ConfigError(
+            f"{what}: unknown key(s) {_choices(unknown)}; allowed: {_choices(allowed)}"
+        )
+    return cls(**data)
+
+
+def _disk_from(item: Any, index: int, where: str) -> Disk:
+    if isinstance(item, Disk):
+        return item
+    if isinstance(item, str):
+        _check_choice(item, DISK_BUSES, f"{where}: disks[{index}] bus")
+        return Disk(name=f"disk{index}", bus=item)
+    if isinstance(item, Mapping):
+        data = {"name": f"disk{index}", **item}
+        disk: Disk = _build(Disk, data, f"{where}: disks[{index}]")
+        return disk
+    raise ConfigError(
+        f"{where}: disks[{index}] must be a bus name ({_choices(DISK_BUSES)}), a dict or a Disk"
+        f", got {item!r}"
+    )
+
+
+def _nic_from(item: Any, index: int, where: str) -> Nic:
+    if isinstance(item, Nic):
+        return item
+    if isinstance(item, str):
+        _check_choice(item, NIC_MODELS, f"{where}: nics[{index}] model")
+        return Nic(model=item, name=f"net{index}")
+    if isinstance(item, Mapping):
+        nic: Nic = _build(Nic, {"name": f"net{index}", **item}, f"{where}: nics[{index}]")
+        return nic
+    raise ConfigError(
+        f"{where}: nics[{index}] must be a model ({_choices(NIC_MODELS)}), a dict or a Nic"
+        f", got {item!r}"
+    )
+
+
+def _device_from(item: Any, index: int, where: str) -> Device:
+    if isinstance(item, _DEVICE_TYPES):
+        return item
+    if isinstance(item, str):
+        item = {"kind": item}
+    if not isinstance(item, Mapping) or "kind" not in item:
+        raise ConfigError(
+            f"{where}: devices[{index}] must be a kind ({_choices(DEVICE_KINDS)}), a dict with "
+            f"'kind', or a device object, got {item!r}"
+        )
+    data = dict(item)
+    kind = data.pop("kind")
+    _check_choice(kind, DEVICE_KINDS, f"{where}: devices[{index}] kind")
+    if kind == "serial" and "names" in data:
+        data["names"] = _str_tuple(data["names"], f"{where}: devices[{index}] names")
+    dev: Device = _build(_DEVICE_CLASS[kind], data, f"{where}: devices[{index}] ({kind})")
+    return dev
+
+
+def spec_from_kwargs(marker_kwargs: Mapping[str, Any], *, where: str = "vm") -> MachineSpec:
+    """A MachineSpec from a marker's plain-data keywords.
+
+    Strings name a bus/model/kind, dicts give fields, objects pass through;
+    unnamed disks and NICs are numbered by position (disk0, net0...). Every
+    error names ``where`` (the marker) so the collection error points at it.
+    """
+    unknown = sorted(set(marker_kwargs) - set(SPEC_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"@pytest.mark.{where}: unknown key(s) {_choices(unknown)}; "
+            f"allowed: {_choices(SPEC_KEYS)}"
+        )
+    data = dict(marker_kwargs)
+    label = f"@pytest.mark.{where}"
+    try:
+        if "disks" in data:
+            items = _as_tuple(data["disks"], "disks")
+            data["disks"] = tuple(_disk_from(x, i, label) for i, x in enumerate(items))
+        if "nics" in data:
+            items = _as_tuple(data["nics"], "nics")
+            data["nics"] = tuple(_nic_from(x, i, label) for i, x in enumerate(items))
+        if "devices" in data:
+            items = _as_tuple(data["devices"], "devices")
+            data["devices"] = tuple(_device_from(x, i, label) for i, x in enumerate(items))
+        return MachineSpec(**data)
+    except ConfigError as exc:
+        if str(exc).startswith(label):
+            raise
+        raise ConfigError(f"{label}: {exc}") from None
