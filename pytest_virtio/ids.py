@@ -8,11 +8,13 @@ would leave the node behind and make the next hotplug of that name fail.
 
 from __future__ import annotations
 
-__all__ = ["MODULES_DEVICE", "MODULES_DRIVE", "ROOT", "ROOT_DRIVE", "drive_id",
-           "vhost_chardev_id", "vhost_socket_name"]
+__all__ = ["LSI_CONTROLLER", "MODULES_DEVICE", "MODULES_DRIVE", "ROOT", "ROOT_DRIVE",
+           "drive_id", "nic_device_id", "vhost_chardev_id", "vhost_socket_name"]
 
 #: The root disk's name (its device id; ``-drive``/blockdev node ``drv-root``).
 ROOT = "root"
+#: The one LSI 53C895A controller all ``lsi`` disks share.
+LSI_CONTROLLER = "lsi0"
 #: The read-only modules disk of a user kernel (device id and serial).
 MODULES_DEVICE = "pvmods"
 
@@ -25,6 +27,11 @@ def drive_id(name: str) -> str:
 def vhost_chardev_id(name: str) -> str:
     """The socket chardev a vhost-user-blk device ``name`` connects through."""
     return f"vu-{name}"
+
+
+def nic_device_id(name: str) -> str:
+    """The ``-device`` id of NIC ``name`` (its netdev is ``name`` itself)."""
+    return f"{name}-dev"
 
 
 def vhost_socket_name(name: str) -> str:

@@ -87,7 +87,7 @@ def _controllers_argv(spec: MachineSpec) -> list[str]:
     if counts["ahci"]:
         argv += ["-device", "ahci,id=ahci0"]
     if counts["lsi"]:
-        argv += ["-device", "lsi53c895a,id=lsi0"]
+        argv += ["-device", f"lsi53c895a,id={ids.LSI_CONTROLLER}"]
     return argv
 
 
@@ -226,7 +226,7 @@ def _nic_argv(nic: Nic, index: int) -> list[str]:
     if nic.hostfwd_ssh:
         netdev.append(("hostfwd", "tcp:127.0.0.1:0-:22"))
     mac = nic_mac(nic, index)
-    props = [("netdev", nic.name), ("id", f"{nic.name}-dev"), ("mac", mac)]
+    props = [("netdev", nic.name), ("id", ids.nic_device_id(nic.name)), ("mac", mac)]
     props += _transport_props(nic.transport)
     return ["-netdev", _opts("user", netdev), "-device", _opts(_NIC_DEVICE[nic.model], props)]
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from pytest_virtio import ids
 from pytest_virtio.errors import ConfigError, WorkloadError
 from pytest_virtio.report import Record, machine_id
 from pytest_virtio.units import format_size, parse_size
@@ -296,9 +297,19 @@ def mechanism_window(guest: Any, spec: WorkloadSpec, device: str) -> _Window | N
     machine = getattr(guest, "machine", None)
     if plan is None or machine is None:
         return None
-    if device == "e1000":
-        plan = with_pins(plan, _pci_irqs(machine, f"{spec.target}-dev"))
+    if plan.intx:
+        plan = with_pins(plan, _pci_irqs(machine, _pci_function(spec, device)))
     return _QemuWindow(machine, plan, Path(guest.run_dir) / "trace.log")
+
+
+def _pci_function(spec: WorkloadSpec, device: str) -> str:
+    """The qdev id of the PCI function that raises ``spec``'s interrupts: the NIC
+    itself, or the controller its disk hangs off."""
+    if spec.kind == "iperf3":
+        return ids.nic_device_id(spec.target)
+    if device == "lsi":
+        return ids.LSI_CONTROLLER
+    raise ConfigError(f"no PCI function known for the interrupts of a {device} disk")
 
 
 def _pci_irqs(machine: Any, qdev_id: str) -> set[int]:

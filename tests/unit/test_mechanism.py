@@ -126,3 +126,14 @@ def test_virtio_blk_instance_closest_to_the_workloads_io_count() -> None:
     lines_ = root + data + notifies
     assert count_events(lines_, PLANS["virtio-blk"], ios=100) == (40, 0)
     assert count_events(lines_, PLANS["virtio-blk"]) == (300, 0)  # without it: the busiest
+
+
+def test_lsi_counts_its_registers_not_its_scripts_ram() -> None:
+    """The controller's own SCRIPTS fetches from lsi-ram go through the same dispatch
+    as the guest's register accesses; only the registers are traps."""
+    trace = ["memory_region_ops_write cpu 0 mr 0x1 addr 0x14 value 0x20 size 1 name 'lsi-mmio'",
+             "memory_region_ops_read cpu 0 mr 0x2 addr 0x100 value 0x0 size 4 name 'lsi-ram'",
+             "memory_region_ops_read cpu 0 mr 0x1 addr 0x14 value 0x4 size 1 name 'lsi-mmio'",
+             "ioapic_set_irq vector: 10 level: 1"]
+    assert count_events(trace, with_pins(PLANS["lsi"], {10})) == (2, 1)
+    assert PLANS["lsi"].intx and PLANS["rtl8139"].intx and not PLANS["nvme"].intx
