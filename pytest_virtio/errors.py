@@ -59,6 +59,25 @@ class QmpError(LaunchError):
         super().__init__(f"QMP {command} failed: {desc} ({error_class})")
 
 
+class QmpTimeout(LaunchError):
+    """QEMU sent no reply to a QMP command within ``timeout`` seconds.
+
+    A reply normally takes milliseconds; none at all means QEMU's main loop is
+    blocked (a vhost-user back-end that does not answer, a process stopped by
+    the host).  Carries the command so the report says what QEMU was asked.
+    """
+
+    def __init__(self, command: str, arguments: dict[str, object] | None, timeout: float,
+                 stderr_tail: str = "") -> None:
+        self.command = command
+        self.arguments = arguments
+        self.timeout = timeout
+        tail = f"\n{stderr_tail}" if stderr_tail else ""
+        super().__init__(f"QEMU did not answer QMP {command} within {timeout:.0f}s: its main "
+                         f"loop is blocked (a vhost-user back-end not answering, or the "
+                         f"process stopped){tail}")
+
+
 class MissingDriver(LaunchError):
     """The guest kernel has no driver for a device the spec asks for.
 

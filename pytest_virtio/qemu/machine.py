@@ -35,7 +35,7 @@ from typing import Any
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from ..console import PANIC_RE, Console, tail_of
-from ..errors import GuestPanic, LaunchError, QmpError
+from ..errors import GuestPanic, LaunchError, QmpError, QmpTimeout
 
 
 class RunState(enum.Enum):
@@ -97,6 +97,11 @@ def _refused(exc: BaseException | None) -> bool:
         exc = exc.__cause__ or exc.__context__
     return False
 
+
+#: How long any QMP command waits for its reply.  Replies take milliseconds even on
+#: a loaded host; none within a minute means QEMU's main loop is blocked, and an
+#: unbounded wait would hang the test (and its teardown) for as long.
+QMP_REPLY_TIMEOUT = 60.0
 
 #: Sets PR_SET_PDEATHSIG(SIGKILL), then execs the rest of its argv (the PID stays
 #: QEMU's).  util-linux is Essential in Debian, so every host has it.
@@ -233,6 +238,8 @@ class Machine:
         self.reproducer: str | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._qmp: QEMUMonitorProtocol | None = None
+        #: Bound on every QMP reply (see :data:`QMP_REPLY_TIMEOUT`).
+        self.qmp_timeout = QMP_REPLY_TIMEOUT
         self._console: Console | None = None
         self._lock = threading.Lock()
 
@@ -354,7 +361,12 @@ class Machine:
         if self._qmp is None:
             raise LaunchError("QMP is not connected")
         with self._lock:
-            reply = self._qmp.cmd_raw(cmd, args or None)
+            try:
+                self._qmp.settimeout(self.qmp_timeout)
+                reply = self._qmp.cmd_raw(cmd, args or None)
+            except TimeoutError as exc:  # qemu.qmp's wait_for; asyncio's is the same class
+                raise QmpTimeout(cmd, args or None, self.qmp_timeout,
+                                 self.stderr_tail()) from exc
             self.events.extend(self._qmp.get_events(wait=False))
             self._qmp.clear_events()
         if "error" in reply:

@@ -135,3 +135,25 @@ def test_a_refused_qmp_command_is_a_qmp_error_carrying_both_sides(run_dir: Path)
         assert machine.qmp("query-status")["status"] == "running"  # still usable
     finally:
         machine.shutdown()
+
+
+def test_a_qemu_that_never_answers_fails_the_command_not_the_session(run_dir: Path) -> None:
+    """QEMU stopped by a signal (its main loop as blocked as one waiting on a dead
+    vhost-user back-end): the QMP command fails after qmp_timeout, naming itself."""
+    import os
+
+    from pytest_virtio.errors import QmpTimeout
+
+    machine = bare_machine(run_dir)
+    machine.launch()
+    machine.qmp_timeout = 1.0
+    assert machine.pid is not None
+    os.kill(machine.pid, signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        with pytest.raises(QmpTimeout, match="did not answer QMP query-status within 1s"):
+            machine.qmp("query-status")
+        assert time.monotonic() - start < 5
+    finally:
+        os.kill(machine.pid, signal.SIGCONT)
+        machine.shutdown()
