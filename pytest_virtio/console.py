@@ -29,6 +29,7 @@ from .errors import (
     GuestTimeout,
     LaunchError,
 )
+from .qemu.starvation import Deadline
 
 READY_RE = r"PYTEST-VIRTIO-READY ([0-9.]+)\r?\n"
 HOSTKEY_RE = r"PYTEST-VIRTIO-HOSTKEY (\S+ \S+)"
@@ -103,12 +104,14 @@ class Console:
     """A pexpect session on QEMU's serial chardev socket.
 
     ``alive`` is asked while waiting so that a QEMU that exits turns into a
-    LaunchError at once instead of a timeout.
+    LaunchError at once instead of a timeout.  ``qemu_pid`` lets every wait
+    leave out the time the host kept QEMU off a CPU (:class:`Deadline`).
     """
 
     sock: socket.socket
     log_path: Path
     alive: Callable[[], None] = lambda: None
+    qemu_pid: int | None = None
     _child: pexpect.fdpexpect.fdspawn = field(init=False)
     _dirty: bool = field(default=False, init=False)
 
@@ -120,14 +123,15 @@ class Console:
 
     @classmethod
     def connect(
-        cls, path: str, log_path: Path, alive: Callable[[], None], timeout: float
+        cls, path: str, log_path: Path, alive: Callable[[], None], timeout: float,
+        qemu_pid: int | None = None,
     ) -> Console:
         deadline = time.monotonic() + timeout
         while True:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 sock.connect(path)
-                return cls(sock, log_path, alive)
+                return cls(sock, log_path, alive, qemu_pid)
             except OSError:
                 sock.close()
                 alive()
@@ -161,9 +165,9 @@ class Console:
         """
         patterns = [pattern, PANIC_RE + WHOLE_LINE, NO_ROOT_RE + WHOLE_LINE,
                     pexpect.EOF, pexpect.TIMEOUT]
-        deadline = time.monotonic() + timeout
+        deadline = Deadline(timeout, self.qemu_pid)
         while True:
-            slice_ = max(0.05, min(0.5, deadline - time.monotonic()))
+            slice_ = max(0.05, min(0.5, deadline.remaining()))
             try:
                 idx = self._child.expect(patterns, timeout=slice_)
             except OSError as exc:  # ECONNRESET: QEMU died under us
@@ -188,9 +192,9 @@ class Console:
             self.alive()
             if watch is not None:
                 watch()
-            if time.monotonic() >= deadline:
-                raise GuestTimeout(f"guest did not answer within {timeout:.0f}s while {what}",
-                                   self.tail())
+            if deadline.expired():
+                raise GuestTimeout(f"guest did not answer within {timeout:.0f}s while {what}"
+                                   f"{deadline.describe()}", self.tail())
 
     def _wait_for_exit(self, grace: float = 2.0) -> None:
         """A reset console means QEMU is dying: let ``alive()`` see its exit status."""

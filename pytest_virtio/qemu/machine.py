@@ -267,7 +267,8 @@ class Machine:
         try:
             self._qmp = self._connect_qmp()
             self._console = Console.connect(
-                self.console_socket, self.console_log, self.check_alive, self.connect_timeout
+                self.console_socket, self.console_log, self.check_alive, self.connect_timeout,
+                self.pid,
             )
             if incoming_timeout is not None:
                 self.wait_migration(incoming_timeout)

@@ -20,7 +20,6 @@ the rows of a ``virtio_matrix`` line up by device in the table and the chart.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import shlex
 from collections.abc import Mapping
@@ -30,6 +29,7 @@ from typing import Any, Protocol
 
 from pytest_virtio import ids
 from pytest_virtio.errors import ConfigError, WorkloadError
+from pytest_virtio.qemu.starvation import schedstat
 from pytest_virtio.report import Record, machine_id
 from pytest_virtio.units import format_size, parse_size
 from pytest_virtio.workloads import dd as dd_mod
@@ -331,17 +331,6 @@ def count_mechanism(guest: Any, spec: WorkloadSpec) -> Mechanism | None:
     with window:
         measured = run_workload(guest, spec.counting())
     return window.mechanism(measured.ios)
-
-
-def schedstat(pid: int) -> tuple[int, int]:
-    """(ns on a CPU, ns runnable but waiting for one), summed over the process's threads
-    (``/proc/PID/task/*/schedstat``, fields 1 and 2)."""
-    ran = waited = 0
-    for task in Path(f"/proc/{pid}/task").glob("*/schedstat"):
-        with contextlib.suppress(OSError, ValueError):
-            fields = task.read_text().split()
-            ran, waited = ran + int(fields[0]), waited + int(fields[1])
-    return ran, waited
 
 
 def measure(guest: Any, spec: WorkloadSpec, mechanism: Mechanism | None = None) -> Measurement:
