@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from .console import HOSTKEY_RE, Result
 from .errors import GuestError, GuestTimeout
+from .qemu.starvation import Deadline
 
 if TYPE_CHECKING:
     from .qemu.machine import Machine
@@ -200,13 +201,16 @@ class SshSession:
 
     def __init__(self, port: int, key: KeyPair, host_key_source: HostKeySource, *,
                  connect_timeout: float, console_tail: Callable[[], str] = lambda: "",
-                 alive: Callable[[], None] = lambda: None) -> None:
+                 alive: Callable[[], None] = lambda: None,
+                 qemu_pid: int | None = None) -> None:
         self.port = port
         self.key = key
         self.host_key_source = host_key_source
         self.connect_timeout = connect_timeout
         self.console_tail = console_tail
         self.alive = alive
+        #: Command deadlines leave out time the host kept QEMU off a CPU (Deadline).
+        self.qemu_pid = qemu_pid
         self._client: paramiko.SSHClient | None = None
         #: Channel starts dropbear refused and we retried; nonzero means the
         #: quiesce in :meth:`_retire` did not prevent the race (tests read it).
@@ -315,13 +319,12 @@ class SshSession:
         ``watch`` is called while waiting; what it raises ends the wait.
         """
         start = time.monotonic()
-        watchdog = threading.Timer(timeout + WATCHDOG_GRACE, self.close)
-        watchdog.daemon = True
-        watchdog.start()
+        deadline = Deadline(timeout, self.qemu_pid)
+        watchdog = _Watchdog(deadline, self.close)
         try:
             channel = self._start(cmd, timeout)
             try:
-                out, err, rc = self._collect(channel, cmd, start + timeout, timeout, watch)
+                out, err, rc = self._collect(channel, cmd, deadline, watch)
             finally:
                 self._retire(channel, wait=channel.exit_status_ready())
         finally:
@@ -414,9 +417,8 @@ class SshSession:
             raise paramiko.SSHException("no transport")
         return transport.open_session(timeout=timeout)
 
-    def _collect(self, channel: paramiko.Channel, cmd: str, deadline: float,
-                 timeout: float, watch: Callable[[], None] | None = None
-                 ) -> tuple[str, str, int]:
+    def _collect(self, channel: paramiko.Channel, cmd: str, deadline: Deadline,
+                 watch: Callable[[], None] | None = None) -> tuple[str, str, int]:
         """Read both streams until the exit status, the deadline or a dead link."""
         out, err = bytearray(), bytearray()
         while True:
@@ -431,9 +433,10 @@ class SshSession:
                 self._raise_dropped(cmd, out, err)
             if _link_dead(channel) and not channel.status_event.wait(0.5):
                 self._raise_dropped(cmd, out, err)
-            if time.monotonic() >= deadline:
+            if deadline.expired():
                 raise GuestTimeout(
-                    f"guest command over SSH did not finish within {timeout:.0f}s: {cmd}\n"
+                    f"guest command over SSH did not finish within {deadline.budget:.0f}s"
+                    f"{deadline.describe()}: {cmd}\n"
                     f"--- stdout so far ---\n{_text(out)[-2000:]}",
                     self.console_tail(),
                 )
@@ -500,6 +503,44 @@ class _SftpGuard:
                              self.session.console_tail()) from exc
 
 
+class _Watchdog:
+    """Cuts the link once ``deadline`` is past by :data:`WATCHDOG_GRACE`.
+
+    Why: paramiko waits without a timeout in places (the start of a channel on
+    a frozen guest).  It re-arms while the deadline still has time, so a
+    starved but healthy guest's command is not cut at the wall-clock budget.
+    """
+
+    def __init__(self, deadline: Deadline, fire: Callable[[], None]) -> None:
+        self.deadline = deadline
+        self.fire = fire
+        self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None
+        self._cancelled = False
+        self._arm()
+
+    def _arm(self) -> None:
+        with self._lock:
+            if self._cancelled:
+                return
+            self._timer = threading.Timer(max(0.1, self.deadline.remaining() + WATCHDOG_GRACE),
+                                          self._check)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _check(self) -> None:
+        if self.deadline.remaining() + WATCHDOG_GRACE > 0.05:
+            self._arm()
+        elif not self._cancelled:
+            self.fire()
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._cancelled = True
+            if self._timer is not None:
+                self._timer.cancel()
+
+
 def _refused_start(exc: BaseException) -> bool:
     """Did dropbear close a new channel before starting anything on it?
 
@@ -550,7 +591,8 @@ def session_for(machine: Machine, key: KeyPair, netdev: str, connect_timeout: fl
     port = parse_hostfwd_port(machine.hmp("info usernet"), 22, netdev)
     announced = parse_host_key(_read_log(machine.console_log))
     return SshSession(port, key, lambda: announced, connect_timeout=connect_timeout,
-                      console_tail=machine.console.tail, alive=machine.check_alive)
+                      console_tail=machine.console.tail, alive=machine.check_alive,
+                      qemu_pid=machine.pid)
 
 
 def _read_log(path: Path) -> str:

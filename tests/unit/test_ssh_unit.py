@@ -122,3 +122,20 @@ def test_each_way_paramiko_reports_an_unstarted_channel_is_retried(message: str)
     paramiko.SSHException("Channel closed. extra")])
 def test_other_failures_are_not_retried(exc: BaseException) -> None:
     assert not ssh_mod._refused_start(exc)
+
+
+def test_watchdog_fires_past_the_deadline_and_not_after_cancel() -> None:
+    import threading
+    import time
+
+    from pytest_virtio.qemu.starvation import Deadline
+
+    fired = threading.Event()
+    ssh_mod._Watchdog(Deadline(0.1, None), fired.set)
+    assert not fired.wait(0.05 + ssh_mod.WATCHDOG_GRACE - 0.5)
+    assert fired.wait(2.0)
+    quiet = threading.Event()
+    dog = ssh_mod._Watchdog(Deadline(0.1, None), quiet.set)
+    dog.cancel()
+    time.sleep(0.1 + ssh_mod.WATCHDOG_GRACE + 0.3)
+    assert not quiet.is_set()
