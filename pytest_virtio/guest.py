@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import ids
+from .agent import GuestAgent, agent_start_script
 from .console import Result
 from .errors import (
     BackendError,
@@ -30,6 +31,7 @@ from .errors import (
     VirtioError,
 )
 from .qemu.machine import Machine
+from .runners import VIAS, Runner
 from .serial import SerialPort, guest_link_script
 
 if TYPE_CHECKING:
@@ -145,6 +147,7 @@ class Guest:
     boot_uptime: float | None = None
     host_key: str | None = None
     _ssh: Any = field(default=None, repr=False)
+    _agent: GuestAgent | None = field(default=None, repr=False)
     #: The launch's paths (sockets, disk files): hotplug needs them for QMP arguments.
     ctx: LaunchContext | None = None
     #: Host ends of the virtio-serial ports, by port name (connected at launch).
@@ -164,14 +167,10 @@ class Guest:
         """
         self.raise_backend_errors()
         t = timeout if timeout is not None else self.default_timeout()
-        if via not in ("console", "ssh"):
-            raise ConfigError(f"guest.run(via={via!r}): choose 'console' or 'ssh'")
+        runner = self._runner(via)
         watch = self.raise_backend_errors if self.backends else None
         try:
-            if via == "console":
-                return self.machine.console.run(cmd, t, watch)
-            result: Result = self.ssh_session().run(cmd, t, watch)
-            return result
+            return runner.run(cmd, t, watch)
         except GuestTimeout as exc:
             for path in self.dump_backend_state():
                 exc.add_note(f"in-process disk state at the timeout: {path.name} "
@@ -184,6 +183,24 @@ class Guest:
 
     def console_tail(self, lines: int = 40) -> str:
         return self.machine.console.tail(lines) if self.machine.state.value == "running" else ""
+
+    def _runner(self, via: str) -> Runner:
+        if via == "console":
+            return self.machine.console
+        if via == "ssh":
+            session: Runner = self.ssh_session()
+            return session
+        if via == "agent":
+            return self.agent
+        raise ConfigError(f"guest.run(via={via!r}): choose one of {', '.join(VIAS)}")
+
+    @property
+    def agent(self) -> GuestAgent:
+        """The guest agent client (GuestError if the vm has no ``devices=["agent"]``)."""
+        if self._agent is None:
+            raise GuestError("this guest has no guest agent: add devices=['agent'] to the vm "
+                             "(the image needs qemu-guest-agent)")
+        return self._agent
 
     def ssh_session(self) -> Any:
         """The guest's :class:`pytest_virtio.ssh.SshSession` (GuestError if it has no NIC)."""
@@ -373,6 +390,16 @@ class Guest:
             self.check(f"modprobe -a {' '.join(shlex.quote(n) for n in names)}")
         if modules is None and self.serial_ports:
             self.check(guest_link_script(tuple(self.serial_ports)))
+            if ids.AGENT_PORT in self.serial_ports and self._agent is None:
+                self._start_agent()
+
+    def _start_agent(self) -> None:
+        """Start qemu-ga on its port (our init has no udev/systemd to) and sync with it."""
+        self.check(agent_start_script())
+        agent = GuestAgent(self.serial_ports[ids.AGENT_PORT], qemu_pid=self.machine.pid,
+                           console_tail=self.console_tail, alive=self.machine.check_alive)
+        agent.sync(self.default_timeout())
+        self._agent = agent
 
     # -- virtio-balloon ------------------------------------------------------
     def _balloon_device(self) -> str:

@@ -18,7 +18,7 @@ TRANSPORTS: Final = ("default", "modern", "legacy")
 NIC_MODELS: Final = ("virtio-net", "e1000", "e1000e", "rtl8139")
 CDROM_BUSES: Final = ("ide", "ahci", "scsi")
 MACHINES: Final = ("pc", "q35")
-DEVICE_KINDS: Final = ("balloon", "rng", "serial", "cdrom", "pvpanic")
+DEVICE_KINDS: Final = ("balloon", "rng", "serial", "agent", "cdrom", "pvpanic")
 MATRIX_AXES: Final = ("disk", "nic", "root_bus")
 
 # Slot limits of the emulated controllers: exceeding them is a QEMU start failure,

@@ -88,6 +88,7 @@ _DEVICE_MODULES: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
         "Balloon": ("virtio_pci", "virtio_balloon"),
         "Rng": ("virtio_pci", "virtio_rng"),
         "SerialPorts": ("virtio_pci", "virtio_console"),
+        "GuestAgent": ("virtio_pci", "virtio_console"),
     }
 )
 _CDROM_HBA: Final[Mapping[str, str]] = MappingProxyType(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Final, TypeAlias
 
@@ -296,6 +296,19 @@ class SerialPorts:
 
 
 @dataclass(frozen=True, slots=True)
+class GuestAgent(SerialPorts):
+    """The QEMU guest agent's port: a virtio-serial controller with the one port
+    qemu-ga opens (``org.qemu.guest_agent.0``), for ``run(via="agent")``.
+
+    A SerialPorts, so argv, drivers and the host end are the serial ones; the
+    port name is fixed because the agent in the guest looks for exactly it.
+    """
+
+    names: tuple[str, ...] = field(default=(ids.AGENT_PORT,), init=False)
+    name: str = "qga0"
+
+
+@dataclass(frozen=True, slots=True)
 class CdRom:
     """A read-only ISO on an emulated CD drive (ide-cd, or scsi-cd on virtio-scsi)."""
 
@@ -321,10 +334,11 @@ class Pvpanic:
     name: str = "pvpanic"
 
 
-Device: TypeAlias = Balloon | Rng | SerialPorts | CdRom | Pvpanic
-_DEVICE_TYPES: Final = (Balloon, Rng, SerialPorts, CdRom, Pvpanic)
+Device: TypeAlias = Balloon | Rng | SerialPorts | GuestAgent | CdRom | Pvpanic
+_DEVICE_TYPES: Final = (Balloon, Rng, SerialPorts, GuestAgent, CdRom, Pvpanic)
 _DEVICE_CLASS: Final[Mapping[str, type[Any]]] = MappingProxyType(
-    {"balloon": Balloon, "rng": Rng, "serial": SerialPorts, "cdrom": CdRom, "pvpanic": Pvpanic}
+    {"balloon": Balloon, "rng": Rng, "serial": SerialPorts, "agent": GuestAgent, "cdrom": CdRom,
+     "pvpanic": Pvpanic}
 )
 
 
@@ -425,7 +439,7 @@ class MachineSpec:
             if not isinstance(dev, _DEVICE_TYPES):
                 raise ConfigError(
                     f"devices must be one of {_choices(DEVICE_KINDS)} "
-                    f"(Balloon, Rng, SerialPorts, CdRom, Pvpanic), got {dev!r}"
+                    f"(Balloon, Rng, SerialPorts, GuestAgent, CdRom, Pvpanic), got {dev!r}"
                 )
 
     def _check_names(self) -> None:

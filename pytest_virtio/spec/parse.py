@@ -16,7 +16,7 @@ SPEC_KEYS: Final = tuple(f.name for f in dataclasses.fields(MachineSpec))
 
 
 def _fields_of(cls: type[Any]) -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(cls))
+    return tuple(f.name for f in dataclasses.fields(cls) if f.init)
 
 
 def item_keys() -> dict[str, tuple[str, ...]]:
