@@ -41,35 +41,33 @@ def _build(cls: type[Any], data: Mapping[str, Any], what: str) -> Any:
     return cls(**data)
 
 
-def _disk_from(item: Any, index: int, where: str) -> Disk:
-    if isinstance(item, Disk):
+def _listed(item: Any, index: int, where: str, cls: type[Any], axis: str, attr: str,
+            choices: tuple[str, ...]) -> Any:
+    """One ``disks=``/``nics=`` item: an instance, a bus/model name, or a dict;
+    unnamed items are called ``disk<i>``/``net<i>`` by their place in the list."""
+    if isinstance(item, cls):
         return item
+    default = {"name": f"{'disk' if axis == 'disks' else 'net'}{index}"}
     if isinstance(item, str):
-        _check_choice(item, DISK_BUSES, f"{where}: disks[{index}] bus")
-        return Disk(name=f"disk{index}", bus=item)
+        _check_choice(item, choices, f"{where}: {axis}[{index}] {attr}")
+        return cls(**default, **{attr: item})
     if isinstance(item, Mapping):
-        data = {"name": f"disk{index}", **item}
-        disk: Disk = _build(Disk, data, f"{where}: disks[{index}]")
-        return disk
+        return _build(cls, {**default, **item}, f"{where}: {axis}[{index}]")
+    noun = "a bus name" if attr == "bus" else "a model"
     raise ConfigError(
-        f"{where}: disks[{index}] must be a bus name ({_choices(DISK_BUSES)}), a dict or a Disk"
-        f", got {item!r}"
+        f"{where}: {axis}[{index}] must be {noun} ({_choices(choices)}), a dict or a "
+        f"{cls.__name__}, got {item!r}"
     )
+
+
+def _disk_from(item: Any, index: int, where: str) -> Disk:
+    disk: Disk = _listed(item, index, where, Disk, "disks", "bus", DISK_BUSES)
+    return disk
 
 
 def _nic_from(item: Any, index: int, where: str) -> Nic:
-    if isinstance(item, Nic):
-        return item
-    if isinstance(item, str):
-        _check_choice(item, NIC_MODELS, f"{where}: nics[{index}] model")
-        return Nic(model=item, name=f"net{index}")
-    if isinstance(item, Mapping):
-        nic: Nic = _build(Nic, {"name": f"net{index}", **item}, f"{where}: nics[{index}]")
-        return nic
-    raise ConfigError(
-        f"{where}: nics[{index}] must be a model ({_choices(NIC_MODELS)}), a dict or a Nic"
-        f", got {item!r}"
-    )
+    nic: Nic = _listed(item, index, where, Nic, "nics", "model", NIC_MODELS)
+    return nic
 
 
 def _device_from(item: Any, index: int, where: str) -> Device:
