@@ -8,7 +8,6 @@ is built on it, so the same code works over the console or SSH.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import re
@@ -451,7 +450,7 @@ class Guest:
         to know that. A guest holding the disc (mounted) has locked the tray: the
         change fails unless ``force=True``.
         """
-        from .session import check_image_file
+        from .launch import check_image_file
 
         self._cdrom(name, "cdrom_change")
         path = Path(iso)
@@ -528,21 +527,16 @@ class Guest:
         cares that the guest can use it. vhost-user-blk gets its in-process
         backend started first (QEMU connects during device_add).
         """
-        from . import session as session_mod
+        from . import launch
         from . import spec as spec_mod
 
-        ctx = self._launch_ctx()
-        if disk.name in self.disk_serials or disk.name == "root":
+        if disk.name in self.disk_serials or disk.name == ids.ROOT:
             raise ConfigError(f"guest.hotplug(): a disk named {disk.name!r} is already attached")
-        path = session_mod.prepare_disk_file(disk, self.run_dir)
-        ctx = dataclasses.replace(ctx, disk_files={**ctx.disk_files, disk.name: path})
-        if disk.bus == "vhost-user-blk":
-            socket = session_mod.backend_socket(self.run_dir, disk.name)
-            ctx = dataclasses.replace(ctx, vhost_sockets={**ctx.vhost_sockets, disk.name: socket})
+        ctx = launch.with_disk(self._launch_ctx(), disk, self.run_dir)
         commands = spec_mod.hotplug_commands(disk, ctx)
         if disk.bus == "vhost-user-blk":
-            self.backends[disk.name] = session_mod.start_backend(
-                disk, path, self.run_dir, getattr(self.spec, "smp", 1))
+            self.backends[disk.name] = launch.start_backend(
+                disk, ctx.disk_files[disk.name], self.run_dir, getattr(self.spec, "smp", 1))
         self._run_hotplug(disk, commands)
         self.ctx = ctx
         self.disk_serials[disk.name] = disk.serial or disk.name

@@ -14,7 +14,6 @@ import hashlib
 import os
 import secrets
 import shutil
-import subprocess
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -22,15 +21,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import ids, reproduce
-from . import serial as serial_mod
 from . import spec as spec_mod
 from . import ssh as ssh_mod
 from .errors import BackendError, ConfigError, GuestError, LaunchError, MissingDriver, VirtioError
-from .files import check_readable_file
 from .guest import Guest, Teardown, stop_backends
 from .images import GuestImage, custom_image, ensure_image, initramfs_for, load_recipe
 from .images import kernel as kernel_mod
 from .images.initramfs import available_modules
+from .launch import (
+    backend_socket,
+    check_cdrom_isos,
+    connect_serial_ports,
+    create_overlay,
+    external_sockets,
+    prepare_disk_file,
+    serial_sockets,
+    start_backend,
+)
 from .qemu import capabilities
 from .qemu.accel import TIMEOUT_SCALE, AccelChoice, choose_accel
 from .qemu.machine import Machine, reap_all
@@ -469,102 +476,6 @@ def closed_on_failure(guest: Guest) -> Iterator[None]:
         if isinstance(exc, VirtioError):
             exc.failed_guest = guest
         raise
-
-
-def create_overlay(path: Path, backing: Path, backing_format: str) -> None:
-    """A qcow2 file over ``backing`` (which it never writes): ``qemu-img create -b``."""
-    qemu_img = shutil.which("qemu-img")
-    if qemu_img is None:
-        raise LaunchError("qemu-img not found: install it with: apt-get install qemu-utils")
-    proc = subprocess.run(
-        [qemu_img, "create", "-q", "-f", "qcow2", "-F", backing_format, "-b", str(backing),
-         str(path)], capture_output=True, text=True,
-    )
-    if proc.returncode != 0:
-        raise LaunchError(f"qemu-img could not create the overlay {path} over {backing}: "
-                          f"{proc.stderr.strip()}")
-
-
-def prepare_disk_file(disk: spec_mod.Disk, run_dir: Path) -> str:
-    """A sparse file for a sized data disk; a user image is used in place."""
-    if disk.image:
-        _check_disk_image(disk.name, Path(disk.image))
-        return str(disk.image)
-    path = run_dir / f"disk-{disk.name}.img"
-    with path.open("wb") as f:
-        f.truncate(disk.size_bytes)
-    return str(path)
-
-
-def _check_disk_image(name: str, image: Path) -> None:
-    """A missing or unreadable image is the test's mistake: say so before QEMU starts."""
-    check_image_file(f"disk {name!r}: image", image, "raw or qcow2 image")
-
-
-def check_image_file(what: str, image: Path, kind: str) -> None:
-    """``image`` exists and is readable, else a ConfigError naming ``what`` and the fix.
-
-    Why before QEMU: QEMU's own refusal comes only at start-up, buried under
-    its whole command line (seen for a mistyped CD-ROM ISO path).
-    """
-    check_readable_file(image, what, kind)
-
-
-def check_cdrom_isos(spec: spec_mod.MachineSpec) -> None:
-    """Every CD-ROM's ISO exists and is readable (checked before launch, like disk images)."""
-    for dev in spec.devices:
-        if isinstance(dev, spec_mod.CdRom):
-            check_image_file(f"cdrom {dev.name!r}: iso", Path(dev.iso), "ISO image")
-
-
-def serial_sockets(spec: spec_mod.MachineSpec, run_dir: Path) -> dict[str, str]:
-    """QEMU's socket of every virtio-serial port, by port name (numbered: names are long)."""
-    names = [p for d in spec.devices if isinstance(d, spec_mod.SerialPorts) for p in d.names]
-    return {name: serial_mod.socket_path(run_dir, i) for i, name in enumerate(names)}
-
-
-def connect_serial_ports(ctx: spec_mod.LaunchContext, timeout: float
-                         ) -> dict[str, serial_mod.SerialPort]:
-    """Connect the host end of every port right after launch (see :mod:`.serial` why)."""
-    ports: dict[str, serial_mod.SerialPort] = {}
-    try:
-        for name, path in ctx.serial_sockets.items():
-            ports[name] = serial_mod.SerialPort.connect(name, path, timeout)
-    except BaseException:
-        for port in ports.values():
-            port.close()
-        raise
-    return ports
-
-
-def external_sockets(spec: spec_mod.MachineSpec) -> dict[str, str]:
-    """vhost-user-blk disks another process serves (``Disk.external_socket``), by name."""
-    return {d.name: d.external_socket for d in spec.disks if d.external_socket is not None}
-
-
-def backend_socket(run_dir: Path, name: str) -> str:
-    """Where the vhost-user-blk server of disk ``name`` listens (short: sun_path)."""
-    return str(run_dir / ids.vhost_socket_name(name))
-
-
-def start_backend(disk: spec_mod.Disk, path: str, run_dir: Path, smp: int) -> Any:
-    """Start the in-process vhost-user-blk server for ``disk`` (before QEMU connects)."""
-    from .vhost_user import FileStorage, VhostUserBlkServer
-
-    storage = FileStorage(path, readonly=disk.readonly)
-    try:
-        server = VhostUserBlkServer(
-            backend_socket(run_dir, disk.name), storage,
-            num_queues=disk.num_queues or smp, readonly=disk.readonly,
-            serial=disk.serial or disk.name, name=disk.name,
-            queue_size_max=disk.queue_size or 1024,  # QEMU picks; a set size is a cap
-            block_size=disk.logical_block_size or 512,
-        )
-        server.start()
-    except BaseException:
-        storage.close()
-        raise
-    return server
 
 
 def _wait_ready(machine: Machine, spec: spec_mod.MachineSpec, timeout: float) -> float:

@@ -231,7 +231,8 @@ class Templates:
     # -- restore -----------------------------------------------------------------
     def restore(self, template: Template, name: str, hotplug_vhost: bool = True) -> Guest:
         """A new QEMU loaded from ``template``, over its own overlay, freshened."""
-        from .session import closed_on_failure, prepare_disk_file
+        from .launch import prepare_disk_file
+        from .session import closed_on_failure
 
         s = self.session
         scale = s.timeout_scale
