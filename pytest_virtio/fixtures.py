@@ -1,14 +1,14 @@
 """Fixtures: ``guest``, ``make_guest``, ``virtio_session``, ``vhost``.
 
 Thin on purpose: booting lives in :mod:`pytest_virtio.session`, marker
-parsing in :mod:`pytest_virtio.spec`; here we only wire them to a test's
+parsing in :mod:`pytest_virtio.plan`, the marked workload's run in
+:mod:`pytest_virtio.marked_workload`; here we only wire them to a test's
 lifetime, keep artifacts of failures and check ``expect_drivers``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import shutil
 from collections.abc import Callable, Iterator, Mapping
@@ -19,8 +19,13 @@ import pytest
 from . import spec as spec_mod
 from .errors import GuestError, VirtioError
 from .guest import Guest, Teardown
+from .marked_workload import run_marked_workload
 from .session import MissingDevices, VirtioSession
 from .sharing import SharedGuests, pool_fixture_name
+from .workloads.dd import DdResult
+from .workloads.fio import FioResult
+from .workloads.iperf import NetResult
+from .workloads.run import Measurement
 
 MakeGuest = Callable[..., Guest]
 
@@ -195,111 +200,18 @@ def guest(
         g = _shared_guest(request, plan.scope, spec)
     if plan.expect is not None:
         check_drivers(g, plan.expect.present, plan.expect.absent)
-    _run_marked_workload(request, g, virtio_choice, make_guest)
+    run_marked_workload(request.node, g, virtio_choice, make_guest)
     return g
 
 
-def _run_marked_workload(request: pytest.FixtureRequest, g: Guest,
-                         choice: Mapping[str, str] | None, make_guest: MakeGuest) -> None:
-    """``@pytest.mark.workload``: run it now (before the body), file the result.
-
-    In the guest fixture rather than a separate one so a test that never asks
-    for ``workload`` still gets measured; the result goes to the item (for the
-    ``workload`` fixture and the perf check) and to the session's report.
-
-    With ``perf(rounds=N)`` (or ``--virtio-perf-rounds``) the workload runs N
-    times and every round is its own record (a sample).  A matrix item with a
-    relative promise then also boots its reference device's guest and
-    alternates rounds between the two (A, ref, A, ref, ...): both devices see
-    the same host load, so a load swing moves both samples, not the ratio.
-    """
-    from .metrics import MECHANISM
-    from .plugin import MEASURED_KEY, RESULTS_KEY, SETTINGS_KEY, plan_of
-    from .workloads.run import count_mechanism, device_of, measure
-
-    plan = plan_of(request.node)
-    spec, perfs = plan.workload, plan.perfs
-    if spec is None:
-        return
-    rounds = plan.rounds(request.config.stash[SETTINGS_KEY].perf_rounds)
-    device = device_of(g, spec)
-    # Timed promises only: counted (mechanism) metrics do not move with load.
-    references = sorted({ref for p in perfs if (ref := p.reference_for(device))
-                         and p.by_for(g.accel) is not None and p.metric not in MECHANISM})
-    partners: list[Guest] = []
-    if rounds > 1 and choice and references:
-        axis = "nic" if spec.kind == "iperf3" else "disk"
-        partners = [make_guest(plan.machine_for({**choice, axis: ref}), name=f"ref-{ref}")
-                    for ref in references]
-    results = request.config.stash[RESULTS_KEY]
-    tags: dict[str, str | int | float | bool | None] = {}
-    if rounds > 1:
-        tags["rounds"] = rounds
-    if partners:
-        tags["pair"] = request.node.nodeid
-    counted: list[Any] = [None] * (1 + len(partners))
-    records: list[tuple[int, Any]] = []  # (guest index, record) in the order measured
-    for index in range(rounds):
-        if rounds > 1:
-            tags["round"] = index + 1
-        measured = measure(g, spec)
-        request.node.stash[MEASURED_KEY] = measured
-        record, checks = record_measurement(request.node, g.accel, measured)
-        records.append((0, dataclasses.replace(record, extra={**record.extra, **tags})))
-        if index == 0:
-            results.checks.extend(checks)
-        for number, partner in enumerate(partners, start=1):
-            ref = record_of(request.node, partner.accel, measure(partner, spec))
-            records.append((number, dataclasses.replace(
-                ref, extra={**ref.extra, **tags, "role": "reference"})))
-    # Counted after the timed rounds: untraced rounds stay unbiased, and fio's binary
-    # is already in the page cache, so the root disk is quiet while traps are counted.
-    counted = [count_mechanism(guest, spec) for guest in (g, *partners)]
-    results.records.extend(with_mechanism(r, counted[n]) for n, r in records)
-
-
-def with_mechanism(record: Any, mechanism: Any) -> Any:
-    """``record`` carrying the counted traps/interrupts/CPU per I/O (None: not counted)."""
-    if mechanism is None:
-        return record
-    return dataclasses.replace(
-        record, traps_per_io=mechanism.traps_per_io, irqs_per_io=mechanism.irqs_per_io,
-        cpu_us_per_io=mechanism.cpu_us_per_io,
-        extra={**record.extra, **mechanism.counts()})
-
-
-def record_of(node: Any, accel: str, measured: Any) -> Any:
-    """The report Record of a measurement of this test (``group``: the test function)."""
-    group = f"{node.nodeid.rsplit('::', 1)[0]}::{getattr(node, 'originalname', node.name)}"
-    return measured.to_record(node.nodeid, accel, group)
-
-
-def record_measurement(node: Any, accel: str, measured: Any) -> tuple[Any, list[Any]]:
-    """The report Record and the relative perf checks (one per ``perf`` mark with a
-    ``faster_than`` for this device) of a measurement; the record's figures also
-    become junit properties of the test."""
-    from .plugin import plan_of
-    from .report import RelativeCheck, junit_properties
-
-    record = record_of(node, accel, measured)
-    node.user_properties.extend(junit_properties(record))
-    checks = []
-    for spec in plan_of(node).perfs:
-        reference, by = spec.reference_for(record.device), spec.by_for(accel)
-        if reference is not None and by is not None:
-            checks.append(RelativeCheck(node.nodeid, record.extra["group"], record.device,
-                                        record.workload, accel, reference, by, spec.metric,
-                                        record.machine))
-    return record, checks
-
-
 @pytest.fixture
-def workload(request: pytest.FixtureRequest, guest: Guest) -> Any:
+def workload(request: pytest.FixtureRequest, guest: Guest
+             ) -> FioResult | DdResult | NetResult:
     """The result of this test's ``@pytest.mark.workload`` (a FioResult for fio,
     DdResult for dd, NetResult for iperf3), measured before the test body."""
     from .plugin import MEASURED_KEY
 
-    measured = request.node.stash.get(MEASURED_KEY, None)
+    measured: Measurement | None = request.node.stash.get(MEASURED_KEY, None)
     if measured is None:
         raise VirtioError("the `workload` fixture needs @pytest.mark.workload('fio', ...)")
     return measured.result
