@@ -50,15 +50,23 @@ class AgentError(GuestError):
 
 
 def agent_start_script(qemu_pid_file: str = "/run/qemu-ga.pid") -> str:
-    """Guest shell that starts qemu-ga on the agent port (our init has no udev to do it).
+    """Guest shell that makes sure qemu-ga serves the agent port, started once.
 
-    A distro image starts it itself (the package's systemd unit is bound to the
-    port's device); on ours, the plugin runs this once after the port is named.
+    Under systemd (a distro image) the package's own unit is started, which is
+    what its udev rule does when the port appears anyway (``systemctl start``
+    is idempotent and waits for the port's device); a second agent could not
+    open the port, which takes one reader.  Our init has neither, so qemu-ga is
+    started here, unless one already runs (``/proc/*/comm``: no pgrep needed).
     """
     port = f"/dev/virtio-ports/{AGENT_PORT}"
-    return (f"command -v qemu-ga >/dev/null || {{ echo 'qemu-ga is not in this image "
-            f"(Debian package qemu-guest-agent)' >&2; exit 127; }}; mkdir -p /run; "
-            f"qemu-ga -d -m virtio-serial -p {port} -f {qemu_pid_file}")
+    unit = "qemu-guest-agent.service"
+    running = ("for c in /proc/[0-9]*/comm; do [ \"$(cat \"$c\" 2>/dev/null)\" = qemu-ga ] "
+               "&& exit 0; done")
+    return (f"if [ -d /run/systemd/system ] && systemctl cat {unit} >/dev/null 2>&1; then "
+            f"exec systemctl start {unit}; fi; {running}; command -v qemu-ga >/dev/null || "
+            f"{{ echo 'qemu-ga is not in this image (Debian package qemu-guest-agent)' >&2; "
+            f"exit 127; }}; mkdir -p /run; qemu-ga -d -m virtio-serial -p {port} "
+            f"-f {qemu_pid_file}")
 
 
 class GuestAgent:

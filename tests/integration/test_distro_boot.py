@@ -17,7 +17,7 @@ INNER = '''
 import pytest
 
 
-@pytest.mark.vm(root_bus="ide")
+@pytest.mark.vm(root_bus="ide", devices=["agent"])
 def test_distro_initramfs_and_systemd(guest):
     assert guest.ctx.initrd.endswith("/initrd.img")  # the distro's, not one of ours
     assert guest.check("cat /proc/1/comm").stdout.strip() == "systemd"
@@ -25,6 +25,10 @@ def test_distro_initramfs_and_systemd(guest):
     assert "root=LABEL=pvroot" in guest.check("cat /proc/cmdline").stdout
     # the root is on IDE: initramfs-tools (MODULES=most) carried ata_piix without us
     assert "ata_piix" in guest.lsmod()
+    # qemu-ga was started by the distro's systemd (its udev rule), not by us
+    assert guest.check("systemctl is-active qemu-guest-agent", via="agent").stdout.strip() \
+        == "active"
+    assert guest.check("cat /proc/1/comm", via="agent").stdout.strip() == "systemd"
 
 
 @pytest.mark.vm(initramfs_modules=["virtio_blk"])
