@@ -95,7 +95,7 @@ def build_plan(node: MarkedNode, settings: Settings) -> TestPlan:
     """Validate every pytest-virtio marker of ``node``; raises ConfigError naming
     the marker and key."""
     scope, vm = split_scope(vm_kwargs(node))
-    base = spec_mod.spec_from_kwargs(vm, where="vm")
+    base = spec_mod.spec_from_kwargs(vm, where="vm", also_allowed=("scope",))
     _check_kernel_keys(base, settings)
     matrix_kwargs = _marker_kwargs(node, "virtio_matrix")
     workload, perfs = _perf_plan(node, matrix_kwargs)

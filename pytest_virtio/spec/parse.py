@@ -89,18 +89,21 @@ def _device_from(item: Any, index: int, where: str) -> Device:
     return dev
 
 
-def spec_from_kwargs(marker_kwargs: Mapping[str, Any], *, where: str = "vm") -> MachineSpec:
+def spec_from_kwargs(marker_kwargs: Mapping[str, Any], *, where: str = "vm",
+                     also_allowed: tuple[str, ...] = ()) -> MachineSpec:
     """A MachineSpec from a marker's plain-data keywords.
 
     Strings name a bus/model/kind, dicts give fields, objects pass through;
     unnamed disks and NICs are numbered by position (disk0, net0...). Every
     error names ``where`` (the marker) so the collection error points at it.
+    ``also_allowed``: keys the caller took out before (``vm``'s ``scope``), listed
+    among the allowed ones so a typo's message names every key that works.
     """
     unknown = sorted(set(marker_kwargs) - set(SPEC_KEYS))
     if unknown:
         raise ConfigError(
             f"@pytest.mark.{where}: unknown key(s) {_choices(unknown)}; "
-            f"allowed: {_choices(SPEC_KEYS)}"
+            f"allowed: {_choices((*SPEC_KEYS, *also_allowed))}"
         )
     data = dict(marker_kwargs)
     label = f"@pytest.mark.{where}"

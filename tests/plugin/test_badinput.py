@@ -391,8 +391,9 @@ def test_bad_key_on_a_class_vm_mark_fails_each_method(pytester: pytest.Pytester)
     )
     result = pytester.runpytest(TCG)
     result.assert_outcomes(errors=1)
-    assert "TestX::test_a: @pytest.mark.vm: unknown key(s) 'memroy'" in _line_with(
-        result.stdout.str(), "memroy")
+    line = _line_with(result.stdout.str(), "memroy")
+    assert "TestX::test_a: @pytest.mark.vm: unknown key(s) 'memroy'" in line
+    assert "'memory'" in line and "'scope'" in line  # every key that works, scope too
 
 
 def test_bad_recipe_field_is_a_usage_error_naming_it(pytester: pytest.Pytester) -> None:
