@@ -117,7 +117,9 @@ def _keep_artifacts(guest: Guest, dest: Any) -> None:
         guest.dump_backend_state()
     with contextlib.suppress(VirtioError, OSError):
         if guest.machine.state.value == "running":
-            res = guest.run("dmesg", timeout=10 * guest.timeout_scale)
+            # The console directly, not guest.run: after an in-process backend failed,
+            # guest.run re-raises that failure, and its dmesg is what explains it.
+            res = guest.machine.console.run("dmesg", 10 * guest.timeout_scale)
             (guest.run_dir / "dmesg.txt").write_text(res.stdout)
     with contextlib.suppress(OSError, TypeError):
         (guest.run_dir / "qmp-events.json").write_text(

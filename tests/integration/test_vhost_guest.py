@@ -285,6 +285,31 @@ def test_backend_exception_fails_the_test(make_guest: Any) -> None:
     assert len(server.clear_errors()) >= 1
 
 
+def test_artifacts_keep_dmesg_after_a_backend_failure(make_guest: Any, tmp_path: Path) -> None:
+    """The failed backend makes every guest.run raise; the failure's artifacts must still
+    carry the guest's dmesg (its view of the dead disk), read over the console."""
+    from pytest_virtio.fixtures import _keep_artifacts
+
+    g: Guest = make_guest(disks=[{"name": "disk0", "size": "16M"}])
+    server: VhostUserBlkServer = g.backends["disk0"]
+
+    def boom(offset: int, bufs: object) -> int:
+        raise RuntimeError("injected backend bug")
+
+    server.storage.readv = boom  # type: ignore[method-assign]
+    g.run(f"(dd if={g.disk_path('disk0')} of=/dev/null bs=4096 count=1 iflag=direct &)")
+    deadline = time.monotonic() + 60
+    while not server.errors and time.monotonic() < deadline:
+        time.sleep(0.1)
+    with pytest.raises(BackendError, match="injected backend bug"):
+        g.run("true")
+    _keep_artifacts(g, tmp_path / "artifacts")
+    dmesg = (tmp_path / "artifacts" / "dmesg.txt").read_text()
+    assert "virtio" in dmesg.lower() and len(dmesg.splitlines()) > 20
+    assert list((tmp_path / "artifacts").glob("vhost-state-disk0.json"))
+    assert len(server.clear_errors()) >= 1
+
+
 def test_external_socket_disk_gets_no_in_process_backend(tmp_path: Path) -> None:
     """``Disk(external_socket=)`` (the benchmark's qemu-storage-daemon disk): QEMU dials
     that socket and the session starts no backend of its own. No guest needed."""
