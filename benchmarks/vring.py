@@ -20,8 +20,9 @@ import struct
 import tempfile
 import time
 
-from pytest_virtio.vhost_user.blk import BlkDevice, BlkType, FileStorage, MemoryStorage, Storage
-from pytest_virtio.vhost_user.faults import Stats
+from pytest_virtio.vhost_user.blk import BlkDevice, FileStorage, MemoryStorage, Storage
+from pytest_virtio.vhost_user.protocol import BlkType
+from pytest_virtio.vhost_user.stats import Stats
 from pytest_virtio.vhost_user.testing import MockMemory, MockSplitQueue
 from pytest_virtio.vhost_user.virtqueue import Virtqueue
 

@@ -7,10 +7,12 @@ on ``server.stats`` / ``server.trace``; provoke error paths with ``server.faults
 
 from __future__ import annotations
 
-from .blk import BlkStatus, BlkType, FileStorage, MemoryStorage, Storage
-from .faults import FaultInjector, FaultRule, Stats, Trace, TraceEntry
+from .blk import FileStorage, MemoryStorage, Storage
+from .faults import FaultInjector, FaultRule
 from .memory import GuestMemory, GuestMemoryError
+from .protocol import BlkStatus, BlkType
 from .server import VhostUserBlkServer
+from .stats import Stats, Trace, TraceEntry
 from .virtqueue import QueueBroken
 
 __all__ = [

@@ -16,16 +16,16 @@ import os
 import struct
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from enum import IntEnum
 from typing import TYPE_CHECKING
 
 from pytest_virtio.errors import BackendError
 
-from .protocol import MAX_CONFIG_SIZE, BlkFeature, TransportFeature
+from .protocol import MAX_CONFIG_SIZE, BlkFeature, BlkStatus, BlkType, TransportFeature
 from .virtqueue import QueueBroken
 
 if TYPE_CHECKING:
-    from .faults import FaultInjector, Stats, Trace
+    from .faults import FaultInjector
+    from .stats import Stats, Trace
 
 __all__ = [
     "CONFIG",
@@ -33,8 +33,6 @@ __all__ = [
     "SECTOR_SIZE",
     "SEGMENT",
     "BlkDevice",
-    "BlkStatus",
-    "BlkType",
     "FileStorage",
     "MemoryStorage",
     "Storage",
@@ -56,27 +54,6 @@ MAX_DISCARD_SECTORS = 1 << 21  # 1 GiB per segment
 MAX_DISCARD_SEG = 32
 DISCARD_ALIGNMENT = 8  # sectors (4 KiB)
 _ZERO_CHUNK = bytes(1 << 20)
-
-
-class BlkType(IntEnum):
-    """Request types (§5.2.6)."""
-
-    IN = 0
-    OUT = 1
-    FLUSH = 4
-    GET_ID = 8
-    GET_LIFETIME = 10
-    DISCARD = 11
-    WRITE_ZEROES = 13
-    SECURE_ERASE = 14
-
-
-class BlkStatus(IntEnum):
-    """Status byte values (§5.2.6)."""
-
-    OK = 0
-    IOERR = 1
-    UNSUPP = 2
 
 
 # --- storage ----------------------------------------------------------------

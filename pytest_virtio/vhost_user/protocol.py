@@ -35,6 +35,8 @@ __all__ = [
     "VRING_FD_NOFD",
     "VRING_STATE",
     "BlkFeature",
+    "BlkStatus",
+    "BlkType",
     "ConfigSpace",
     "Header",
     "HeaderFlag",
@@ -498,3 +500,24 @@ def request_of(header: Header) -> Request:
         return Request(header.request)
     except ValueError:
         raise ProtocolError(f"unknown vhost-user request {header.request}") from None
+
+
+class BlkType(IntEnum):
+    """Request types (§5.2.6)."""
+
+    IN = 0
+    OUT = 1
+    FLUSH = 4
+    GET_ID = 8
+    GET_LIFETIME = 10
+    DISCARD = 11
+    WRITE_ZEROES = 13
+    SECURE_ERASE = 14
+
+
+class BlkStatus(IntEnum):
+    """Status byte values (§5.2.6)."""
+
+    OK = 0
+    IOERR = 1
+    UNSUPP = 2

@@ -39,10 +39,11 @@ from pytest_virtio.errors import BackendError, ProtocolError
 
 from . import protocol as p
 from .blk import SECTOR_SIZE, SEG_MAX, BlkDevice, Storage
-from .faults import FaultInjector, Stats, Trace
+from .faults import FaultInjector
 from .memory import GuestMemory
 from .protocol import ProtocolFeature, Request, TransportFeature
 from .ringcheck import RingCheck
+from .stats import Stats, Trace
 from .virtqueue import QueueBroken, Virtqueue
 
 __all__ = ["OFFERED_PROTOCOL_FEATURES", "VhostUserBlkServer"]

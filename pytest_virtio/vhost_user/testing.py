@@ -20,7 +20,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .blk import OUTHDR, SEGMENT, BlkType
+from .blk import OUTHDR, SEGMENT
 from .memory import GuestMemory
 from .protocol import (
     HEADER,
@@ -28,6 +28,7 @@ from .protocol import (
     U64,
     VERSION,
     VRING_STATE,
+    BlkType,
     HeaderFlag,
     MemRegion,
     Request,

@@ -30,7 +30,7 @@ from .ringcheck import RingCheck
 from .shared import Fence, words
 
 if TYPE_CHECKING:
-    from .faults import Stats
+    from .stats import Stats
 
 __all__ = [
     "AVAIL_F_NO_INTERRUPT",

@@ -284,7 +284,7 @@ class TraceWindow:
 
 
 class StatsLike(Protocol):
-    """The counters of :class:`pytest_virtio.vhost_user.faults.Stats` used here."""
+    """The counters of :class:`pytest_virtio.vhost_user.stats.Stats` used here."""
 
     kicks: list[int]
     notifications: list[int]

@@ -9,8 +9,8 @@ import pytest
 from vhost_rig import Rig
 
 from pytest_virtio.errors import BackendError
-from pytest_virtio.vhost_user.blk import BlkStatus, BlkType
 from pytest_virtio.vhost_user.faults import FaultInjector
+from pytest_virtio.vhost_user.protocol import BlkStatus, BlkType
 
 
 @pytest.fixture

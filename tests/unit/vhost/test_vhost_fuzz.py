@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 from pytest_virtio.errors import ProtocolError
 from pytest_virtio.vhost_user import protocol as p
 from pytest_virtio.vhost_user.blk import BlkDevice, MemoryStorage
-from pytest_virtio.vhost_user.faults import Stats
 from pytest_virtio.vhost_user.memory import GuestMemory
 from pytest_virtio.vhost_user.server import VhostUserBlkServer
+from pytest_virtio.vhost_user.stats import Stats
 from pytest_virtio.vhost_user.testing import MockFrontend, MockMemory, MockSplitQueue
 from pytest_virtio.vhost_user.virtqueue import DESC, Virtqueue
 

@@ -19,7 +19,7 @@ from vhost_rig import Rig
 
 from pytest_virtio.errors import BackendError
 from pytest_virtio.vhost_user import MemoryStorage, VhostUserBlkServer
-from pytest_virtio.vhost_user.blk import BlkType
+from pytest_virtio.vhost_user.protocol import BlkType
 from pytest_virtio.vhost_user.ringcheck import RingCheck
 from pytest_virtio.vhost_user.testing import MockFrontend, MockMemory, MockSplitQueue
 from pytest_virtio.vhost_user.virtqueue import DESC_F_WRITE, QueueBroken

@@ -7,8 +7,7 @@ from collections.abc import Iterator
 import pytest
 from vhost_rig import Rig
 
-from pytest_virtio.vhost_user.blk import BlkType
-from pytest_virtio.vhost_user.protocol import VringAddr
+from pytest_virtio.vhost_user.protocol import BlkType, VringAddr
 from pytest_virtio.vhost_user.virtqueue import (
     AVAIL_F_NO_INTERRUPT,
     DESC_F_INDIRECT,

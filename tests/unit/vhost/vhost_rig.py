@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 
 from pytest_virtio.vhost_user.blk import BlkDevice, MemoryStorage
-from pytest_virtio.vhost_user.faults import FaultInjector, Stats, Trace
+from pytest_virtio.vhost_user.faults import FaultInjector
+from pytest_virtio.vhost_user.stats import Stats, Trace
 from pytest_virtio.vhost_user.testing import MockMemory, MockSplitQueue
 from pytest_virtio.vhost_user.virtqueue import Virtqueue
 
