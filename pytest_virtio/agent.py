@@ -26,10 +26,10 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .console import Result
 from .errors import GuestError, GuestTimeout
 from .ids import AGENT_PORT
 from .qemu.starvation import Deadline
+from .runners import Result
 from .serial import SerialPort
 
 __all__ = ["AGENT_PORT", "AgentError", "GuestAgent", "agent_start_script"]

@@ -23,13 +23,13 @@ import pexpect.fdpexpect
 
 from .errors import (
     BackendError,
-    CommandFailed,
     GuestError,
     GuestPanic,
     GuestTimeout,
     LaunchError,
 )
 from .qemu.starvation import Deadline
+from .runners import Result
 
 READY_RE = r"PYTEST-VIRTIO-READY ([0-9.]+)\r?\n"
 HOSTKEY_RE = r"PYTEST-VIRTIO-HOSTKEY (\S+ \S+)"
@@ -39,37 +39,6 @@ PANIC_RE = r"(Kernel panic - not syncing[^\r\n]*)"
 #: While streaming, a line counts only once its end has arrived: ``[^\r\n]*``
 #: would otherwise match whatever part of it the last read happened to hold.
 WHOLE_LINE = r"\r?\n"
-
-
-@dataclass(frozen=True, slots=True)
-class Result:
-    """What one guest command did; the same shape for console and SSH."""
-
-    cmd: str
-    rc: int
-    stdout: str
-    stderr: str = ""
-    duration: float = 0.0
-    via: str = "console"
-
-    @property
-    def ok(self) -> bool:
-        return self.rc == 0
-
-    @property
-    def output(self) -> str:
-        """stdout then stderr, for messages and quick asserts."""
-        return self.stdout + self.stderr
-
-    def check(self, console_tail: str = "") -> Result:
-        """Return self, or raise CommandFailed carrying the output."""
-        if self.rc != 0:
-            raise CommandFailed(
-                f"guest command failed (exit {self.rc}, via {self.via}): {self.cmd}\n"
-                + _section("stdout", self.stdout) + _section("stderr", self.stderr),
-                console_tail,
-            )
-        return self
 
 
 FRAME_LINE_RE = re.compile(r"^[0-9a-f]{16}(?:[SFZ]|E \d+)$")
@@ -253,12 +222,6 @@ class Console:
         self.send(f"\nprintf '%s\\n' {nonce}Z\n")
         self.expect(f"{nonce}Z", timeout, "resynchronising the console after a timeout")
         self._dirty = False
-
-
-def _section(title: str, text: str) -> str:
-    if not text:
-        return f"--- {title}: (empty) ---\n"
-    return f"--- {title} ---\n{text}" + ("" if text.endswith("\n") else "\n")
 
 
 def _clean(text: str) -> str:

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 
 from . import ids
 from .agent import GuestAgent, agent_start_script
-from .console import Result
 from .errors import (
     BackendError,
     ConfigError,
@@ -30,7 +29,7 @@ from .errors import (
     VirtioError,
 )
 from .qemu.machine import Machine
-from .runners import VIAS, Runner
+from .runners import VIAS, Result, Runner
 from .serial import SerialPort, guest_link_script
 
 if TYPE_CHECKING:

@@ -9,16 +9,54 @@ empty, 128+N for a command killed by signal N, ``watch`` may end the wait.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
-from .console import Result
+from .errors import CommandFailed
 
-__all__ = ["VIAS", "Runner"]
+__all__ = ["VIAS", "Result", "Runner"]
 
 #: ``Guest.run(via=...)`` choices.
 VIAS = ("console", "ssh", "agent")
 
 
+@dataclass(frozen=True, slots=True)
+class Result:
+    """What one guest command did; the same shape for console, SSH and the agent."""
+
+    cmd: str
+    rc: int
+    stdout: str
+    stderr: str = ""
+    duration: float = 0.0
+    via: str = "console"
+
+    @property
+    def ok(self) -> bool:
+        return self.rc == 0
+
+    @property
+    def output(self) -> str:
+        """stdout then stderr, for messages and quick asserts."""
+        return self.stdout + self.stderr
+
+    def check(self, console_tail: str = "") -> Result:
+        """Return self, or raise CommandFailed carrying the output."""
+        if self.rc != 0:
+            raise CommandFailed(
+                f"guest command failed (exit {self.rc}, via {self.via}): {self.cmd}\n"
+                + _section("stdout", self.stdout) + _section("stderr", self.stderr),
+                console_tail,
+            )
+        return self
+
+
 class Runner(Protocol):
     def run(self, cmd: str, timeout: float,
             watch: Callable[[], None] | None = None) -> Result: ...
+
+
+def _section(title: str, text: str) -> str:
+    if not text:
+        return f"--- {title}: (empty) ---\n"
+    return f"--- {title} ---\n{text}" + ("" if text.endswith("\n") else "\n")

@@ -33,9 +33,10 @@ import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from .console import HOSTKEY_RE, Result
+from .console import HOSTKEY_RE
 from .errors import GuestError, GuestTimeout
 from .qemu.starvation import Deadline
+from .runners import Result
 
 if TYPE_CHECKING:
     from .qemu.machine import Machine

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from pytest_virtio.console import Result, tail_of, unframe
+from pytest_virtio.console import tail_of, unframe
 from pytest_virtio.errors import CommandFailed
+from pytest_virtio.runners import Result
 
 NONCE = "0123456789abcdef"
 
