@@ -16,12 +16,8 @@ have nothing to do with the code under test.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
-import platform
-import re
-import socket
 import sys
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
@@ -31,38 +27,21 @@ from typing import Any
 
 from pytest_virtio.errors import ConfigError
 from pytest_virtio.metrics import MECHANISM, METRICS, spread
-from pytest_virtio.units import format_count, format_duration, format_rate
 from pytest_virtio.workloads.fio import FioResult
 
 __all__ = [
-    "COMPARE_METRICS",
-    "Baseline",
     "Record",
-    "Regression",
     "RelativeCheck",
     "SessionResults",
-    "compare",
     "junit_properties",
-    "load_baseline",
     "load_json",
-    "machine_id",
-    "parse_compare_fail",
     "records_from_json",
     "records_to_json",
     "render_table",
-    "save_baseline",
     "write_json",
 ]
 
 FORMAT_VERSION = 1
-# Metric → (Record attribute, higher is better).
-COMPARE_METRICS: dict[str, tuple[str, bool]] = {
-    "iops": ("iops", True),
-    "bw": ("bw", True),
-    "lat_p99": ("lat_p99_ns", False),
-}
-_METRIC_LABELS = {"iops": "IOPS", "bw": "bandwidth", "lat_p99": "p99 latency"}
-_FAIL_ITEM_RE = re.compile(r"^\s*([a-z0-9_]+)\s*:\s*(\d+(?:\.\d+)?)\s*%\s*$")
 
 JsonScalar = str | int | float | bool | None
 
@@ -224,7 +203,7 @@ def records_to_json(records: Iterable[Record], checks: Iterable[RelativeCheck] =
     )
 
 
-def _read_json(path: str | os.PathLike[str], what: str) -> tuple[str, Any]:
+def read_json_file(path: str | os.PathLike[str], what: str) -> tuple[str, Any]:
     """A JSON file's text and value; ConfigError naming ``what`` and the file."""
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -235,7 +214,7 @@ def _read_json(path: str | os.PathLike[str], what: str) -> tuple[str, Any]:
 
 def load_session(path: str | os.PathLike[str]) -> SessionResults:
     """A ``--virtio-json`` file as SessionResults (records and checks); errors name it."""
-    text, data = _read_json(path, "results file")
+    text, data = read_json_file(path, "results file")
     results = SessionResults()
     if isinstance(data, Mapping):
         results.merge_dict(data)
@@ -253,7 +232,7 @@ def records_from_json(text: str) -> list[Record]:
     return [Record.from_dict(item) for item in items]
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def write_atomically(path: Path, text: str) -> None:
     """Write via a temp file and rename, so an interrupted run never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -269,7 +248,7 @@ def _write_atomically(path: Path, text: str) -> None:
 def write_json(records: Iterable[Record], path: str | os.PathLike[str],
                checks: Iterable[RelativeCheck] = ()) -> None:
     """Write :func:`records_to_json` to ``path`` atomically."""
-    _write_atomically(Path(path), records_to_json(records, checks) + "\n")
+    write_atomically(Path(path), records_to_json(records, checks) + "\n")
 
 
 def load_json(path: str | os.PathLike[str]) -> list[Record]:
@@ -418,146 +397,6 @@ def junit_properties(record: Record) -> list[tuple[str, str]]:
         props.append(("virtio_lat_p99_ns", _number(record.lat_p99_ns)))
     props.extend((f"virtio_{key}", str(value)) for key, value in sorted(record.extra.items()))
     return props
-
-
-# --- baselines ------------------------------------------------------------------------
-
-
-def machine_id(hostname: str | None = None, cpuinfo: str | None = None) -> str:
-    """``<hostname>-<hash of CPU model, count and arch>``: which numbers are comparable.
-
-    The hostname keeps it readable; the hash changes when the same name moves to
-    different hardware, which is exactly when old baselines stop meaning anything.
-    """
-    host = hostname if hostname is not None else socket.gethostname()
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            cpuinfo = ""
-    models = re.findall(r"^model name\s*:\s*(.+?)\s*$", cpuinfo, flags=re.MULTILINE)
-    fingerprint = f"{models[0] if models else platform.processor()}|{len(models)}|"
-    fingerprint += platform.machine()
-    digest = hashlib.sha256(fingerprint.encode()).hexdigest()[:10]
-    safe_host = re.sub(r"[^A-Za-z0-9.-]", "_", host) or "host"
-    return f"{safe_host}-{digest}"
-
-
-@dataclass(frozen=True)
-class Baseline:
-    """Saved records and the host they were measured on."""
-
-    machine_id: str
-    records: tuple[Record, ...]
-
-
-def save_baseline(records: Iterable[Record], path: str | os.PathLike[str], machine_id: str) -> None:
-    """Save ``records`` as the baseline for ``machine_id`` (records lacking a machine get it)."""
-    stamped = [r if r.machine else _with_machine(r, machine_id) for r in records]
-    doc = {
-        "version": FORMAT_VERSION,
-        "machine_id": machine_id,
-        "records": [r.to_dict() for r in stamped],
-    }
-    _write_atomically(Path(path), json.dumps(doc, indent=2, sort_keys=True) + "\n")
-
-
-def _with_machine(record: Record, machine: str) -> Record:
-    data = record.to_dict()
-    data["machine"] = machine
-    return Record.from_dict(data)
-
-
-def load_baseline(path: str | os.PathLike[str]) -> Baseline:
-    """Read a file written by :func:`save_baseline`; ConfigError names the file if bad."""
-    text, data = _read_json(path, "baseline")
-    if not isinstance(data, Mapping) or not isinstance(data.get("machine_id"), str):
-        raise ConfigError(f"baseline {os.fspath(path)!r} has no machine_id")
-    return Baseline(data["machine_id"], tuple(records_from_json(text)))
-
-
-def parse_compare_fail(spec: str) -> dict[str, float]:
-    """``"iops:10%,lat_p99:20%"`` → ``{"iops": 10.0, "lat_p99": 20.0}``."""
-    allowed = ", ".join(COMPARE_METRICS)
-    tolerances: dict[str, float] = {}
-    items = [item for item in spec.split(",") if item.strip()]
-    if not items:
-        raise ConfigError(f"compare-fail {spec!r} is empty; use e.g. 'iops:10%,lat_p99:20%'")
-    for item in items:
-        match = _FAIL_ITEM_RE.match(item)
-        if match is None:
-            raise ConfigError(
-                f"compare-fail item {item.strip()!r} is not METRIC:PERCENT% "
-                f"(e.g. 'iops:10%'); metrics: {allowed}"
-            )
-        metric, percent = match[1], float(match[2])
-        if metric not in COMPARE_METRICS:
-            raise ConfigError(f"compare-fail metric {metric!r} is not known; allowed: {allowed}")
-        if metric in tolerances:
-            raise ConfigError(f"compare-fail metric {metric!r} is given twice in {spec!r}")
-        tolerances[metric] = percent
-    return tolerances
-
-
-@dataclass(frozen=True)
-class Regression:
-    """One metric that got worse than allowed for one (machine, accel, device, workload)."""
-
-    machine: str
-    accel: str
-    device: str
-    workload: str
-    metric: str
-    baseline: float
-    current: float
-    change_pct: float
-    allowed_pct: float
-
-    def __str__(self) -> str:
-        fmt = {"iops": format_count, "bw": format_rate, "lat_p99": format_duration}[self.metric]
-        return (
-            f"{self.workload} on {self.device} ({self.accel}): {_METRIC_LABELS[self.metric]} "
-            f"{fmt(self.current)} vs baseline {fmt(self.baseline)} "
-            f"({self.change_pct:+.1f}%, allowed {self.allowed_pct:g}% worse)"
-        )
-
-
-def _means(records: Iterable[Record], attr: str, default_machine: str) -> dict[Key, float]:
-    """Mean of ``attr`` per key; repeated measurements of one key are averaged."""
-    sums: dict[Key, list[float]] = {}
-    for record in records:
-        value = getattr(record, attr)
-        if value is None:
-            continue
-        key = (record.machine or default_machine, *record.key[1:])
-        sums.setdefault(key, []).append(float(value))
-    return {key: sum(values) / len(values) for key, values in sums.items()}
-
-
-def compare(
-    records: Iterable[Record], baseline: Baseline, fail_spec: str = "iops:10%"
-) -> list[Regression]:
-    """Regressions of ``records`` against ``baseline`` beyond ``fail_spec``'s tolerances.
-
-    Keys present on one side only are ignored: a new test has nothing to regress
-    from, and a removed one cannot regress.
-    """
-    tolerances = parse_compare_fail(fail_spec)
-    current_records = list(records)
-    found: list[Regression] = []
-    for metric, allowed in tolerances.items():
-        attr, higher_is_better = COMPARE_METRICS[metric]
-        before = _means(baseline.records, attr, baseline.machine_id)
-        after = _means(current_records, attr, baseline.machine_id)
-        for key in sorted(before.keys() & after.keys()):
-            old, new = before[key], after[key]
-            if old == 0:
-                continue
-            change = (new - old) / old * 100
-            worse = -change if higher_is_better else change
-            if worse > allowed:
-                found.append(Regression(*key, metric, old, new, change, allowed))
-    return found
 
 
 # --- command line: merge shards --------------------------------------------------------

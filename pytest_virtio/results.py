@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import baseline as baseline_mod
 from . import perf as perf_mod
 from . import plot as plot_mod
 from . import report
@@ -93,10 +94,10 @@ def _compare_lines(records: Sequence[Record], settings: Settings) -> tuple[list[
     if settings.compare is None:
         return [], False
     try:
-        baseline = report.load_baseline(settings.compare)
+        baseline = baseline_mod.load_baseline(settings.compare)
     except ConfigError as exc:
         return [f"baseline comparison FAILED: {exc}"], True
-    regressions = report.compare(records, baseline, settings.compare_fail)
+    regressions = baseline_mod.compare(records, baseline, settings.compare_fail)
     here = {r.key for r in records}
     matched = sum(1 for r in baseline.records if r.key in here)
     head = (f"baseline {os.fspath(settings.compare)} (machine {baseline.machine_id}): "
@@ -113,7 +114,7 @@ def _write_outputs(records: Sequence[Record], settings: Settings,
     """Write JSON, baseline and chart; a failed write is reported, never a traceback."""
     lines: list[str] = []
     def save(path: Path) -> None:
-        report.save_baseline(records, path, report.machine_id())
+        baseline_mod.save_baseline(records, path, baseline_mod.machine_id())
 
     def chart(path: Path) -> None:
         plot_mod.write_chart(records, path, verdicts)

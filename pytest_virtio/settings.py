@@ -187,7 +187,7 @@ def _rounds(value: str | None) -> int:
 
 
 def _compare_fail(spec: str | None) -> str:
-    from .report import parse_compare_fail
+    from .baseline import parse_compare_fail
 
     text = spec or "iops:10%"
     try:

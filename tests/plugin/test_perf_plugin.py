@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_virtio.report import Record, machine_id, save_baseline
+from pytest_virtio.baseline import machine_id, save_baseline
+from pytest_virtio.report import Record
 
 TCG = "--virtio-accel=tcg"
 

@@ -10,21 +10,23 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pytest_virtio.errors import ConfigError
-from pytest_virtio.report import (
+from pytest_virtio.baseline import (
     Baseline,
-    Record,
     Regression,
     compare,
-    junit_properties,
     load_baseline,
-    load_json,
     machine_id,
     parse_compare_fail,
+    save_baseline,
+)
+from pytest_virtio.errors import ConfigError
+from pytest_virtio.report import (
+    Record,
+    junit_properties,
+    load_json,
     records_from_json,
     records_to_json,
     render_table,
-    save_baseline,
     write_json,
 )
 from pytest_virtio.workloads.fio import parse_fio_json
