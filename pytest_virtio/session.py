@@ -310,39 +310,17 @@ class VirtioSession:
         check_drivers(image, spec)
         check_cdrom_isos(spec)
         run_dir = self.new_run_dir()
-        root_image, root_format = str(image.rootfs), image.rootfs_format
         if own_root is not None:
-            root_image, root_format = str(own_root), "qcow2"
             create_overlay(own_root, image.rootfs, image.rootfs_format)
         disk_files = {d.name: prepare_disk_file(d, run_dir) for d in spec.disks}
         serials = {d.name: d.serial or d.name for d in spec.disks}
         ssh_nic = next((n for n in spec.nics if n.hostfwd_ssh), None)
-        ssh_args = ["pv.ssh=1"] if ssh_nic else []
-        if image.modules_disk is not None:
-            ssh_args.append(f"pv.modules={image.kernel_version}")
-        ssh_args += image.append
-        fw_cfg = {ssh_mod.AUTHORIZED_KEYS_FW_CFG: str(self.ssh_key().public_path)
-                  } if ssh_nic else {}
         backends = self._start_backends(spec, run_dir, disk_files, name)
         guest: Guest | None = None
         try:
-            initrd = initramfs_for(image, spec.root_modules)
-            ctx = spec_mod.LaunchContext(
-                qemu_binary=self.qemu, accel=accel, kernel=str(image.kernel),
-                initrd=str(initrd), root_image=root_image, root_format=root_format,
-                root_snapshot=own_root is None,
-                append=" ".join([BASE_APPEND, *ssh_args, *spec.kernel_args]),
-                qmp_socket=str(run_dir / "qmp.sock"),
-                console_socket=str(run_dir / "con.sock"),
-                console_log=str(run_dir / "console.log"),
-                disk_files=disk_files,
-                vhost_sockets={**{n: backend_socket(run_dir, n) for n in backends},
-                               **external_sockets(spec)},
-                serial_sockets=serial_sockets(spec, run_dir),
-                name=name,
-                fw_cfg=fw_cfg,
-                modules_image=str(image.modules_disk) if image.modules_disk else None,
-            )
+            ctx = self._context(spec, image, name, accel=accel, run_dir=run_dir,
+                                disk_files=disk_files, backends=backends,
+                                own_root=own_root, ssh=ssh_nic is not None)
             argv = spec_mod.to_argv(spec, ctx)
             machine = Machine(argv, run_dir, qmp_socket=ctx.qmp_socket,
                               console_socket=ctx.console_socket,
@@ -366,6 +344,37 @@ class VirtioSession:
             if ssh_nic is not None:
                 self.attach_ssh(guest, ssh_nic.name, scale)
         return guest
+
+    def _context(self, spec: spec_mod.MachineSpec, image: GuestImage, name: str, *,
+                 accel: str, run_dir: Path, disk_files: dict[str, str],
+                 backends: dict[str, Any], own_root: Path | None, ssh: bool
+                 ) -> spec_mod.LaunchContext:
+        """Everything the argv needs from the host: image paths, the kernel command
+        line, sockets, disk files, fw_cfg blobs."""
+        root_image, root_format = str(image.rootfs), image.rootfs_format
+        if own_root is not None:
+            root_image, root_format = str(own_root), "qcow2"
+        args = ["pv.ssh=1"] if ssh else []
+        if image.modules_disk is not None:
+            args.append(f"pv.modules={image.kernel_version}")
+        args += image.append
+        fw_cfg = {ssh_mod.AUTHORIZED_KEYS_FW_CFG: str(self.ssh_key().public_path)} if ssh else {}
+        return spec_mod.LaunchContext(
+            qemu_binary=self.qemu, accel=accel, kernel=str(image.kernel),
+            initrd=str(initramfs_for(image, spec.root_modules)), root_image=root_image,
+            root_format=root_format, root_snapshot=own_root is None,
+            append=" ".join([BASE_APPEND, *args, *spec.kernel_args]),
+            qmp_socket=str(run_dir / "qmp.sock"),
+            console_socket=str(run_dir / "con.sock"),
+            console_log=str(run_dir / "console.log"),
+            disk_files=disk_files,
+            vhost_sockets={**{n: backend_socket(run_dir, n) for n in backends},
+                           **external_sockets(spec)},
+            serial_sockets=serial_sockets(spec, run_dir),
+            name=name,
+            fw_cfg=fw_cfg,
+            modules_image=str(image.modules_disk) if image.modules_disk else None,
+        )
 
     def attach_ssh(self, guest: Guest, netdev: str, scale: float) -> None:
         """Give the guest its (lazily connecting) SSH session and pinned host key."""
