@@ -391,9 +391,7 @@ class SshSession:
             if not channel.closed and not channel.eof_sent:
                 channel.shutdown_write()
             deadline = time.monotonic() + SERVER_CLOSE_WAIT
-            while not channel.closed and time.monotonic() < deadline:
-                if _link_dead(channel):
-                    break
+            while not _link_dead(channel) and time.monotonic() < deadline:
                 time.sleep(POLL)
         except (OSError, EOFError, paramiko.SSHException):
             pass

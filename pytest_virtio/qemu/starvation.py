@@ -23,24 +23,26 @@ from pathlib import Path
 __all__ = ["Deadline", "schedstat", "thread_waits"]
 
 
-def thread_waits(pid: int) -> dict[int, int]:
-    """Nanoseconds each thread of ``pid`` has spent runnable but not running."""
-    waits: dict[int, int] = {}
-    for task in Path(f"/proc/{pid}/task").glob("*/schedstat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            waits[int(task.parent.name)] = int(task.read_text().split()[1])
-    return waits
-
-
-def schedstat(pid: int) -> tuple[int, int]:
-    """(ns on a CPU, ns runnable but waiting for one), summed over the process's threads
-    (``/proc/PID/task/*/schedstat``, fields 1 and 2)."""
-    ran = waited = 0
+def _tasks(pid: int) -> dict[int, tuple[int, int]]:
+    """Per thread of ``pid``: (ns on a CPU, ns runnable but waiting for one),
+    fields 1 and 2 of ``/proc/PID/task/TID/schedstat``; empty once it is gone."""
+    stats: dict[int, tuple[int, int]] = {}
     for task in Path(f"/proc/{pid}/task").glob("*/schedstat"):
         with contextlib.suppress(OSError, ValueError, IndexError):
             fields = task.read_text().split()
-            ran, waited = ran + int(fields[0]), waited + int(fields[1])
-    return ran, waited
+            stats[int(task.parent.name)] = (int(fields[0]), int(fields[1]))
+    return stats
+
+
+def thread_waits(pid: int) -> dict[int, int]:
+    """Nanoseconds each thread of ``pid`` has spent runnable but not running."""
+    return {tid: waited for tid, (_, waited) in _tasks(pid).items()}
+
+
+def schedstat(pid: int) -> tuple[int, int]:
+    """(ns on a CPU, ns runnable but waiting for one), summed over the process's threads."""
+    tasks = _tasks(pid).values()
+    return sum(ran for ran, _ in tasks), sum(waited for _, waited in tasks)
 
 
 class Deadline:
