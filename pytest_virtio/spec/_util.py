@@ -48,6 +48,10 @@ def _esc(value: str) -> str:
 
 
 Props: TypeAlias = list[tuple[str, str]]
+#: A device property as QMP types it (``device_add`` wants ints and bools where
+#: ``-device`` takes strings); built once, rendered to argv by ``_argv_props``.
+PropValue: TypeAlias = str | int | bool
+TypedProps: TypeAlias = list[tuple[str, PropValue]]
 
 
 def _opts(head: str, props: Props) -> str:
@@ -61,13 +65,26 @@ def _onoff(flag: bool) -> str:
     return "on" if flag else "off"
 
 
-def _transport_props(transport: str) -> Props:
-    """Forcing modern-only or legacy-only virtio-pci (default: QEMU's transitional)."""
+def _argv_props(props: TypedProps) -> Props:
+    """Typed properties as ``-device`` strings: bools are on/off, ints decimal."""
+    return [(key, _onoff(val) if isinstance(val, bool) else str(val)) for key, val in props]
+
+
+def _typed_transport_props(transport: str) -> TypedProps:
+    """Forcing modern-only or legacy-only virtio-pci (default: QEMU's transitional).
+
+    ``disable-legacy`` is an OnOffAuto property (a string in QMP), ``disable-modern``
+    a bool.
+    """
     if transport == "modern":
-        return [("disable-legacy", "on"), ("disable-modern", "off")]
+        return [("disable-legacy", "on"), ("disable-modern", False)]
     if transport == "legacy":
-        return [("disable-modern", "on"), ("disable-legacy", "off")]
+        return [("disable-modern", True), ("disable-legacy", "off")]
     return []
+
+
+def _transport_props(transport: str) -> Props:
+    return _argv_props(_typed_transport_props(transport))
 
 
 def _as_tuple(value: Any, what: str) -> tuple[Any, ...]:

@@ -8,7 +8,15 @@ from typing import Final
 
 from pytest_virtio import ids
 from pytest_virtio.errors import ConfigError
-from pytest_virtio.spec._util import Props, _onoff, _opts, _transport_props
+from pytest_virtio.spec._util import (
+    Props,
+    TypedProps,
+    _argv_props,
+    _onoff,
+    _opts,
+    _transport_props,
+    _typed_transport_props,
+)
 from pytest_virtio.spec.catalogue import (
     _NIC_DEVICE,
     _NUM_QUEUES_PROP,
@@ -102,21 +110,27 @@ def _disk_drive_props(disk: Disk) -> Props:
     return props
 
 
-def _frontend_props(disk: Disk | None, bus: str) -> Props:
-    """Per-disk device options: serial, queues, transport (None = the root disk)."""
+def frontend_props(disk: Disk | None, bus: str) -> TypedProps:
+    """Per-disk device options, typed: serial, queues, ring features, transport.
+
+    The one definition for boot (rendered to ``-device`` by ``_argv_props``) and
+    hotplug (``device_add`` takes them as they are). ``disk`` None is the root disk.
+    virtio-scsi queues belong to the controller, and its disks have no ring or
+    transport of their own.
+    """
     if disk is None:
         return [("serial", "root")] if bus == "nvme" else []
-    props: Props = []
+    props: TypedProps = []
     if bus != "vhost-user-blk":
         props.append(("serial", disk.serial or disk.name))
-    if disk.num_queues is not None and bus != "virtio-scsi":
-        props.append((_NUM_QUEUES_PROP[bus], str(disk.num_queues)))
-    if disk.queue_size is not None and bus != "virtio-scsi":
-        props.append((_QUEUE_SIZE_PROP[bus], str(disk.queue_size)))
-    props += [(k, "off") for k in _ring_features_off(disk)]
-    if bus != "virtio-scsi":
-        props += _transport_props(disk.transport)
-    return props
+    if bus == "virtio-scsi":
+        return props
+    if disk.num_queues is not None:
+        props.append((_NUM_QUEUES_PROP[bus], disk.num_queues))
+    if disk.queue_size is not None:
+        props.append((_QUEUE_SIZE_PROP[bus], disk.queue_size))
+    props += [(flag, False) for flag in _ring_features_off(disk)]
+    return props + _typed_transport_props(disk.transport)
 
 
 def _ring_features_off(disk: Disk) -> list[str]:
@@ -140,7 +154,8 @@ def _block_device(
     bus: str, ident: str, drive_id: str, placement: Props, disk: Disk | None
 ) -> list[str]:
     """The -device for a disk served by QEMU's block layer."""
-    props = [*placement, ("drive", drive_id), ("id", ident), *_frontend_props(disk, bus)]
+    props = [*placement, ("drive", drive_id), ("id", ident)]
+    props += _argv_props(frontend_props(disk, bus))
     return ["-device", _opts(_FRONTEND_MODEL[bus], props)]
 
 
@@ -151,7 +166,7 @@ def _vhost_user_device(
     if reconnect is not None:
         chardev.append(("reconnect", str(reconnect)))
     props = [("chardev", ids.vhost_chardev_id(ident)), ("id", ident),
-             *_frontend_props(disk, "vhost-user-blk")]
+             *_argv_props(frontend_props(disk, "vhost-user-blk"))]
     return ["-chardev", _opts("socket", chardev), "-device", _opts("vhost-user-blk-pci", props)]
 
 

@@ -7,8 +7,7 @@ from typing import Any, Final
 from pytest_virtio import ids
 from pytest_virtio.errors import ConfigError
 from pytest_virtio.spec._util import _choices
-from pytest_virtio.spec.argv import _FRONTEND_MODEL, _ring_features_off
-from pytest_virtio.spec.catalogue import _NUM_QUEUES_PROP, _QUEUE_SIZE_PROP
+from pytest_virtio.spec.argv import _FRONTEND_MODEL, frontend_props
 from pytest_virtio.spec.context import LaunchContext, _disk_file, _lookup
 from pytest_virtio.spec.model import Disk
 
@@ -51,27 +50,8 @@ def hotplug_props(disk: Disk, ctx: LaunchContext) -> tuple[dict[str, Any], dict[
         device["bus"] = "scsi0.0"
     if disk.cache in ("writethrough", "directsync"):
         device["write-cache"] = "off"
-    device.update(_qmp_frontend_props(disk))
+    device.update(frontend_props(disk, disk.bus))
     return blockdev, device
-
-
-def _qmp_frontend_props(disk: Disk) -> dict[str, Any]:
-    """Typed device_add values: QMP wants ints/bools where -device takes strings."""
-    props: dict[str, Any] = {}
-    if disk.bus != "vhost-user-blk":
-        props["serial"] = disk.serial or disk.name
-    if disk.bus == "virtio-scsi":
-        return props
-    if disk.num_queues is not None:
-        props[_NUM_QUEUES_PROP[disk.bus]] = disk.num_queues
-    if disk.queue_size is not None:
-        props[_QUEUE_SIZE_PROP[disk.bus]] = disk.queue_size
-    props.update({flag: False for flag in _ring_features_off(disk)})
-    if disk.transport == "modern":
-        props.update({"disable-legacy": "on", "disable-modern": False})
-    elif disk.transport == "legacy":
-        props.update({"disable-legacy": "off", "disable-modern": True})
-    return props
 
 
 def _vhost_user_hotplug(disk: Disk, ctx: LaunchContext) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -82,7 +62,7 @@ def _vhost_user_hotplug(disk: Disk, ctx: LaunchContext) -> tuple[dict[str, Any],
     chardev = {"id": ids.vhost_chardev_id(disk.name), "backend": {"type": "socket", "data": data}}
     device: dict[str, Any] = {"driver": "vhost-user-blk-pci", "id": disk.name}
     device["chardev"] = ids.vhost_chardev_id(disk.name)
-    device.update(_qmp_frontend_props(disk))
+    device.update(frontend_props(disk, disk.bus))
     return chardev, device
 
 
