@@ -29,8 +29,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from pytest_virtio.perf import relative_outcomes
-from pytest_virtio.report import Record, RelativeCheck
+from pytest_virtio.results.perf import relative_outcomes
+from pytest_virtio.results.records import Record, RelativeCheck
 
 SUITE = """
 import pytest

@@ -14,8 +14,9 @@ from collections.abc import Callable, Mapping
 import pytest
 
 from .guest import Guest
-from .metrics import MECHANISM
-from .report import Record, RelativeCheck, junit_properties
+from .results.metrics import MECHANISM
+from .results.records import Record, RelativeCheck
+from .results.render import junit_properties
 from .workloads.mechanism import Mechanism
 from .workloads.run import Measurement, count_mechanism, device_of, measure
 

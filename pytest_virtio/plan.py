@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Protocol
 
-from . import perf as perf_mod
 from . import spec as spec_mod
 from .errors import ConfigError
 from .images import kernel as kernel_mod
-from .perf import PerfSpec
+from .results import perf as perf_mod
+from .results.perf import PerfSpec
 from .session import check_honoured
 from .settings import Settings
 from .sharing import split_scope

@@ -21,12 +21,12 @@ from typing import Any
 import pytest
 
 from . import interrupts, tracebacks
-from . import perf as perf_mod
-from . import results as results_mod
 from . import spec as spec_mod
 from .errors import BackendError, ConfigError, VirtioError
 from .plan import TestPlan, build_plan
-from .report import SessionResults
+from .results import finish as results_mod
+from .results import perf as perf_mod
+from .results.records import SessionResults
 from .session import VirtioSession
 from .settings import OPTIONS, Settings, resolve_values
 from .sharing import SCOPES

@@ -181,13 +181,13 @@ def _report_paths(values: dict[str, str | None]) -> dict[str, Path | None]:
 
 
 def _rounds(value: str | None) -> int:
-    from .perf import parse_rounds
+    from .results.perf import parse_rounds
 
     return parse_rounds(value or "1", "--virtio-perf-rounds")
 
 
 def _compare_fail(spec: str | None) -> str:
-    from .baseline import parse_compare_fail
+    from .results.baseline import parse_compare_fail
 
     text = spec or "iops:10%"
     try:

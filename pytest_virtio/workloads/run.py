@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pytest_virtio import ids
-from pytest_virtio.baseline import machine_id
 from pytest_virtio.errors import ConfigError, WorkloadError
 from pytest_virtio.qemu.starvation import schedstat
-from pytest_virtio.report import Record
+from pytest_virtio.results.baseline import machine_id
+from pytest_virtio.results.records import Record
 from pytest_virtio.units import format_size, parse_size
 from pytest_virtio.workloads import dd as dd_mod
 from pytest_virtio.workloads import fio as fio_mod

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_virtio.baseline import machine_id, save_baseline
-from pytest_virtio.report import Record
+from pytest_virtio.results.baseline import machine_id, save_baseline
+from pytest_virtio.results.records import Record
 
 TCG = "--virtio-accel=tcg"
 
@@ -266,7 +266,7 @@ def test_remote_workers_in_their_own_directory_home_and_cache(
 STARVED_TEST = """
 import pytest
 from pytest_virtio.plugin import RESULTS_KEY
-from pytest_virtio.report import Record
+from pytest_virtio.results.records import Record
 
 @pytest.mark.workload("fio")
 @pytest.mark.perf(min_iops=10_000)

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from pytest_virtio import perf, spec
+from pytest_virtio import spec
 from pytest_virtio.images import builder
+from pytest_virtio.results import perf
 from pytest_virtio.settings import OPTIONS
 from pytest_virtio.workloads import run as workload_run
 

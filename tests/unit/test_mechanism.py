@@ -108,7 +108,7 @@ def test_counting_pass_is_short_and_the_same_job() -> None:
 
 
 def test_absolute_floors_take_the_best_round_relative_takes_medians() -> None:
-    from pytest_virtio.report import Record
+    from pytest_virtio.results.records import Record
 
     rounds = [Record("t", "ide", "w", "tcg", "m", iops, 0.0, lat_p99_ns=lat)
               for iops, lat in ((900, 3e6), (1200, 2e6), (1000, 9e6))]

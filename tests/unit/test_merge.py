@@ -1,4 +1,4 @@
-"""``python -m pytest_virtio.report merge``: shards judged together, machines kept apart."""
+"""``python -m pytest_virtio.results merge``: shards judged together, machines kept apart."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_virtio.report import Record, RelativeCheck, main, write_json
+from pytest_virtio.results.__main__ import main
+from pytest_virtio.results.records import Record, RelativeCheck, write_json
 
 GROUP = "t.py::test_rr"
 
@@ -59,7 +60,7 @@ def test_merge_a_check_finds_its_reference_in_another_shard(tmp_path: Path) -> N
 def test_merge_bad_input_names_the_file(tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    proc = subprocess.run([sys.executable, "-m", "pytest_virtio.report", "merge", str(bad)],
+    proc = subprocess.run([sys.executable, "-m", "pytest_virtio.results", "merge", str(bad)],
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 2
     assert "bad.json" in proc.stderr and "not valid JSON" in proc.stderr

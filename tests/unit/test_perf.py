@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pytest_virtio.errors import ConfigError
-from pytest_virtio.perf import PerfSpec, check_absolute, check_relative, metric_value
+from pytest_virtio.results.perf import PerfSpec, check_absolute, check_relative, metric_value
 from pytest_virtio.workloads.fio import FioResult, IoStats, parse_fio_json
 
 DATA = Path(__file__).parent / "data" / "fio"

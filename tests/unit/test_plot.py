@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pytest_virtio.errors import ConfigError
-from pytest_virtio.plot import (
+from pytest_virtio.results.plot import (
     EMULATED_COLOURS,
     VIRTIO_COLOURS,
     build_panels,
@@ -19,7 +19,7 @@ from pytest_virtio.plot import (
     render_svg,
     write_chart,
 )
-from pytest_virtio.report import Record
+from pytest_virtio.results.records import Record
 
 SVG = "{http://www.w3.org/2000/svg}"
 

@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pytest_virtio.baseline import (
+from pytest_virtio.errors import ConfigError
+from pytest_virtio.results.baseline import (
     Baseline,
     Regression,
     compare,
@@ -19,16 +20,14 @@ from pytest_virtio.baseline import (
     parse_compare_fail,
     save_baseline,
 )
-from pytest_virtio.errors import ConfigError
-from pytest_virtio.report import (
+from pytest_virtio.results.records import (
     Record,
-    junit_properties,
     load_json,
     records_from_json,
     records_to_json,
-    render_table,
     write_json,
 )
+from pytest_virtio.results.render import junit_properties, render_table
 from pytest_virtio.workloads.fio import parse_fio_json
 
 DATA = Path(__file__).parent / "data" / "fio"

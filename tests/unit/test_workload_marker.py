@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 from pytest_virtio.errors import ConfigError, WorkloadError
-from pytest_virtio.perf import PerfSpec, check_applicable, relative_outcomes
-from pytest_virtio.plot import build_panels
-from pytest_virtio.report import Record, RelativeCheck, SessionResults
+from pytest_virtio.results.perf import PerfSpec, check_applicable, relative_outcomes
+from pytest_virtio.results.plot import build_panels
+from pytest_virtio.results.records import Record, RelativeCheck, SessionResults
 from pytest_virtio.workloads.fio import FioResult, check_fio_run
 from pytest_virtio.workloads.run import WorkloadSpec, run_workload
 
@@ -191,8 +191,8 @@ def test_timed_verdict_on_starved_samples_is_inconclusive() -> None:
 
 
 def test_absolute_failure_on_a_starved_guest_says_the_host_was_busy() -> None:
-    from pytest_virtio.perf import PerfSpec
-    from pytest_virtio.results import absolute_failures
+    from pytest_virtio.results.finish import absolute_failures
+    from pytest_virtio.results.perf import PerfSpec
 
     marker = PerfSpec.from_marker((), {"min_iops": 10_000})
     busy = [dataclasses.replace(_rec("ide", 500), extra={"cpu_starved": 0.9})]

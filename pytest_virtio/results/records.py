@@ -1,16 +1,9 @@
-"""Results store and outputs: terminal table, JSON, junit properties, baselines.
+"""Result records: what one measured workload produced, as plain data, and its JSON.
 
-One :class:`Record` per measured workload.  Records are plain data that survive
+One :class:`Record` per measured workload (one round).  Records are plain data that survive
 JSON, because under pytest-xdist each worker measures its own guests and ships
 its records to the controller through ``workeroutput`` (execnet carries only
 builtins); the controller then renders one table for the whole session.
-
-Baselines work like pytest-benchmark's: save the session's records for this
-host, later compare a new session against them and fail on regressions larger
-than a per-metric tolerance (``"iops:10%,lat_p99:20%"``).  Comparisons are keyed
-by (machine, accel, device, workload): numbers from another host or from TCG
-instead of KVM are never compared, because they would differ for reasons that
-have nothing to do with the code under test.
 """
 
 from __future__ import annotations
@@ -18,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,18 +18,16 @@ from pathlib import Path
 from typing import Any
 
 from pytest_virtio.errors import ConfigError
-from pytest_virtio.metrics import MECHANISM, METRICS, spread
+from pytest_virtio.results.metrics import METRICS, spread
 from pytest_virtio.workloads.fio import FioResult
 
 __all__ = [
     "Record",
     "RelativeCheck",
     "SessionResults",
-    "junit_properties",
     "load_json",
     "records_from_json",
     "records_to_json",
-    "render_table",
     "write_json",
 ]
 
@@ -85,7 +75,7 @@ class Record:
             cpu_us_per_io=med["cpu_per_io"], extra=extra)
 
     def value(self, metric: str) -> float | None:
-        """The figure ``metric`` (a key of :data:`pytest_virtio.metrics.METRICS`)."""
+        """The figure ``metric`` (a key of :data:`pytest_virtio.results.metrics.METRICS`)."""
         spec = METRICS.get(metric)
         if spec is None:
             raise ConfigError(f"unknown metric {metric!r}; allowed: {', '.join(METRICS)}")
@@ -315,142 +305,3 @@ class SessionResults:
     def merge_dict(self, data: Mapping[str, Any]) -> None:
         self.records.extend(Record.from_dict(r) for r in data.get("records") or ())
         self.checks.extend(RelativeCheck.from_dict(c) for c in data.get("checks") or ())
-
-
-# --- terminal table -------------------------------------------------------------------
-
-_BASE_HEADERS = ("test", "device", "workload", "accel")
-#: Table column → metric; mechanism columns appear only when something counted them.
-_COLUMNS = (("IOPS", "iops"), ("bandwidth", "bw"), ("p99 latency", "lat_p99"),
-            ("traps/IO", "traps_per_io"), ("IRQs/IO", "irqs_per_io"),
-            ("CPU/IO", "cpu_per_io"))
-
-
-def group_samples(records: Iterable[Record]) -> dict[tuple[str, ...], list[Record]]:
-    """Records of one test, device, workload, accelerator and machine: the rounds of
-    one result (the machine is part of the key only when there are several)."""
-    pool = list(records)
-    several = len({r.machine for r in pool}) > 1
-    groups: dict[tuple[str, ...], list[Record]] = {}
-    for r in pool:
-        key = (r.test_id, r.device, r.workload, r.accel, *((r.machine,) if several else ()))
-        groups.setdefault(key, []).append(r)
-    return groups
-
-
-def _cell(samples: Sequence[Record], metric: str) -> str:
-    if metric == "iops" and samples[0].extra.get("kind") == "net":
-        return "-"
-    s = spread(r.value(metric) for r in samples)
-    if s is None:
-        return "-"
-    fmt = METRICS[metric].fmt
-    return fmt(s.median) if s.n == 1 else f"{fmt(s.median)} [{fmt(s.low)}..{fmt(s.high)}]"
-
-
-def render_table(records: Sequence[Record]) -> str:
-    """An aligned plain-text table for the terminal summary (numbers right-aligned).
-
-    One row per test result; with rounds the cell is the median and
-    ``[min..max]`` of every round.
-    """
-    if not records:
-        return "no I/O results recorded"
-    columns = [(h, m) for h, m in _COLUMNS
-               if m not in MECHANISM or any(r.value(m) is not None for r in records)]
-    base = (*_BASE_HEADERS, *(("machine",) if len({r.machine for r in records}) > 1 else ()))
-    headers = (*base, *(h for h, _ in columns))
-    rows = [headers]
-    for key, samples in group_samples(records).items():
-        rows.append((*key, *(_cell(samples, m) for _, m in columns)))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(headers))]
-
-    def line(row: tuple[str, ...]) -> str:
-        cells = [
-            cell.ljust(width) if i < len(base) else cell.rjust(width)
-            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
-        ]
-        return "  ".join(cells).rstrip()
-
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([line(rows[0]), rule, *(line(r) for r in rows[1:])])
-
-
-# --- junit ----------------------------------------------------------------------------
-
-
-def _number(value: float) -> str:
-    """Whole numbers without ``.0``; others in Python's shortest exact repr."""
-    return str(int(value)) if float(value).is_integer() else repr(float(value))
-
-
-def junit_properties(record: Record) -> list[tuple[str, str]]:
-    """``record_property`` pairs, prefixed so they never clash with other plugins'."""
-    props = [
-        ("virtio_device", record.device),
-        ("virtio_workload", record.workload),
-        ("virtio_accel", record.accel),
-        ("virtio_iops", _number(record.iops)),
-        ("virtio_bw_bytes", _number(record.bw)),
-    ]
-    if record.lat_p99_ns is not None:
-        props.append(("virtio_lat_p99_ns", _number(record.lat_p99_ns)))
-    props.extend((f"virtio_{key}", str(value)) for key, value in sorted(record.extra.items()))
-    return props
-
-
-# --- command line: merge shards --------------------------------------------------------
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m pytest_virtio.report merge shard*.json [--plot F] [--json F]``.
-
-    One verdict for a suite sharded across CI runners or xdist remote workers:
-    every shard's records and relative checks are merged; (machine,
-    accelerator) stay apart in the table, the chart and the relative checks.
-    Exit status 1 when a relative check failed, 2 on bad input.
-    """
-    import argparse
-
-    from pytest_virtio import plot, results
-
-    parser = argparse.ArgumentParser(prog="python -m pytest_virtio.report")
-    sub = parser.add_subparsers(dest="command", required=True)
-    merge = sub.add_parser("merge", help="merge --virtio-json files and judge them together")
-    merge.add_argument("shards", nargs="+", help="--virtio-json files of the shards")
-    merge.add_argument("--plot", help="write the merged chart (.svg or .png)")
-    merge.add_argument("--json", help="write the merged results JSON")
-    merge.add_argument("--inconclusive", choices=("pass", "fail"), default="pass",
-                       help="whether an inconclusive relative check fails (exit 1)")
-    args = parser.parse_args(argv)
-    merged = SessionResults()
-    try:
-        for shard in args.shards:
-            one = load_session(shard)
-            merged.records.extend(one.records)
-            merged.checks.extend(one.checks)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    judgement = results.judge_relative(merged)
-    print(f"{len(args.shards)} shard(s), {len(merged.records)} record(s), "
-          f"machines: {', '.join(sorted({r.machine for r in merged.records})) or 'none'}")
-    print(render_table(merged.records))
-    for line in judgement.lines:
-        print(line)
-    verdicts = [line for line in judgement.lines[1:] if not line.startswith(" ")]
-    if args.json:
-        write_json(merged.records, args.json, merged.checks)
-        print(f"results JSON written to {Path(args.json).resolve()}")
-    if args.plot and merged.records:
-        try:
-            plot.write_chart(merged.records, args.plot, verdicts)
-        except (ConfigError, OSError) as exc:
-            print(f"chart NOT written to {args.plot}: {exc}", file=sys.stderr)
-            return 2
-        print(f"chart written to {Path(args.plot).resolve()}")
-    return 1 if judgement.fails_session(args.inconclusive) else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

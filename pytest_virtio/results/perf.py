@@ -25,9 +25,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from pytest_virtio.errors import ConfigError
-from pytest_virtio.metrics import MECHANISM, Spread, spread
-from pytest_virtio.metrics import METRICS as METRIC_TABLE
-from pytest_virtio.report import Record, RelativeCheck
+from pytest_virtio.results.metrics import MECHANISM, Spread, spread
+from pytest_virtio.results.metrics import METRICS as METRIC_TABLE
+from pytest_virtio.results.records import Record, RelativeCheck
 from pytest_virtio.units import (
     parse_count,
     parse_duration,

@@ -29,8 +29,8 @@ from html import escape
 from pathlib import Path
 
 from pytest_virtio.errors import ConfigError, MissingToolError
-from pytest_virtio.metrics import Spread, spread
-from pytest_virtio.report import Record
+from pytest_virtio.results.metrics import Spread, spread
+from pytest_virtio.results.records import Record
 from pytest_virtio.units import format_count
 
 __all__ = [

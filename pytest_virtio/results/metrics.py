@@ -2,7 +2,7 @@
 
 Every consumer — the ``perf`` checks, the terminal table, baselines, the chart —
 reads a metric through :data:`METRICS` (its label, unit formatter, direction
-and where a :class:`~pytest_virtio.report.Record` keeps it) and aggregates
+and where a :class:`~pytest_virtio.results.records.Record` keeps it) and aggregates
 repeated samples with :func:`spread` (min / median / max).  The median, not the
 mean, is the central figure: on a loaded host one stalled round must not move
 the verdict.

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pytest_virtio.errors import ConfigError
-from pytest_virtio.report import (
+from pytest_virtio.results.records import (
     FORMAT_VERSION,
     Key,
     Record,

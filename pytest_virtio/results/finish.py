@@ -2,7 +2,7 @@
 
 plugin.py's hooks stay one-liners by calling here.  Runs once, in the process
 that has every record: a plain run, or the xdist controller after each worker
-shipped its :class:`~pytest_virtio.report.SessionResults`.  That is also why
+shipped its :class:`~pytest_virtio.results.records.SessionResults`.  That is also why
 relative checks (``perf(faster_than=...)``) are judged here and not in the
 test: the reference device's item may have run in another worker.
 """
@@ -14,13 +14,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pytest_virtio.errors import ConfigError, VirtioError
+from pytest_virtio.settings import Settings
+
 from . import baseline as baseline_mod
 from . import perf as perf_mod
 from . import plot as plot_mod
-from . import report
-from .errors import ConfigError, VirtioError
-from .report import Record, RelativeCheck, SessionResults
-from .settings import Settings
+from .records import Record, RelativeCheck, SessionResults, write_json
+from .render import render_table
 
 __all__ = ["Finish", "Judgement", "absolute_failures", "finish", "judge_relative",
            "summary_lines"]
@@ -120,7 +121,7 @@ def _write_outputs(records: Sequence[Record], settings: Settings,
         plot_mod.write_chart(records, path, verdicts)
 
     def json_file(path: Path) -> None:
-        report.write_json(records, path, checks)
+        write_json(records, path, checks)
 
     writers: list[tuple[str, Path | None, Callable[[Path], None]]] = [
         ("results JSON", settings.json, json_file),
@@ -176,7 +177,7 @@ def finish(results: SessionResults, settings: Settings) -> Finish:
 def summary_lines(results: SessionResults, outcome: Sequence[str]) -> list[str]:
     """The table (sorted by test id, so -n 2 and -n 0 print alike) and the verdicts."""
     records = sorted(results.records, key=lambda r: (r.test_id, r.device, r.workload))
-    lines = report.render_table(records).splitlines() if records else []
+    lines = render_table(records).splitlines() if records else []
     if outcome:
         lines.append("")
         lines.extend(outcome)
