@@ -38,7 +38,6 @@ __all__ = [
     "Panel",
     "build_panels",
     "is_network",
-    "is_sequential",
     "is_virtio",
     "render_svg",
     "write_chart",
@@ -71,23 +70,7 @@ def is_virtio(device: str) -> bool:
 
 def is_network(record: Record) -> bool:
     """Network transfers (iperf3) get their own panel, in bits per second."""
-    return record.extra.get("kind") == "net" or record.workload.lower().startswith("iperf")
-
-
-def is_sequential(workload: str) -> bool:
-    """Streaming workloads (fio ``read``/``write``/``rw``, ``seq*``) are judged by bandwidth.
-
-    Only for records from before the workload said so itself (``extra["sequential"]``).
-    """
-    name = workload.lower()
-    if "rand" in name:
-        return False
-    return any(word in name for word in ("read", "write", "seq", "rw", "dd"))
-
-
-def _sequential(record: Record) -> bool:
-    known = record.extra.get("sequential")
-    return known if isinstance(known, bool) else is_sequential(record.workload)
+    return record.kind == "net"
 
 
 @dataclass(frozen=True)
@@ -174,8 +157,8 @@ def build_panels(records: Sequence[Record]) -> list[Panel]:
                          else len({r.accel for r in records}) > 1)
     network = [r for r in records if is_network(r)]
     storage = [r for r in records if not is_network(r)]
-    random = [r for r in storage if not _sequential(r)]
-    sequential = [r for r in storage if _sequential(r)]
+    random = [r for r in storage if not r.sequential]
+    sequential = [r for r in storage if r.sequential]
     candidates = [
         _panel(random, "iops", "Random I/O — IOPS (higher is better)", "IOPS", mixed,
                label=_compact_count),

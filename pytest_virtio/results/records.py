@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pytest_virtio.errors import ConfigError
 from pytest_virtio.results.metrics import METRICS, spread
@@ -32,6 +32,8 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
+
+_T = TypeVar("_T")
 
 JsonScalar = str | int | float | bool | None
 
@@ -55,6 +57,11 @@ class Record:
     traps_per_io: float | None = None
     irqs_per_io: float | None = None
     cpu_us_per_io: float | None = None
+    #: What produced it: ``"fio"``, ``"dd"`` or ``"net"`` (iperf3); the table and the
+    #: chart pick columns and panels by it.
+    kind: str = "fio"
+    #: Streaming I/O, judged by bandwidth in the chart: what the job ran, not its label.
+    sequential: bool = False
 
     @classmethod
     def best_of(cls, records: Sequence[Record]) -> Record:
@@ -124,6 +131,8 @@ class Record:
             "lat_p99_ns": self.lat_p99_ns,
             "extra": dict(self.extra),
             **{name: getattr(self, name) for name in _MECHANISM_FIELDS},
+            "kind": self.kind,
+            "sequential": self.sequential,
         }
 
     @classmethod
@@ -145,6 +154,8 @@ class Record:
                 lat_p99_ns=None if lat is None else float(lat),
                 extra=dict(extra),
                 **{name: _optional_float(data, name) for name in _MECHANISM_FIELDS},
+                kind=_carried(data, extra, "kind", str, "fio"),
+                sequential=_carried(data, extra, "sequential", bool, False),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"malformed result record {dict(data)!r}: {exc}") from None
@@ -166,6 +177,15 @@ _MECHANISM_FIELDS = ("traps_per_io", "irqs_per_io", "cpu_us_per_io")
 def _optional_float(data: Mapping[str, Any], key: str) -> float | None:
     value = data.get(key)
     return None if value is None else float(value)
+
+
+def _carried(data: Mapping[str, Any], extra: Mapping[str, Any], key: str,
+             kind: type[_T], default: _T) -> _T:
+    """A typed field; files written before it was one carried it in ``extra``."""
+    value = data.get(key, extra.get(key, default))
+    if not isinstance(value, kind):
+        raise TypeError(f"{key} must be a {kind.__name__}, got {value!r}")
+    return value
 
 
 def _str_field(data: Mapping[str, Any], key: str) -> str:

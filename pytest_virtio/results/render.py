@@ -34,7 +34,7 @@ def group_samples(records: Iterable[Record]) -> dict[tuple[str, ...], list[Recor
 
 
 def _cell(samples: Sequence[Record], metric: str) -> str:
-    if metric == "iops" and samples[0].extra.get("kind") == "net":
+    if metric == "iops" and samples[0].kind == "net":
         return "-"
     s = spread(r.value(metric) for r in samples)
     if s is None:

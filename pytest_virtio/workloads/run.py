@@ -233,8 +233,8 @@ class Measurement:
         counts = mech.counts() if mech is not None else {}
         return Record(test_id, self.device, self.workload, accel, machine_id(),
                       iops=self.iops, bw=self.bw, lat_p99_ns=self.lat_p99_ns,
-                      extra={**self.extra, **counts, "group": group, "kind": self.kind,
-                             "sequential": self.sequential},
+                      extra={**self.extra, **counts, "group": group},
+                      kind=self.kind, sequential=self.sequential,
                       traps_per_io=mech.traps_per_io if mech else None,
                       irqs_per_io=mech.irqs_per_io if mech else None,
                       cpu_us_per_io=mech.cpu_us_per_io if mech else None)

@@ -13,7 +13,6 @@ from pytest_virtio.results.plot import (
     EMULATED_COLOURS,
     VIRTIO_COLOURS,
     build_panels,
-    is_sequential,
     is_virtio,
     nice_ticks,
     render_svg,
@@ -25,7 +24,8 @@ SVG = "{http://www.w3.org/2000/svg}"
 
 
 def rec(device: str, workload: str, iops: float, bw: float = 0.0, accel: str = "tcg") -> Record:
-    return Record(f"test_{workload}[{device}]", device, workload, accel, "m", iops, bw, 1e6)
+    return Record(f"test_{workload}[{device}]", device, workload, accel, "m", iops, bw, 1e6,
+                  sequential=not workload.startswith("rand"))
 
 
 RECORDS = [
@@ -40,8 +40,6 @@ RECORDS = [
 
 def test_classification() -> None:
     assert is_virtio("virtio-blk") and is_virtio("vhost-user-blk") and not is_virtio("ide")
-    assert is_sequential("read") and is_sequential("seqwrite") and is_sequential("rw")
-    assert not is_sequential("randread") and not is_sequential("randrw")
 
 
 def test_panels_split_random_and_sequential() -> None:
@@ -70,7 +68,7 @@ def test_mixed_accelerators_split_groups() -> None:
 def test_mechanism_panels_error_bars_and_verdicts() -> None:
     counted = [
         Record("t[ide]", "ide", "randread", "tcg", "m", 2000, 0, traps_per_io=26.0,
-               irqs_per_io=1.0, extra={"sequential": False}),
+               irqs_per_io=1.0),
         Record("t[vb]", "virtio-blk", "randread", "tcg", "m", 3000, 0, traps_per_io=0.4),
         Record("t[vb]", "virtio-blk", "randread", "tcg", "m", 5000, 0, traps_per_io=0.6),
     ]

@@ -81,10 +81,20 @@ _num = st.floats(min_value=0, max_value=1e12, allow_nan=False)
         bw=_num,
         lat_p99_ns=st.none() | _num,
         extra=st.dictionaries(_text, st.none() | st.integers() | _text | st.booleans()),
+        kind=st.sampled_from(("fio", "dd", "net")),
+        sequential=st.booleans(),
     )
 )
 def test_json_roundtrip_property(record: Record) -> None:
     assert Record.from_json(record.to_json()) == record
+
+
+def test_kind_and_sequential_are_fields_older_files_had_them_in_extra() -> None:
+    data = rec().to_dict()
+    del data["kind"], data["sequential"]
+    old = Record.from_dict({**data, "extra": {"kind": "net", "sequential": True}})
+    assert (old.kind, old.sequential) == ("net", True)
+    assert (Record.from_dict(data).kind, Record.from_dict(data).sequential) == ("fio", False)
 
 
 @pytest.mark.parametrize(
@@ -96,6 +106,7 @@ def test_json_roundtrip_property(record: Record) -> None:
         json.dumps({**rec().to_dict(), "iops": "fast"}),
         json.dumps({**rec().to_dict(), "device": 3}),
         json.dumps({**rec().to_dict(), "extra": [1]}),
+        json.dumps({**rec().to_dict(), "sequential": "yes"}),
     ],
 )
 def test_bad_record_json(text: str) -> None:

@@ -147,7 +147,7 @@ def test_session_results_survive_the_xdist_trip() -> None:
 
 def test_network_records_get_their_own_panel_in_bits() -> None:
     net = Record("t", "virtio-net", "iperf3 tcp host→guest", "tcg", "m", iops=0.0,
-                 bw=10e6, extra={"kind": "net"})
+                 bw=10e6, kind="net")
     [panel] = build_panels([net])
     assert panel.y_label == "throughput (Mbit/s)"
     [(_, [bar])] = panel.groups
