@@ -167,7 +167,7 @@ class ThreadProfile:
     def __init__(self, server: Any) -> None:
         self.profile = cProfile.Profile()
         self.server = server
-        self._orig = server._on_kick
+        self._orig = server.session.kick
 
         def profiled(vq: Any) -> None:
             self.profile.enable()
@@ -176,10 +176,10 @@ class ThreadProfile:
             finally:
                 self.profile.disable()
 
-        server._on_kick = profiled
+        server.session.kick = profiled
 
     def report(self, top: int = 25) -> str:
-        self.server._on_kick = self._orig
+        self.server.session.kick = self._orig
         out = io.StringIO()
         pstats.Stats(self.profile, stream=out).sort_stats("tottime").print_stats(top)
         return out.getvalue()

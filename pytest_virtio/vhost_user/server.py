@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import fcntl
-import mmap
 import os
 import select
 import selectors
@@ -32,7 +30,6 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
 from typing import Any
 
 from pytest_virtio.errors import BackendError, ProtocolError
@@ -40,43 +37,16 @@ from pytest_virtio.errors import BackendError, ProtocolError
 from . import protocol as p
 from .blk import SECTOR_SIZE, SEG_MAX, BlkDevice, Storage
 from .faults import FaultInjector
-from .memory import GuestMemory
-from .protocol import ProtocolFeature, Request, TransportFeature
+from .handler import OFFERED_PROTOCOL_FEATURES, BlkHandler, Reply, close_fd
+from .protocol import ProtocolFeature, Request
 from .ringcheck import RingCheck
 from .stats import Stats, Trace
 from .virtqueue import QueueBroken, Virtqueue
 
 __all__ = ["OFFERED_PROTOCOL_FEATURES", "VhostUserBlkServer"]
 
-#: Only what is implemented (QEMU switches on every bit it knows that we offer).
-OFFERED_PROTOCOL_FEATURES = int(
-    ProtocolFeature.MQ
-    | ProtocolFeature.REPLY_ACK
-    | ProtocolFeature.CONFIG
-    | ProtocolFeature.INFLIGHT_SHMFD
-    | ProtocolFeature.RESET_DEVICE
-)
 _SOCKET_TIMEOUT = 10.0  # a front-end that stalls mid-message is dropped, not waited on forever
 IDLE_CHECK_INTERVAL = 1.0  # seconds between Virtqueue.idle_check passes
-_EVENTFD_LINK = "anon_inode:[eventfd]"  # readlink of an eventfd's /proc/self/fd entry
-_INFLIGHT_QUEUE_HDR = 16  # vhost-user.rst "Inflight I/O tracking": split queue region header
-_INFLIGHT_DESC = 16  # DescStateSplit
-
-Reply = bytes | tuple[bytes, int] | None
-
-
-def _close(fd: int) -> None:
-    if fd >= 0:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-
-
-def _fd_kind(fd: int) -> str:
-    """What an fd is, as /proc names it (``anon_inode:[eventfd]``, ``pipe:[…]``, a path)."""
-    try:
-        return os.readlink(f"/proc/self/fd/{fd}")
-    except OSError as exc:
-        return f"unknown ({exc.strerror})"
 
 
 class _Stopping(ConnectionError):
@@ -126,7 +96,6 @@ class VhostUserBlkServer:
         self.stats = Stats(num_queues)
         self.faults = FaultInjector(on_break=self._request_break)
         self.trace = Trace()
-        self.ring_check: RingCheck | None = None
         readonly = readonly or bool(getattr(storage, "readonly", False))
         self.device = BlkDevice(
             storage, readonly=readonly, serial=serial, num_queues=num_queues,
@@ -135,6 +104,9 @@ class VhostUserBlkServer:
             seg_max=max(1, min(SEG_MAX, queue_size_max - 2)),
             stats=self.stats, faults=self.faults, trace=self.trace,
         )
+        self.session = BlkHandler(self.device, self.stats, num_queues=num_queues,
+                                  queue_size_max=queue_size_max, loop=self,
+                                  on_queue_broken=self._queue_broken)
         self.messages_seen: collections.Counter[str] = collections.Counter()
         #: The most recent requests in order, for failure reports.
         self.message_log: collections.deque[str] = collections.deque(maxlen=200)
@@ -148,35 +120,6 @@ class VhostUserBlkServer:
         self._stopping = False
         self._breaks: collections.deque[int] = collections.deque()
         self._connected = threading.Event()
-        self._running = threading.Event()
-        self._lock = threading.Lock()
-        self._handlers: dict[Request, Callable[[p.Header, bytes, list[int]], Reply]] = {
-            Request.GET_FEATURES: self._get_features,
-            Request.SET_FEATURES: self._set_features,
-            Request.SET_OWNER: self._set_owner,
-            Request.RESET_OWNER: self._reset_device,
-            Request.GET_PROTOCOL_FEATURES: self._get_protocol_features,
-            Request.SET_PROTOCOL_FEATURES: self._set_protocol_features,
-            Request.GET_QUEUE_NUM: self._get_queue_num,
-            Request.SET_MEM_TABLE: self._set_mem_table,
-            Request.SET_VRING_NUM: self._set_vring_num,
-            Request.SET_VRING_BASE: self._set_vring_base,
-            Request.SET_VRING_ADDR: self._set_vring_addr,
-            Request.GET_VRING_BASE: self._get_vring_base,
-            Request.SET_VRING_KICK: self._set_vring_kick,
-            Request.SET_VRING_CALL: self._set_vring_call,
-            Request.SET_VRING_ERR: self._set_vring_err,
-            Request.SET_VRING_ENABLE: self._set_vring_enable,
-            Request.GET_CONFIG: self._get_config,
-            Request.SET_CONFIG: self._set_config,
-            Request.GET_INFLIGHT_FD: self._get_inflight_fd,
-            Request.SET_INFLIGHT_FD: self._set_inflight_fd,
-            Request.RESET_DEVICE: self._reset_device,
-            Request.GET_MAX_MEM_SLOTS: self._get_max_mem_slots,
-            Request.SET_STATUS: self._set_status,
-            Request.GET_STATUS: self._get_status,
-        }
-        self._reset_session()
 
     # --- public API ------------------------------------------------------------------
 
@@ -242,7 +185,7 @@ class VhostUserBlkServer:
             self._listener = None
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.socket_path)
-        _close(self._wake_fd)
+        close_fd(self._wake_fd)
         self._wake_fd = -1
 
     def close(self, timeout: float = 10.0) -> None:
@@ -274,7 +217,7 @@ class VhostUserBlkServer:
 
     @property
     def running(self) -> bool:
-        return self._running.is_set()
+        return self.session.running.is_set()
 
     def wait_connected(self, timeout: float = 10.0) -> None:
         """Block until a front-end is connected; BackendError on timeout."""
@@ -282,17 +225,14 @@ class VhostUserBlkServer:
 
     def wait_running(self, timeout: float = 10.0) -> None:
         """Block until a queue is started and enabled; BackendError on timeout."""
-        self._wait(self._running, timeout, "start a queue")
+        self._wait(self.session.running, timeout, "start a queue")
 
     def broken_queues(self) -> dict[int, str]:
         return dict(self.stats.broken)
 
     def enable_ring_check(self) -> RingCheck:
         """Check split-ring invariants on every batch from now on (see :mod:`.ringcheck`)."""
-        check = self.ring_check = RingCheck()
-        for vq in self.queues:
-            vq.check = check
-        return check
+        return self.session.enable_ring_check()
 
     def queue_state(self) -> dict[str, Any]:
         """Every queue's indices, kicks and calls, plus stats: what a hang report needs."""
@@ -303,8 +243,8 @@ class VhostUserBlkServer:
             "queues": [vq.state(now) for vq in list(self.queues)],
             "stats": self.stats.to_dict(),
             "errors": [repr(e) for e in self.errors],
-            "ring_check_violations": (None if self.ring_check is None
-                                      else list(self.ring_check.violations)),
+            "ring_check_violations": (None if self.session.ring_check is None
+                                      else list(self.session.ring_check.violations)),
             "recent_messages": list(self.message_log)[-20:],
         }
 
@@ -349,39 +289,26 @@ class VhostUserBlkServer:
         self._breaks.append(index)
         self._wake()
 
-    # --- session state ------------------------------------------------------------------
+    # --- the session and the loop's side of it ---------------------------------------------
 
-    def _reset_session(self) -> None:
-        self.features = 0
-        self.protocol_features = 0
-        self.status = 0
-        self.mem: GuestMemory | None = None
-        self.queues = [
-            Virtqueue(i, self.queue_size_max, self.stats) for i in range(self.num_queues)
-        ]
-        for vq in self.queues:
-            vq.on_broken = self._queue_broken
-            vq.check = self.ring_check
-        self._inflight_fd = -1
-        self._inflight_map: mmap.mmap | None = None
+    @property
+    def queues(self) -> list[Virtqueue]:
+        return self.session.queues
 
-    def _release_queue_fds(self, vq: Virtqueue) -> None:
-        self._set_kick(vq, -1)
-        _close(vq.call_fd)
-        _close(vq.err_fd)
-        vq.call_fd = vq.err_fd = -1
+    @property
+    def features(self) -> int:
+        """The virtio features the front-end acked (SET_FEATURES)."""
+        return self.session.features
 
-    def _teardown_session(self) -> None:
-        for vq in self.queues:
-            self._release_queue_fds(vq)
-            vq.detach()
-        if self.mem is not None:
-            self.mem.close()
-        if self._inflight_map is not None:
-            self._inflight_map.close()
-        _close(self._inflight_fd)
-        self._reset_session()
-        self._running.clear()
+    def watch(self, fd: int, vq: Virtqueue) -> None:
+        """KickWatcher: serve ``vq`` when its kick eventfd ``fd`` is readable."""
+        if self._sel is not None:
+            self._sel.register(fd, selectors.EVENT_READ, vq)
+
+    def unwatch(self, fd: int) -> None:
+        if self._sel is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self._sel.unregister(fd)
 
     # --- the loop -------------------------------------------------------------------------
 
@@ -409,7 +336,7 @@ class VhostUserBlkServer:
     def _dispatch_event(self, tag: Any) -> None:
         try:
             if isinstance(tag, Virtqueue):
-                self._on_kick(tag)
+                self.session.kick(tag)
             elif tag == "conn":
                 self._on_message()
             elif tag == "accept":
@@ -417,8 +344,7 @@ class VhostUserBlkServer:
             elif tag == "wake":
                 self._on_wake()
             elif tag == "idle":
-                for vq in self.queues:
-                    vq.idle_check(self.device.handle)
+                self.session.idle_check()
         except ProtocolError as exc:
             self.errors.append(exc)
             self._disconnect()
@@ -465,7 +391,7 @@ class VhostUserBlkServer:
                 with contextlib.suppress(KeyError, ValueError):
                     self._sel.unregister(conn)
             conn.close()
-        self._teardown_session()
+        self.session.teardown()
         self._connected.clear()
 
     def _on_wake(self) -> None:
@@ -481,10 +407,6 @@ class VhostUserBlkServer:
         self.errors.append(QueueBroken(
             f"vhost-user-blk disk {self.name!r}: queue {vq.index} is broken: {reason}"
         ))
-
-    def _on_kick(self, vq: Virtqueue) -> None:
-        if vq.kick_fd >= 0:
-            vq.kick(self.device.handle)
 
     # --- messages ---------------------------------------------------------------------------
 
@@ -540,7 +462,7 @@ class VhostUserBlkServer:
             payload = self._recv_exact(header.size) if header.size else b""
         except BaseException:
             for fd in fds:
-                _close(fd)
+                close_fd(fd)
             raise
         return header, payload, list(fds)
 
@@ -556,7 +478,7 @@ class VhostUserBlkServer:
             self.message_log.append(request.name)
             p.check_payload_size(request, payload)
             p.check_fd_count(request, payload, len(fds))
-            reply = self._handlers[request](header, payload, fds)
+            reply = self.session.handle(request, header, payload, fds)
         except ProtocolError as exc:
             # Record before answering so a test that saw the NAK also sees the error.
             self.errors.append(exc)
@@ -565,7 +487,7 @@ class VhostUserBlkServer:
             return
         finally:
             for fd in fds:  # whatever a handler did not take
-                _close(fd)
+                close_fd(fd)
         if request in p.ALWAYS_REPLY:
             self._send_reply(request, reply)
         else:
@@ -574,7 +496,7 @@ class VhostUserBlkServer:
     def _maybe_ack(self, header: p.Header, failed: bool) -> None:
         if (
             header.need_reply
-            and self.protocol_features & ProtocolFeature.REPLY_ACK
+            and self.session.protocol_features & ProtocolFeature.REPLY_ACK
             and header.request not in p.ALWAYS_REPLY
             and self._conn is not None
         ):
@@ -590,218 +512,3 @@ class VhostUserBlkServer:
             socket.send_fds(self._conn, [p.encode_reply(request, payload)], [fd])
         else:
             self._conn.sendall(p.encode_reply(request, reply or b""))
-
-    def _queue(self, index: int) -> Virtqueue:
-        if not 0 <= index < self.num_queues:
-            raise ProtocolError(f"queue index {index} out of range (device has {self.num_queues})")
-        return self.queues[index]
-
-    # --- handlers (vhost-user.rst "Front-end message types") ---------------------------------
-
-    def _offered_features(self) -> int:
-        return self.device.features | int(TransportFeature.PROTOCOL_FEATURES)
-
-    def _get_features(self, h: p.Header, payload: bytes, fds: list[int]) -> Reply:
-        return p.encode_u64(self._offered_features())
-
-    def _set_features(self, h: p.Header, payload: bytes, fds: list[int]) -> Reply:
-        features = p.decode_u64(payload)
-        if features & ~self._offered_features():
-            raise ProtocolError(f"front-end acked features we never offered: {features:#x}")
-        self.features = features
-        for vq in self.queues:
-            vq.event_idx = bool(features & TransportFeature.EVENT_IDX)
-            vq.indirect = bool(features & TransportFeature.INDIRECT_DESC)
-        return None
-
-    def _set_owner(self, h: p.Header, payload: bytes, fds: list[int]) -> Reply:
-        return None
-
-    def _get_protocol_features(self, h: p.Header, payload: bytes, fds: list[int]) -> Reply:
-        return p.encode_u64(OFFERED_PROTOCOL_FEATURES)
-
-    def _set_protocol_features(self, h: p.Header, payload: bytes, fds: list[int]) -> Reply:
-        value = p.decode_u64(payload)
-        if value & ~OFFERED_PROTOCOL_FEATURES:
-            raise ProtocolError(f"front-end acked protocol features we never offered: {value:#x}")
-        self.protocol_features = value
-        return None
-
-    def _get_queue_num(self, h: p.Header, payload: bytes, fds: list[int]) -> Reply:
-        return p.encode_u64(self.num_queues)
-
-    def _get_max_mem_slots(self, h: p.Header, payload: bytes, fds: list[int]) -> Reply:
-        return p.encode_u64(p.MAX_REGIONS)
-
-    def _set_status(self, h: p.Header, payload: bytes, fds: list[int]) -> Reply:
-        self.status = p.decode_u64(payload) & 0xFF
-        return None
-
-    def _get_status(self, h: p.Header, payload: bytes, fds: list[int]) -> Reply:
-        return p.encode_u64(self.status)
-
-    def _reset_device(self, h: p.Header, payload: bytes, fds: list[int]) -> Reply:
-        for vq in self.queues:
-            self._release_queue_fds(vq)
-            vq.reset()
-            vq.enabled = False
-            if self.mem is not None:
-                vq.attach(self.mem)
-        self.features = 0
-        self._running.clear()
-        return None
-
-    def _set_mem_table(self, h: p.Header, payload: bytes, fds: list[int]) -> Reply:
-        regions = p.decode_mem_table(payload)
-        new = GuestMemory(regions, fds)  # mmap holds its own reference; fds closed by caller
-        old, self.mem = self.mem, new
-        for vq in self.queues:
-            vq.attach(new)  # drops views into the old mapping first
-        if old is not None:
-            old.close()
-        return None
-
-    def _set_vring_num(self, h: p.Header, payload: bytes, fds: list[int]) -> Reply:
-        state = p.decode_vring_state(payload)
-        vq = self._queue(state.index)
-        vq.set_num(state.num)
-        if vq.addr is not None and self.mem is not None:
-            vq.attach(self.mem)  # views sized for the old number would be stale
-        return None
-
-    def _set_vring_base(self, h: p.Header, payload: bytes, fds: list[int]) -> Reply:
-        state = p.decode_vring_state(payload)
-        self._queue(state.index).set_base(state.num)
-        return None
-
-    def _set_vring_addr(self, h: p.Header, payload: bytes, fds: list[int]) -> Reply:
-        addr = p.decode_vring_addr(payload)
-        vq = self._queue(addr.index)
-        if vq.size == 0:
-            raise ProtocolError(f"SET_VRING_ADDR for queue {addr.index} before SET_VRING_NUM")
-        vq.set_addr(addr, self.mem)
-        return None
-
-    def _get_vring_base(self, h: p.Header, payload: bytes, fds: list[int]) -> Reply:
-        """Stop the ring and report last_avail_idx; nothing is in flight by construction."""
-        state = p.decode_vring_state(payload)
-        vq = self._queue(state.index)
-        self._set_kick(vq, -1)
-        vq.started = False
-        if not any(q.ready for q in self.queues):
-            self._running.clear()
-        return p.encode_vring_state(p.VringState(state.index, vq.last_avail))
-
-    def _set_kick(self, vq: Virtqueue, fd: int) -> None:
-        if vq.kick_fd >= 0:
-            if self._sel is not None:
-                with contextlib.suppress(KeyError, ValueError):
-                    self._sel.unregister(vq.kick_fd)
-            _close(vq.kick_fd)
-        vq.kick_fd = fd
-        if fd >= 0 and self._sel is not None:
-            self._sel.register(fd, selectors.EVENT_READ, vq)
-
-    def _take_vring_fd(self, payload: bytes, fds: list[int]) -> tuple[Virtqueue, int]:
-        vf = p.decode_vring_file(payload)
-        vq = self._queue(vf.index)
-        return vq, (-1 if vf.nofd else fds.pop())
-
-    def _set_vring_kick(self, h: p.Header, payload: bytes, fds: list[int]) -> Reply:
-        vq, fd = self._take_vring_fd(payload, fds)
-        if fd < 0:
-            raise ProtocolError("polling mode (SET_VRING_KICK without fd) is not supported")
-        kind = _fd_kind(fd)
-        if kind != _EVENTFD_LINK:
-            _close(fd)
-            raise ProtocolError(f"SET_VRING_KICK for queue {vq.index}: the fd is {kind}, "
-                                "not an eventfd (vhost-user.rst: kick fds are eventfds)")
-        os.set_blocking(fd, False)
-        self._set_kick(vq, fd)
-        vq.started = True
-        if not self.features & TransportFeature.PROTOCOL_FEATURES:
-            vq.enabled = True  # vhost-user.rst: rings start enabled without bit 30
-        self._service(vq)
-        return None
-
-    def _set_vring_call(self, h: p.Header, payload: bytes, fds: list[int]) -> Reply:
-        vq, fd = self._take_vring_fd(payload, fds)
-        if fd >= 0:
-            os.set_blocking(fd, False)  # a full pipe must drop the signal, not stall the loop
-        _close(vq.call_fd)
-        vq.call_fd = fd
-        return None
-
-    def _set_vring_err(self, h: p.Header, payload: bytes, fds: list[int]) -> Reply:
-        vq, fd = self._take_vring_fd(payload, fds)
-        if fd >= 0:
-            os.set_blocking(fd, False)
-        _close(vq.err_fd)
-        vq.err_fd = fd
-        return None
-
-    def _set_vring_enable(self, h: p.Header, payload: bytes, fds: list[int]) -> Reply:
-        state = p.decode_vring_state(payload)
-        vq = self._queue(state.index)
-        if state.num not in (0, 1):
-            raise ProtocolError(f"SET_VRING_ENABLE with {state.num}")
-        vq.enabled = bool(state.num)
-        self._service(vq)
-        return None
-
-    def _service(self, vq: Virtqueue) -> None:
-        """A queue just became usable: note it and serve what the guest queued already."""
-        if vq.ready:
-            self._running.set()
-            vq.drain(self.device.handle)
-
-    def _get_config(self, h: p.Header, payload: bytes, fds: list[int]) -> Reply:
-        cfg = p.decode_config(payload)
-        data = self.device.read_config(cfg.offset, cfg.size)
-        return p.encode_config(p.ConfigSpace(cfg.offset, cfg.size, cfg.flags, data))
-
-    def _set_config(self, h: p.Header, payload: bytes, fds: list[int]) -> Reply:
-        cfg = p.decode_config(payload)
-        self.device.write_config(cfg.offset, cfg.data)
-        return None
-
-    def _get_inflight_fd(self, h: p.Header, payload: bytes, fds: list[int]) -> Reply:
-        """Share a zeroed inflight area (vhost-user.rst "Inflight I/O tracking").
-
-        Requests complete in order on this one thread, so after a reconnect the
-        front-end's restored last_avail_idx (= used idx) replays exactly the
-        unfinished ones; the area exists so QEMU can hand it back.
-        """
-        req = p.decode_inflight(payload)
-        if not 1 <= req.num_queues <= self.num_queues or not 1 <= req.queue_size <= 32768:
-            raise ProtocolError(f"GET_INFLIGHT_FD for {req.num_queues}x{req.queue_size}")
-        per_queue = _INFLIGHT_QUEUE_HDR + _INFLIGHT_DESC * req.queue_size
-        per_queue = (per_queue + 63) & ~63
-        size = per_queue * req.num_queues
-        fd = os.memfd_create("vhost-user-blk-inflight", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-        os.ftruncate(fd, size)
-        # The front-end gets this fd: sealed, it cannot shrink it under our mapping (SIGBUS).
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
-        if self._inflight_map is not None:
-            self._inflight_map.close()
-        _close(self._inflight_fd)
-        self._inflight_fd = fd
-        self._inflight_map = mmap.mmap(fd, size)
-        for q in range(req.num_queues):
-            # version 1 and desc_num, so a reader of the area sees a valid header
-            self._inflight_map[q * per_queue + 8 : q * per_queue + 12] = (
-                (1).to_bytes(2, "little") + req.queue_size.to_bytes(2, "little")
-            )
-        inf = p.Inflight(size, 0, req.num_queues, req.queue_size)
-        return p.encode_inflight(inf), fd
-
-    def _set_inflight_fd(self, h: p.Header, payload: bytes, fds: list[int]) -> Reply:
-        inf = p.decode_inflight(payload)
-        if inf.num_queues > self.num_queues:
-            raise ProtocolError(f"SET_INFLIGHT_FD for {inf.num_queues} queues")
-        if self._inflight_map is not None:
-            self._inflight_map.close()
-            self._inflight_map = None
-        _close(self._inflight_fd)
-        self._inflight_fd = fds.pop()
-        return None
