@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import ids
+from . import ids, inventory
 from .agent import GuestAgent, agent_start_script
 from .errors import (
     BackendError,
@@ -28,6 +28,7 @@ from .errors import (
     QmpError,
     VirtioError,
 )
+from .inventory import Module, PciDevice, VirtioDevice
 from .qemu.machine import Machine
 from .runners import VIAS, Result, Runner
 from .serial import SerialPort, guest_link_script
@@ -39,78 +40,8 @@ if TYPE_CHECKING:
     from .workloads.fio import FioResult
 
 
-@dataclass(frozen=True, slots=True)
-class VirtioDevice:
-    """A device on the guest's virtio bus and the driver bound to it.
-
-    ``device_id`` is the virtio device ID (virtio 1.2 §5: 1 net, 2 block,
-    3 console, 4 entropy, 5 balloon, 8 SCSI); ``pci`` is the PCI function
-    the virtio-pci transport exposes it on.
-    """
-
-    name: str
-    device_id: int
-    driver: str | None
-    pci: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class PciDevice:
-    slot: str
-    vendor: int
-    device: int
-    pci_class: int
-    driver: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class Module:
-    name: str
-    size: int
-    used_by: tuple[str, ...]
-    builtin: bool = False
-
-
 #: QEMU's refusals to free a backend its (unplugged, not yet finalized) device holds.
 _STILL_HELD = re.compile(r"is in use|is busy")
-
-_VIRTIO_SCRIPT = r"""
-for dev in /sys/bus/virtio/devices/*; do
-  [ -e "$dev" ] || continue
-  n=${dev##*/}
-  drv=-; [ -e "$dev/driver" ] && drv=$(basename "$(readlink "$dev/driver")")
-  parent=$(basename "$(dirname "$(readlink -f "$dev")")")
-  echo "$n $(cat "$dev/device") $drv $parent"
-done
-"""
-
-_BLOCK_SCRIPT = r"""
-for b in /sys/block/*; do
-  n=${b##*/}
-  case "$n" in loop*|ram*) continue ;; esac
-  s=""
-  if [ -r "$b/serial" ]; then s=$(cat "$b/serial")
-  elif [ -r "$b/device/serial" ]; then s=$(cat "$b/device/serial")
-  elif [ -r "$b/device/vpd_pg80" ]; then s=$(tail -c +5 "$b/device/vpd_pg80" | tr -d '\000')
-  fi
-  echo "$n $s"
-done
-"""
-
-_DRIVER_CHAIN = r"""
-d=$(readlink -f {path})
-while [ "$d" != / ] && [ "$d" != /sys/devices ]; do
-  [ -e "$d/driver" ] && basename "$(readlink "$d/driver")"
-  d=$(dirname "$d")
-done
-"""
-
-_PCI_SCRIPT = r"""
-for dev in /sys/bus/pci/devices/*; do
-  drv=-; [ -e "$dev/driver" ] && drv=$(basename "$(readlink "$dev/driver")")
-  echo "${dev##*/} $(cat "$dev/vendor") $(cat "$dev/device") $(cat "$dev/class") $drv"
-done
-"""
 
 
 #: ISO 9660 §8.4: the primary volume descriptor is the 2048-byte sector 16.
@@ -241,16 +172,7 @@ class Guest:
 
     # -- drivers and modules -------------------------------------------------
     def virtio_devices(self) -> list[VirtioDevice]:
-        out = self.check(_VIRTIO_SCRIPT).stdout
-        devices = []
-        for line in out.splitlines():
-            name, dev_id, drv, parent = line.split()
-            devices.append(VirtioDevice(
-                name=name, device_id=int(dev_id, 16),
-                driver=None if drv == "-" else drv,
-                pci=parent if ":" in parent else None,
-            ))
-        return devices
+        return inventory.parse_virtio_devices(self.check(inventory.VIRTIO_SCRIPT).stdout)
 
     def drivers(self) -> dict[str, list[VirtioDevice]]:
         """Bound virtio drivers (``/sys/bus/virtio/drivers``) → the devices they drive."""
@@ -261,32 +183,11 @@ class Guest:
         return bound
 
     def pci_devices(self) -> list[PciDevice]:
-        out = self.check(_PCI_SCRIPT).stdout
-        devices = []
-        for line in out.splitlines():
-            slot, vendor, device, cls, drv = line.split()
-            devices.append(PciDevice(slot, int(vendor, 16), int(device, 16), int(cls, 16),
-                                     None if drv == "-" else drv))
-        return devices
+        return inventory.parse_pci_devices(self.check(inventory.PCI_SCRIPT).stdout)
 
     def lsmod(self) -> dict[str, Module]:
         """Loaded modules (``/proc/modules``) plus built-ins (``modules.builtin``)."""
-        out = self.check(
-            "cat /proc/modules; echo '--builtin--'; "
-            "cat /lib/modules/$(uname -r)/modules.builtin 2>/dev/null"
-        ).stdout
-        loaded, _, builtin = out.partition("--builtin--\n")
-        mods: dict[str, Module] = {}
-        for line in builtin.split():
-            name = Path(line).name.split(".ko")[0].replace("-", "_")
-            mods[name] = Module(name, 0, (), builtin=True)
-        for line in loaded.splitlines():
-            parts = line.split()
-            if len(parts) < 4:
-                continue
-            users = tuple(u for u in parts[3].split(",") if u and u != "-")
-            mods[parts[0]] = Module(parts[0], int(parts[1]), users)
-        return mods
+        return inventory.parse_modules(self.check(inventory.MODULES_SCRIPT).stdout)
 
     def modprobe(self, name: str) -> Result:
         return self.check(f"modprobe {shlex.quote(name)}")
@@ -337,12 +238,7 @@ class Guest:
         read from sysfs (virtio-blk ``serial``, NVMe ``device/serial``, SCSI
         and ATA VPD page 0x80 after its 4-byte header).
         """
-        out = self.check(_BLOCK_SCRIPT).stdout
-        devs: dict[str, str] = {}
-        for line in out.splitlines():
-            name, _, serial = line.partition(" ")
-            devs[name] = serial.strip()
-        return devs
+        return inventory.parse_block_devices(self.check(inventory.BLOCK_SCRIPT).stdout)
 
     def disk_path(self, name: str) -> str:
         """The guest device node of data disk ``name`` (matched by its serial)."""
@@ -493,7 +389,8 @@ class Guest:
         under test, not just that the module is loaded.
         """
         dev = self.disk_path(name).removeprefix("/dev/")
-        return self.check(_DRIVER_CHAIN.format(path=f"/sys/block/{dev}/device")).stdout.split()
+        chain = inventory.DRIVER_CHAIN.format(path=f"/sys/block/{dev}/device")
+        return self.check(chain).stdout.split()
 
     def nic_interface(self, name: str) -> str:
         """The guest interface (``eth0``...) of NIC ``name``, matched by its MAC."""
@@ -514,7 +411,7 @@ class Guest:
     def nic_drivers(self, name: str) -> list[str]:
         """Drivers from NIC ``name``'s device up to its PCI function (nearest first)."""
         iface = self.nic_interface(name)
-        chain = _DRIVER_CHAIN.format(path=f"/sys/class/net/{iface}/device")
+        chain = inventory.DRIVER_CHAIN.format(path=f"/sys/class/net/{iface}/device")
         return self.check(chain).stdout.split()
 
     # -- hotplug -------------------------------------------------------------
@@ -699,7 +596,3 @@ class Teardown:
         if self.stuck:
             raise BackendError("; ".join(str(e) for e in self.stuck)) from None
 
-
-def parse_kv(text: str) -> Mapping[str, str]:
-    """``key=value`` lines → dict (for small guest-side reports)."""
-    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
