@@ -6,15 +6,9 @@ from pathlib import Path
 
 from ..errors import ImageError
 from ..files import check_readable_file
-from .builder import (
-    GuestImage,
-    Recipe,
-    default_cache_dir,
-    ensure_image,
-    load_recipe,
-    verify,
-)
+from .builder import GuestImage, default_cache_dir, ensure_image, verify
 from .initramfs import initramfs_for, resolve
+from .recipe import Recipe, load_recipe
 
 __all__ = [
     "GuestImage",

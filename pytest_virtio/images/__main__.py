@@ -14,11 +14,11 @@ from .builder import (
     default_cache_dir,
     ensure_image,
     image_dir,
-    load_recipe,
     prune_images,
     remove_unlocked,
 )
 from .kernel import fetch_deb_kernel, stale_kernels
+from .recipe import load_recipe
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,8 @@ from pathlib import Path
 from filelock import FileLock
 
 from ..errors import ImageError, MissingToolError
-from .builder import DATA_DIR, GuestImage
+from .builder import GuestImage
+from .recipe import DATA_DIR
 
 #: The root filesystem's modules, loaded after the bus drivers.
 FS_MODULES = ("crc32c_generic", "ext4")

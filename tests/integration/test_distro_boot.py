@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_virtio.images.builder import DATA_DIR
+from pytest_virtio.images.recipe import DATA_DIR
 from pytest_virtio.session import VirtioSession
 
 INNER = '''

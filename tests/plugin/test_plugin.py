@@ -15,6 +15,7 @@ import pytest
 
 from pytest_virtio import spec
 from pytest_virtio.images import builder
+from pytest_virtio.images.recipe import load_recipe
 from pytest_virtio.results import perf
 from pytest_virtio.settings import OPTIONS
 from pytest_virtio.workloads import run as workload_run
@@ -143,7 +144,7 @@ def test_missing_qemu_names_the_package(pytester: pytest.Pytester,
 def test_corrupt_cached_image_is_a_clear_error(pytester: pytest.Pytester) -> None:
     cache = pytester.mkdir("cache")
     good = builder.ensure_image()
-    fake = builder.image_dir(builder.load_recipe(), cache)
+    fake = builder.image_dir(load_recipe(), cache)
     fake.mkdir(parents=True)
     (fake / "vmlinuz").write_bytes(b"not a kernel")
     shutil.copytree(good.modules_dir.parent, fake / "modules")  # type: ignore[union-attr]

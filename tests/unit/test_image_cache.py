@@ -9,7 +9,8 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from pytest_virtio.images.builder import current_keys, load_recipe, prune_images, stale_images
+from pytest_virtio.images.builder import current_keys, prune_images, stale_images
+from pytest_virtio.images.recipe import load_recipe
 
 
 def _image(root: Path, name: str, size: int = 4096) -> Path:

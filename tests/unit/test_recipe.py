@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pytest_virtio.errors import ConfigError
-from pytest_virtio.images.builder import load_recipe, load_recipe_file
+from pytest_virtio.images.recipe import load_recipe, load_recipe_file
 
 
 def _recipe(tmp_path: Path, text: str) -> Path:
