@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pytest_virtio.errors import ConfigError
+from pytest_virtio.results.metrics import METRICS, spread
 from pytest_virtio.results.records import (
     FORMAT_VERSION,
     Key,
@@ -27,18 +28,13 @@ from pytest_virtio.results.records import (
     records_from_json,
     write_atomically,
 )
-from pytest_virtio.units import format_count, format_duration, format_rate
 
 __all__ = ["COMPARE_METRICS", "Baseline", "Regression", "compare", "load_baseline",
            "machine_id", "parse_compare_fail", "save_baseline"]
 
-# Metric → (Record attribute, higher is better).
-COMPARE_METRICS: dict[str, tuple[str, bool]] = {
-    "iops": ("iops", True),
-    "bw": ("bw", True),
-    "lat_p99": ("lat_p99_ns", False),
-}
-_METRIC_LABELS = {"iops": "IOPS", "bw": "bandwidth", "lat_p99": "p99 latency"}
+#: The metrics (of the one table, :data:`~pytest_virtio.results.metrics.METRICS`) a
+#: baseline comparison may be asked about.
+COMPARE_METRICS = ("iops", "bw", "lat_p99")
 _FAIL_ITEM_RE = re.compile(r"^\s*([a-z0-9_]+)\s*:\s*(\d+(?:\.\d+)?)\s*%\s*$")
 
 
@@ -133,24 +129,24 @@ class Regression:
     allowed_pct: float
 
     def __str__(self) -> str:
-        fmt = {"iops": format_count, "bw": format_rate, "lat_p99": format_duration}[self.metric]
+        metric = METRICS[self.metric]
+        fmt = metric.fmt
         return (
-            f"{self.workload} on {self.device} ({self.accel}): {_METRIC_LABELS[self.metric]} "
+            f"{self.workload} on {self.device} ({self.accel}): {metric.label} "
             f"{fmt(self.current)} vs baseline {fmt(self.baseline)} "
             f"({self.change_pct:+.1f}%, allowed {self.allowed_pct:g}% worse)"
         )
 
 
-def _means(records: Iterable[Record], attr: str, default_machine: str) -> dict[Key, float]:
-    """Mean of ``attr`` per key; repeated measurements of one key are averaged."""
-    sums: dict[Key, list[float]] = {}
+def _medians(records: Iterable[Record], metric: str, default_machine: str) -> dict[Key, float]:
+    """``metric`` per key; repeated measurements of one key give their median (``spread``),
+    the same central figure the perf checks and the table use."""
+    samples: dict[Key, list[float | None]] = {}
     for record in records:
-        value = getattr(record, attr)
-        if value is None:
-            continue
         key = (record.machine or default_machine, *record.key[1:])
-        sums.setdefault(key, []).append(float(value))
-    return {key: sum(values) / len(values) for key, values in sums.items()}
+        samples.setdefault(key, []).append(record.value(metric))
+    return {key: s.median for key, values in samples.items()
+            if (s := spread(values)) is not None}
 
 
 def compare(
@@ -165,9 +161,9 @@ def compare(
     current_records = list(records)
     found: list[Regression] = []
     for metric, allowed in tolerances.items():
-        attr, higher_is_better = COMPARE_METRICS[metric]
-        before = _means(baseline.records, attr, baseline.machine_id)
-        after = _means(current_records, attr, baseline.machine_id)
+        higher_is_better = METRICS[metric].higher_is_better
+        before = _medians(baseline.records, metric, baseline.machine_id)
+        after = _medians(current_records, metric, baseline.machine_id)
         for key in sorted(before.keys() & after.keys()):
             old, new = before[key], after[key]
             if old == 0:
