@@ -34,6 +34,10 @@ from .runners import Result
 READY_RE = r"PYTEST-VIRTIO-READY ([0-9.]+)\r?\n"
 HOSTKEY_RE = r"PYTEST-VIRTIO-HOSTKEY (\S+ \S+)"
 NO_ROOT_RE = r"PYTEST-VIRTIO-NO-ROOT ([^\r\n]*)"
+#: A distro's initramfs giving up on the root: initramfs-tools ("ALERT!  LABEL=pvroot
+#: does not exist.  Dropping to a shell!") and dracut ("Warning: Could not boot.").
+DISTRO_NO_ROOT_RE = (r"(ALERT!\s+\S+ does not exist\.[^\r\n]*"
+                     r"|dracut[^\r\n]*Warning: Could not boot\.[^\r\n]*)")
 #: Lines that mean the guest kernel died; matched in every wait.
 PANIC_RE = r"(Kernel panic - not syncing[^\r\n]*)"
 #: While streaming, a line counts only once its end has arrived: ``[^\r\n]*``
@@ -133,7 +137,7 @@ class Console:
         failed in-process backend by ``watch()`` (it raises), at once.
         """
         patterns = [pattern, PANIC_RE + WHOLE_LINE, NO_ROOT_RE + WHOLE_LINE,
-                    pexpect.EOF, pexpect.TIMEOUT]
+                    DISTRO_NO_ROOT_RE + WHOLE_LINE, pexpect.EOF, pexpect.TIMEOUT]
         deadline = Deadline(timeout, self.qemu_pid)
         while True:
             slice_ = max(0.05, min(0.5, deadline.remaining()))
@@ -156,6 +160,9 @@ class Console:
                 assert isinstance(match, re.Match)
                 raise GuestError(no_root_diagnosis(match.group(1)), self.tail())
             if idx == 3:
+                assert isinstance(match, re.Match)
+                raise GuestError(distro_no_root_diagnosis(match.group(1)), self.tail())
+            if idx == 4:
                 self.alive()
                 raise LaunchError(f"QEMU closed the console while {what}\n{self.tail()}")
             self.alive()
@@ -226,6 +233,16 @@ class Console:
 
 def _clean(text: str) -> str:
     return text.replace("\r\n", "\n")
+
+
+def distro_no_root_diagnosis(line: str) -> str:
+    """The distro initramfs's own words, and the fix a user of that distro applies."""
+    return (
+        f"the distro's initramfs did not find the root disk: {line.strip()!r}. It most "
+        "likely lacks the driver for the root disk's bus (virtio_blk and virtio_pci for a "
+        "virtio-blk root): in the guest add them to /etc/initramfs-tools/modules and run "
+        "update-initramfs -u (dracut: add_drivers+=\" virtio_blk \"), or use MODULES=most"
+    )
 
 
 def no_root_diagnosis(detail: str) -> str:

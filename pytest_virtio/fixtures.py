@@ -18,10 +18,11 @@ import pytest
 
 from . import spec as spec_mod
 from .errors import GuestError, VirtioError
-from .guest import Guest, Teardown
+from .guest import Guest
 from .marked_workload import run_marked_workload
 from .session import MissingDevices, VirtioSession
 from .sharing import SharedGuests, pool_fixture_name
+from .teardown import Teardown
 from .workloads.dd import DdResult
 from .workloads.fio import FioResult
 from .workloads.iperf import NetResult

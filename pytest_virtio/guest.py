@@ -13,7 +13,7 @@ import json
 import re
 import shlex
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 from . import ids, inventory
 from .agent import GuestAgent, agent_start_script
 from .errors import (
-    BackendError,
     ConfigError,
     GuestError,
     GuestTimeout,
@@ -32,6 +31,7 @@ from .inventory import Module, PciDevice, VirtioDevice
 from .qemu.machine import Machine
 from .runners import VIAS, Result, Runner
 from .serial import SerialPort, guest_link_script
+from .teardown import stop_backends
 
 if TYPE_CHECKING:
     from .balloon import BalloonStats
@@ -43,6 +43,13 @@ if TYPE_CHECKING:
 #: QEMU's refusals to free a backend its (unplugged, not yet finalized) device holds.
 _STILL_HELD = re.compile(r"is in use|is busy")
 
+
+#: Answers first, then powers off: systemd's orderly way when it is PID 1, else
+#: sync and the poweroff syscall (our init has no shutdown sequence to run).
+POWEROFF_SCRIPT = (
+    "if [ -d /run/systemd/system ]; then systemctl poweroff --no-block; "
+    "else (sleep 0.5; sync; poweroff -f) >/dev/null 2>&1 & fi"
+)
 
 #: ISO 9660 §8.4: the primary volume descriptor is the 2048-byte sector 16.
 _ISO_SECTOR = 2048
@@ -470,7 +477,6 @@ class Guest:
 
     def _run_hotplug(self, disk: Disk, commands: list[tuple[str, dict[str, Any]]]) -> None:
         """Send the QMP commands; on failure undo what was added so the guest stays clean."""
-        from .errors import VirtioError
 
         done: list[str] = []
         try:
@@ -531,6 +537,20 @@ class Guest:
             time.sleep(0.2)
 
     # -- lifecycle -----------------------------------------------------------
+    def poweroff(self, timeout: float | None = None) -> None:
+        """Power the guest off from inside, as a user would, and wait until QEMU exits.
+
+        systemd images go through ``systemctl poweroff`` (units stopped, filesystems
+        unmounted); our init syncs and powers off. What the guest wrote to a kept
+        root (``vm(root_disk=...)``) is then on the host for the next boot.
+        """
+        t = timeout if timeout is not None else self.default_timeout() * 4
+        self.check(POWEROFF_SCRIPT)
+        if self.machine.wait_exit(t) is None:
+            raise GuestTimeout(f"guest {self.name!r} did not power off within {t:.0f}s",
+                               self.console_tail())
+        self.close()
+
     def close(self) -> None:
         """Stop QEMU (soft, then hard), then every backend; always all of them.
 
@@ -550,49 +570,3 @@ class Guest:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def stop_backends(backends: Mapping[str, Any], owner: str) -> None:
-    """Stop every in-process vhost-user backend, each one even if another fails.
-
-    A backend whose thread will not stop (stuck in a storage call, say) keeps a
-    thread running and its disk busy: that is a BackendError naming the disk(s),
-    raised once all were tried, for teardown to report rather than swallow.
-    """
-    failed: list[tuple[str, BackendError]] = []
-    for name, backend in backends.items():
-        try:
-            backend.close()
-        except BackendError as exc:
-            failed.append((name, exc))
-    if failed:
-        raise BackendError(f"{owner}: " + "; ".join(  # the message carries each cause
-            f"vhost-user-blk disk {name!r} did not stop: {exc}" for name, exc in failed
-        )) from None
-
-
-class Teardown:
-    """Closes guests one after another, keeping what must not be swallowed.
-
-    A backend that would not stop is kept and raised once every guest is
-    closed (:meth:`raise_stuck`); any other error closing a guest means QEMU
-    was already gone or broken, and its shutdown escalated to a kill.
-    """
-
-    def __init__(self) -> None:
-        self.stuck: list[BackendError] = []
-
-    def close(self, guest: Guest) -> None:
-        try:
-            guest.close()
-        except BackendError as exc:
-            self.stuck.append(exc)
-        except (VirtioError, OSError):
-            pass
-
-    def raise_stuck(self) -> None:
-        if len(self.stuck) == 1:
-            raise self.stuck[0]
-        if self.stuck:
-            raise BackendError("; ".join(str(e) for e in self.stuck)) from None
-

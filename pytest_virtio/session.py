@@ -24,7 +24,7 @@ from . import ids, reproduce
 from . import spec as spec_mod
 from . import ssh as ssh_mod
 from .errors import BackendError, ConfigError, GuestError, LaunchError, MissingDriver, VirtioError
-from .guest import Guest, Teardown, stop_backends
+from .guest import Guest
 from .images import GuestImage, custom_image, ensure_image, initramfs_for, load_recipe
 from .images import kernel as kernel_mod
 from .images.initramfs import available_modules
@@ -35,6 +35,8 @@ from .launch import (
     create_overlay,
     external_sockets,
     prepare_disk_file,
+    prepare_root_disk,
+    root_file,
     serial_sockets,
     start_backend,
 )
@@ -42,6 +44,7 @@ from .qemu import capabilities
 from .qemu.accel import TIMEOUT_SCALE, AccelChoice, choose_accel
 from .qemu.machine import Machine, reap_all
 from .settings import Settings
+from .teardown import Teardown, stop_backends
 
 if TYPE_CHECKING:
     from .snapshot import Templates
@@ -148,6 +151,7 @@ class VirtioSession:
         self._image: GuestImage | None = None
         self._base_image: GuestImage | None = None
         self._kernel_images: dict[tuple[str, str | None], GuestImage] = {}
+        self._recipe_images: dict[str, GuestImage] = {}
         self._accel: AccelChoice | None = None
         self._qemu: str | None = None
         self._run_root: Path | None = None
@@ -188,10 +192,20 @@ class VirtioSession:
             return self._image
 
     def image_for(self, spec: spec_mod.MachineSpec) -> GuestImage:
-        """The image a spec boots: its own ``vm(kernel=...)`` if it names one."""
+        """The image a spec boots: its own ``vm(image=...)`` or ``vm(kernel=...)``."""
+        if spec.image is not None:
+            return self._recipe_image(spec.image)
         if spec.kernel is None:
             return self.image()
         return self._kernel_image(spec.kernel, spec.modules, "vm")
+
+    def _recipe_image(self, recipe: str) -> GuestImage:
+        """``vm(image=...)``: that recipe's image, built (once) and cached like the session's."""
+        with self._lock:
+            if recipe not in self._recipe_images:
+                self._recipe_images[recipe] = ensure_image(
+                    load_recipe(recipe), self.settings.cache_dir, self.progress)
+            return self._recipe_images[recipe]
 
     def _kernel_image(self, kernel: str, modules: str | None, where: str) -> GuestImage:
         with self._lock:
@@ -352,8 +366,12 @@ class VirtioSession:
         """Everything the argv needs from the host: image paths, the kernel command
         line, sockets, disk files, fw_cfg blobs."""
         root_image, root_format = str(image.rootfs), image.rootfs_format
+        initrd = str(initramfs_for(image, spec.root_modules))
         if own_root is not None:
             root_image, root_format = str(own_root), "qcow2"
+        if spec.root_disk is not None:
+            root_image, root_format, initrd = self._own_root(spec.root_disk, image, run_dir,
+                                                             initrd)
         args = ["pv.ssh=1"] if ssh else []
         if image.modules_disk is not None:
             args.append(f"pv.modules={image.kernel_version}")
@@ -361,8 +379,8 @@ class VirtioSession:
         fw_cfg = {ssh_mod.AUTHORIZED_KEYS_FW_CFG: str(self.ssh_key().public_path)} if ssh else {}
         return spec_mod.LaunchContext(
             qemu_binary=self.qemu, accel=accel, kernel=str(image.kernel),
-            initrd=str(initramfs_for(image, spec.root_modules)), root_image=root_image,
-            root_format=root_format, root_snapshot=own_root is None,
+            initrd=initrd, root_image=root_image, root_format=root_format,
+            root_snapshot=own_root is None and spec.root_disk is None,
             append=" ".join([BASE_APPEND, *args, *spec.kernel_args]),
             qmp_socket=str(run_dir / "qmp.sock"),
             console_socket=str(run_dir / "con.sock"),
@@ -375,6 +393,20 @@ class VirtioSession:
             fw_cfg=fw_cfg,
             modules_image=str(image.modules_disk) if image.modules_disk else None,
         )
+
+    @staticmethod
+    def _own_root(root_disk: str, image: GuestImage, run_dir: Path,
+                  initrd: str) -> tuple[str, str, str]:
+        """(root image, format, initrd) of a guest with its own kept root (``root_disk``).
+
+        A distro image boots the initramfs its root holds now (what update-initramfs
+        in an earlier boot wrote), read off the copy as its bootloader would.
+        """
+        path = Path(root_disk).resolve()
+        prepare_root_disk(path, image.rootfs, image.rootfs_format)
+        if image.root_initrd is not None:
+            initrd = str(root_file(path, image.root_initrd, run_dir / "initrd.img"))
+        return str(path), "raw", initrd
 
     def attach_ssh(self, guest: Guest, netdev: str, scale: float) -> None:
         """Give the guest its (lazily connecting) SSH session and pinned host key."""
@@ -427,11 +459,14 @@ def check_honoured(spec: spec_mod.MachineSpec, settings: Settings) -> None:
     Why: root_bus and initramfs_modules work by building the initramfs; with the
     user's own, a test of a missing driver would pass when it should fail.
     """
-    if not settings.initrd:
-        if spec.initramfs_modules is not None and _distro_boot(settings.image):
+    recipe = spec.image or settings.image
+    if spec.image is not None:
+        _distro_boot(spec.image)  # the recipe must exist and be valid: its errors name it
+    if not settings.initrd or spec.image is not None:
+        if spec.initramfs_modules is not None and _distro_boot(recipe):
             raise ConfigError(
                 f"initramfs_modules={list(spec.initramfs_modules)!r}: the image recipe "
-                f"{settings.image} boots the distro's own initramfs (boot = \"distro\"), so "
+                f"{recipe} boots the distro's own initramfs (boot = \"distro\"), so "
                 "pytest-virtio cannot choose the modules it loads; drop the key")
         return
     why = "--virtio-initrd is used as is, so pytest-virtio cannot"

@@ -106,6 +106,9 @@ class Template:
 
 def unsupported(spec: spec_mod.MachineSpec) -> str | None:
     """Why ``spec`` cannot be restored from a template (None: it can)."""
+    if spec.root_disk is not None:
+        return (f"root_disk={spec.root_disk!r} is this guest's own root, kept across boots: "
+                "a template would restore an older state of it")
     if spec.root_bus == "vhost-user-blk":
         return "a vhost-user-blk root disk cannot migrate (no VHOST_F_LOG_ALL) nor hotplug"
     for disk in spec.disks:

@@ -76,6 +76,9 @@ class GuestImage:
     #: Seconds (before accelerator scaling) to the first shell; None = the session's
     #: default for our initramfs + pvinit.
     boot_timeout: float | None = None
+    #: Where the rootfs keeps the initramfs its own tools (update-initramfs) write:
+    #: a guest with its own writable root boots that one, as a bootloader would.
+    root_initrd: str | None = None
 
     @property
     def cache_dir(self) -> Path:
@@ -330,6 +333,7 @@ def verify(image_dir: Path) -> GuestImage:
         # without an fstab, so the root is mounted rw from the start.
         append=("root=LABEL=pvroot", "rw") if initrd else (),
         boot_timeout=DISTRO_BOOT_TIMEOUT if initrd else None,
+        root_initrd=f"/boot/initrd.img-{kver}" if initrd else None,
     )
 
 

@@ -466,6 +466,28 @@ class Machine:
         self._wait_or_escalate(timeout)
         return self.exitcode()
 
+    def wait_exit(self, timeout: float) -> int | None:
+        """Wait for QEMU to exit by itself (a guest powering off); its status, or None.
+
+        A guest panic still fails as one (pvpanic also powers off): the exit is
+        checked like any other, with the panic event.
+        """
+        if self._proc is None:
+            return None
+        try:
+            self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        with contextlib.suppress(Exception):
+            self.poll_events()
+        if self.panic_event() is not None:
+            self.check_alive()  # raises GuestPanic with the console's panic line
+        self._close_channels()
+        self.state = RunState.STOPPED
+        with _LIVE_LOCK:
+            _LIVE.discard(self)
+        return self._proc.returncode
+
     def kill(self) -> None:
         """Hard stop now: used on errors and by the reaper."""
         self._close_channels()

@@ -369,6 +369,14 @@ class MachineSpec:
     #: (see ``--virtio-kernel``/``--virtio-modules``); None = the session's.
     kernel: str | None = None
     modules: str | None = None
+    #: This test's image recipe (a shipped name such as ``"bookworm-distro"``, or a
+    #: recipe file), built and cached like the session's; None = ``--virtio-image``.
+    image: str | None = None
+    #: A writable root kept across boots: this file holds the guest's own copy of the
+    #: image's root (made on first use). Later boots naming it see what earlier ones
+    #: wrote; a distro image then boots the initramfs on the copy's /boot, as its
+    #: bootloader would. None = a throwaway overlay (nothing a test writes survives).
+    root_disk: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("disks", "nics", "devices"):
@@ -381,12 +389,15 @@ class MachineSpec:
                 if not re.fullmatch(r"[A-Za-z0-9_-]+", mod):
                     raise ConfigError(f"initramfs_modules: {mod!r} is not a module name")
             object.__setattr__(self, "initramfs_modules", mods)
-        for key in ("kernel", "modules"):
+        for key in ("kernel", "modules", "image", "root_disk"):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, str) or not value):
                 raise ConfigError(f"{key} must be a path (str), got {value!r}")
         if self.modules is not None and self.kernel is None:
             raise ConfigError("modules goes with kernel: give the kernel these modules belong to")
+        if self.image is not None and self.kernel is not None:
+            raise ConfigError("image and kernel: a vm(kernel=...) boots on the session's image; "
+                              "give one of them")
         mem = parse_size(self.memory, "memory", positive=True)
         if mem % (1 << 20) or not 64 << 20 <= mem <= 64 << 30:
             raise ConfigError(

@@ -27,6 +27,7 @@ def test_vhost_user_data_disks_are_plugged_after_the_restore() -> None:
     ({"disks": [{"bus": "vhost-user-blk", "external_socket": "/x.sock"}]}, "another process"),
     ({"disks": [{"bus": "virtio-blk", "image": "/x.img"}]}, "in place"),
     ({"devices": [{"kind": "serial", "names": ["p0"]}]}, "virtio-serial"),
+    ({"root_disk": "/x/root.raw"}, "kept across boots"),
 ])
 def test_shapes_that_boot_instead_say_why(kwargs, why) -> None:
     reason = unsupported(_spec(**kwargs))
