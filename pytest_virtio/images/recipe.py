@@ -121,7 +121,7 @@ def load_recipe_file(path: Path, data_dir: Path = DATA_DIR) -> Recipe:
         rootfs_size=fields.get("rootfs_size", "1536M"),
         # Only what goes into the rootfs: initramfs-init is not baked into the image
         # (each initramfs's own cache key covers it), so editing it keeps the image.
-        files=tuple((f, (data_dir / f).read_bytes()) for f in ("pvinit", *extra)),
+        files=tuple((f, (data_dir / f).read_bytes()) for f in ("pvinit", "pv-ssh", *extra)),
         boot=boot,
     )
     _check_values(recipe, where)

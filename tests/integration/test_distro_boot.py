@@ -2,7 +2,8 @@
 
 Direct kernel boot with the initramfs the kernel package's postinst generated
 (MODULES=most, so every root bus is found without us choosing modules), systemd
-as PID 1, and the framed console served by a systemd unit. Builds one more
+as PID 1, the framed console served by a systemd unit, qemu-ga started by systemd
+and SSH with the session's key. Builds one more
 image once per machine.
 """
 
@@ -17,7 +18,7 @@ INNER = '''
 import pytest
 
 
-@pytest.mark.vm(root_bus="ide", devices=["agent"])
+@pytest.mark.vm(root_bus="ide", devices=["agent"], nics=["virtio-net"])
 def test_distro_initramfs_and_systemd(guest):
     assert guest.ctx.initrd.endswith("/initrd.img")  # the distro's, not one of ours
     assert guest.check("cat /proc/1/comm").stdout.strip() == "systemd"
@@ -29,6 +30,8 @@ def test_distro_initramfs_and_systemd(guest):
     assert guest.check("systemctl is-active qemu-guest-agent", via="agent").stdout.strip() \
         == "active"
     assert guest.check("cat /proc/1/comm", via="agent").stdout.strip() == "systemd"
+    # SSH as under our init: the session's key from fw_cfg, dropbear started by pv-ssh
+    assert guest.check("cat /proc/1/comm", via="ssh").stdout.strip() == "systemd"
 
 
 @pytest.mark.vm(initramfs_modules=["virtio_blk"])
