@@ -18,6 +18,8 @@ import pytest
 from pytest_virtio.errors import GuestError
 from pytest_virtio.fixtures import MakeGuest
 from pytest_virtio.guest import Guest
+from pytest_virtio.images import driverdisk
+from pytest_virtio.session import VirtioSession
 
 DISTRO = "bookworm-distro"
 #: update-initramfs compresses a few MiB of modules: minutes under TCG on a busy host.
@@ -60,3 +62,21 @@ def test_modules_dep_initramfs_is_fixed_from_inside_the_guest(make_guest: MakeGu
     root_dev = guest.check("findmnt -no SOURCE /").stdout.strip()
     assert root_dev.startswith("/dev/vd")
     assert "virtio_blk" in guest.lsmod()
+
+
+def test_virtio_driver_loaded_from_a_cdrom(make_guest: MakeGuest,
+                                          virtio_session: VirtioSession) -> None:
+    """An initramfs without virtio_blk loads it from a driver CD-ROM and finds its virtio root."""
+    image = virtio_session.image()
+    iso = driverdisk.driver_disk(image, ["virtio_pci", "virtio_blk"])
+    # The initramfs can read an IDE CD-ROM, and nothing of virtio.
+    shape = {"root_bus": "virtio-blk", "initramfs_modules": ["ata_piix", "sr_mod", "isofs"],
+             "devices": [{"kind": "cdrom", "iso": str(iso), "bus": "ide"}]}
+
+    with pytest.raises(GuestError, match="lacks virtio"):
+        make_guest(**shape)  # without the driver disk: no root
+
+    guest = make_guest(**shape, kernel_args=[driverdisk.KERNEL_ARG])
+    assert guest.check("findmnt -no SOURCE /").stdout.strip().startswith("/dev/vd")
+    assert "pvinit: driver disk: loaded virtio_blk.ko" in guest.machine.console_log.read_text()
+    assert "virtio_blk" in guest.lsmod() and "virtio_blk" in guest.drivers()

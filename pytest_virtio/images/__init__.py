@@ -7,6 +7,7 @@ from pathlib import Path
 from ..errors import ImageError
 from ..files import check_readable_file
 from .builder import GuestImage, default_cache_dir, ensure_image, verify
+from .driverdisk import driver_disk
 from .initramfs import initramfs_for, resolve
 from .recipe import Recipe, load_recipe
 
@@ -15,6 +16,7 @@ __all__ = [
     "Recipe",
     "custom_image",
     "default_cache_dir",
+    "driver_disk",
     "ensure_image",
     "initramfs_for",
     "load_recipe",
