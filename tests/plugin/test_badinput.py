@@ -124,6 +124,22 @@ def test_custom_initrd_refuses_what_it_cannot_honour(
     assert "@pytest.mark.vm" in line and "--virtio-initrd is used as is" in line and why in line
 
 
+@pytest.mark.parametrize("kwargs, words", [
+    ("image='no-such-recipe'", "cannot read image recipe"),
+    ("image='bookworm-distro', initramfs_modules=['virtio_blk']", "boots the distro's own"),
+    ("image='bookworm-distro', kernel='/boot/vmlinuz'", "image and kernel"),
+    ("root_disk=3", "root_disk must be a path"),
+])
+def test_image_and_root_disk_keys_fail_at_collection(pytester: pytest.Pytester, kwargs: str,
+                                                      words: str) -> None:
+    """vm(image=...) names a recipe that must exist; its errors name the marker."""
+    pytester.makepyfile(CUSTOM_INITRD_TEST.format(kwargs=kwargs))
+    result = pytester.runpytest(TCG)
+    result.assert_outcomes(errors=1)
+    line = _line_with(result.stdout.str(), words)
+    assert "@pytest.mark.vm" in line
+
+
 def test_custom_initrd_refuses_a_root_bus_matrix(pytester: pytest.Pytester) -> None:
     files = [pytester.makefile(f".{k}", "x") for k in ("kernel", "initrd", "rootfs")]
     pytester.makepyfile("""
