@@ -44,11 +44,13 @@ if TYPE_CHECKING:
 _STILL_HELD = re.compile(r"is in use|is busy")
 
 
-#: Answers first, then powers off: systemd's orderly way when it is PID 1, else
-#: sync and the poweroff syscall (our init has no shutdown sequence to run).
+#: Answers first (the framed reply must leave before systemd stops the console
+#: service: seen as exit 143 'Terminated' when it did not), then powers off:
+#: systemd's orderly way when it is PID 1, else sync and the poweroff syscall
+#: (our init has no shutdown sequence to run).
 POWEROFF_SCRIPT = (
-    "if [ -d /run/systemd/system ]; then systemctl poweroff --no-block; "
-    "else (sleep 0.5; sync; poweroff -f) >/dev/null 2>&1 & fi"
+    "(sleep 1; if [ -d /run/systemd/system ]; then systemctl poweroff; "
+    "else sync; poweroff -f; fi) >/dev/null 2>&1 &"
 )
 
 #: ISO 9660 §8.4: the primary volume descriptor is the 2048-byte sector 16.
