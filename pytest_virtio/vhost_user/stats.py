@@ -44,6 +44,9 @@ class Stats:
         #: resent an owed call: 0 unless a notification was lost.
         self.idle_rechecks_found_work = [0] * n
         self.idle_calls_resent = [0] * n
+        #: Idle re-checks that found an index no driver could have published (more
+        #: than the ring holds): not a live ring, so left alone (see idle_check).
+        self.idle_rechecks_not_a_ring = [0] * n
         self.broken: dict[int, str] = {}
 
     def record(self, queue: int, rtype: int, nbytes: int, status: int) -> None:
@@ -76,6 +79,7 @@ class Stats:
                     "queue_depth_max": self.high_water[q],
                     "idle_rechecks_found_work": self.idle_rechecks_found_work[q],
                     "idle_calls_resent": self.idle_calls_resent[q],
+                    "idle_rechecks_not_a_ring": self.idle_rechecks_not_a_ring[q],
                 }
             )
         return {
@@ -87,6 +91,7 @@ class Stats:
             "queue_depth_max": max(self.high_water, default=0),
             "idle_rechecks_found_work": sum(self.idle_rechecks_found_work),
             "idle_calls_resent": sum(self.idle_calls_resent),
+            "idle_rechecks_not_a_ring": sum(self.idle_rechecks_not_a_ring),
             "broken_queues": dict(self.broken),
             "queues": queues,
         }
@@ -102,6 +107,7 @@ class Stats:
         copy.high_water = self.high_water[:]
         copy.idle_rechecks_found_work = self.idle_rechecks_found_work[:]
         copy.idle_calls_resent = self.idle_calls_resent[:]
+        copy.idle_rechecks_not_a_ring = self.idle_rechecks_not_a_ring[:]
         copy.broken = dict(self.broken)
         return copy
 

@@ -414,6 +414,15 @@ class Virtqueue:
         handshake both stay 0, so a regression shows in the stats, not as a hang.
         Without EVENT_IDX a resent call may be spurious (the driver may have
         polled the used ring), which §2.7.7 tells drivers to tolerate.
+
+        An index more than the ring holds ahead is not work: no driver can publish
+        it, so the memory is no longer a live ring (firmware hands a device to the
+        OS without resetting it, and the OS reuses the firmware's ring memory
+        before its driver resets the device). A device reads a ring when it is
+        kicked; nobody asked us to look, so that is counted
+        (``idle_rechecks_not_a_ring``) and left to the next kick to judge. Seen
+        as "avail index jumped by 29791" on the 4th of 5 vhost-user-blk disks,
+        a queue SeaBIOS had set up and never used.
         """
         avail = self._avail
         if not self.ready or avail is None:
@@ -424,7 +433,11 @@ class Virtqueue:
         prev, self._idle_snap = self._idle_snap, snap
         if snap != prev:
             return
-        if (avail_idx - self.last_avail) & 0xFFFF:
+        pending = (avail_idx - self.last_avail) & 0xFFFF
+        if pending > self.size:
+            if self.stats is not None:
+                self.stats.idle_rechecks_not_a_ring[self.index] += 1
+        elif pending:
             if self.stats is not None:
                 self.stats.idle_rechecks_found_work[self.index] += 1
             self.drain(handler)

@@ -44,6 +44,20 @@ def test_idle_check_serves_an_unkicked_request_and_counts_it(erig: Rig) -> None:
     assert erig.stats.to_dict()["idle_rechecks_found_work"] == 1
 
 
+def test_idle_check_leaves_memory_that_is_no_longer_a_ring_alone(erig: Rig) -> None:
+    """The OS reused the memory of a ring its firmware set up and abandoned: an avail
+    index no driver can publish. Nobody kicked, so it is counted, not a broken queue;
+    a kick on the same garbage is still judged (broken, naming the jump)."""
+    erig.q.set_avail_idx(29791)
+    for _ in range(3):
+        erig.vq.idle_check(erig.dev.handle)
+    assert not erig.vq.broken
+    assert erig.stats.to_dict()["idle_rechecks_not_a_ring"] == 2
+    assert erig.stats.to_dict()["idle_rechecks_found_work"] == 0
+    assert erig.run() == 0
+    assert erig.vq.broken and "avail index jumped by 29791" in erig.vq.broken_reason
+
+
 def test_idle_check_leaves_a_healthy_queue_alone(erig: Rig) -> None:
     for _ in range(3):
         erig.q.publish(erig.q.blk_request(BlkType.IN, 0, 512).head)
