@@ -11,7 +11,6 @@ session module, the one import cycle); :func:`with_disk` is now that step.
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -19,25 +18,20 @@ from typing import Any
 from . import ids
 from . import serial as serial_mod
 from . import spec as spec_mod
-from .errors import LaunchError, MissingToolError
+from .errors import LaunchError
 from .files import check_readable_file
+from .tools import require_tool
 
 __all__ = ["backend_socket", "check_cdrom_isos", "check_image_file", "connect_serial_ports",
            "create_overlay", "external_sockets", "prepare_disk_file", "prepare_root_disk",
            "root_file", "serial_sockets", "start_backend", "with_disk"]
 
 
-def _qemu_img() -> str:
-    qemu_img = shutil.which("qemu-img")
-    if qemu_img is None:
-        raise MissingToolError("qemu-img", "qemu-utils")
-    return qemu_img
-
-
 def create_overlay(path: Path, backing: Path, backing_format: str) -> None:
     """A qcow2 file over ``backing`` (which it never writes): ``qemu-img create -b``."""
+    qemu_img = require_tool("qemu-img", "qemu-utils")
     proc = subprocess.run(
-        [_qemu_img(), "create", "-q", "-f", "qcow2", "-F", backing_format, "-b", str(backing),
+        [qemu_img, "create", "-q", "-f", "qcow2", "-F", backing_format, "-b", str(backing),
          str(path)], capture_output=True, text=True,
     )
     if proc.returncode != 0:
@@ -60,7 +54,8 @@ def prepare_root_disk(path: Path, rootfs: Path, rootfs_format: str) -> None:
     if rootfs_format == "raw":
         argv = ["cp", "--sparse=always", str(rootfs), str(tmp)]
     else:
-        argv = [_qemu_img(), "convert", "-f", rootfs_format, "-O", "raw", str(rootfs), str(tmp)]
+        qemu_img = require_tool("qemu-img", "qemu-utils")
+        argv = [qemu_img, "convert", "-f", rootfs_format, "-O", "raw", str(rootfs), str(tmp)]
     proc = subprocess.run(argv, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         tmp.unlink(missing_ok=True)
@@ -73,9 +68,7 @@ def root_file(root: Path, guest_path: str, dest: Path) -> Path:
 
     Why debugfs: it reads the filesystem as a file, no mount, loop device or root.
     """
-    debugfs = shutil.which("debugfs") or shutil.which("debugfs", path="/usr/sbin:/sbin")
-    if debugfs is None:
-        raise MissingToolError("debugfs", "e2fsprogs")
+    debugfs = require_tool("debugfs", "e2fsprogs")
     dest.unlink(missing_ok=True)
     proc = subprocess.run([debugfs, "-R", f"dump {guest_path} {dest}", str(root)],
                           capture_output=True, text=True, check=False)

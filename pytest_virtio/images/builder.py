@@ -28,7 +28,8 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from ..errors import ImageError, MissingToolError
+from ..errors import ImageError
+from ..tools import require_tool
 from .recipe import (
     DATA_DIR,
     DISTRO_BOOT_TIMEOUT,
@@ -91,10 +92,7 @@ BUILD_PREFIX = ".build-"
 
 
 def _require(tool: str, package: str) -> str:
-    found = shutil.which(tool) or shutil.which(tool, path="/usr/sbin:/sbin")
-    if not found:
-        raise MissingToolError(tool, package, "needed to build the guest image")
-    return found
+    return require_tool(tool, package, "needed to build the guest image")
 
 
 #: Seconds of silence after which a build step or a wait says it is still going.

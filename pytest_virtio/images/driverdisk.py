@@ -21,7 +21,8 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from ..errors import ImageError, MissingToolError
+from ..errors import ImageError
+from ..tools import require_tool
 from .builder import GuestImage
 from .initramfs import resolve
 
@@ -54,9 +55,7 @@ def driver_disk(image: GuestImage, modules: Iterable[str]) -> Path:
 
 
 def _write_iso(modules_dir: Path, paths: list[str], out: Path) -> None:
-    tool = shutil.which("genisoimage")
-    if tool is None:
-        raise MissingToolError("genisoimage", "genisoimage", "to make a driver disk")
+    tool = require_tool("genisoimage", "genisoimage", "to make a driver disk")
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         stage = Path(tmp) / "disk"
         stage.mkdir()

@@ -28,7 +28,8 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from ..errors import ConfigError, ImageError, MissingToolError
+from ..errors import ConfigError, ImageError
+from ..tools import require_tool
 from .builder import GuestImage, Progress, cache_entries, extract_vmlinux, file_sha256
 
 #: The label our initramfs looks for; also the disk's serial in the guest.
@@ -178,10 +179,7 @@ def _fingerprint(tree: Path) -> str:
 
 
 def _tool(name: str, package: str) -> str:
-    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
-    if not found:
-        raise MissingToolError(name, package, "needed to stage your kernel's modules")
-    return found
+    return require_tool(name, package, "needed to stage your kernel's modules")
 
 
 def _copy_build_tree(tree: Path, dest: Path) -> None:
