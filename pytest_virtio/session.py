@@ -149,7 +149,6 @@ class VirtioSession:
         self.progress = progress
         self._lock = threading.RLock()
         self._image: GuestImage | None = None
-        self._base_image: GuestImage | None = None
         self._kernel_images: dict[tuple[str, str | None], GuestImage] = {}
         self._recipe_images: dict[str, GuestImage] = {}
         self._accel: AccelChoice | None = None
@@ -172,11 +171,7 @@ class VirtioSession:
 
     def base_image(self) -> GuestImage:
         """The image built from the recipe (whose rootfs a user kernel boots on)."""
-        with self._lock:
-            if self._base_image is None:
-                recipe = load_recipe(self.settings.image or "bookworm")
-                self._base_image = ensure_image(recipe, self.settings.cache_dir, self.progress)
-            return self._base_image
+        return self._recipe_image(self.settings.image or "bookworm")
 
     def image(self) -> GuestImage:
         """The session image: custom as given, the recipe's with a user kernel, or the recipe's."""
@@ -200,7 +195,7 @@ class VirtioSession:
         return self._kernel_image(spec.kernel, spec.modules, "vm")
 
     def _recipe_image(self, recipe: str) -> GuestImage:
-        """``vm(image=...)``: that recipe's image, built (once) and cached like the session's."""
+        """A recipe's image (the session's or a test's ``vm(image=...)``), built once, cached."""
         with self._lock:
             if recipe not in self._recipe_images:
                 self._recipe_images[recipe] = ensure_image(
@@ -460,10 +455,9 @@ def check_honoured(spec: spec_mod.MachineSpec, settings: Settings) -> None:
     user's own, a test of a missing driver would pass when it should fail.
     """
     recipe = spec.image or settings.image
-    if spec.image is not None:
-        _distro_boot(spec.image)  # the recipe must exist and be valid: its errors name it
+    distro = _distro_boot(recipe)  # loads the recipe: a bad vm(image=...) fails here, named
     if not settings.initrd or spec.image is not None:
-        if spec.initramfs_modules is not None and _distro_boot(recipe):
+        if spec.initramfs_modules is not None and distro:
             raise ConfigError(
                 f"initramfs_modules={list(spec.initramfs_modules)!r}: the image recipe "
                 f"{recipe} boots the distro's own initramfs (boot = \"distro\"), so "

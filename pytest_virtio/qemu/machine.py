@@ -483,9 +483,7 @@ class Machine:
         if self.panic_event() is not None:
             self.check_alive()  # raises GuestPanic with the console's panic line
         self._close_channels()
-        self.state = RunState.STOPPED
-        with _LIVE_LOCK:
-            _LIVE.discard(self)
+        self._stopped()
         return self._proc.returncode
 
     def kill(self) -> None:
@@ -515,6 +513,10 @@ class Machine:
                 break
             except subprocess.TimeoutExpired:
                 continue
+        self._stopped()
+
+    def _stopped(self) -> None:
+        """QEMU has exited: no longer live for the reaper (a failure stays FAILED)."""
         if self.state is not RunState.FAILED:
             self.state = RunState.STOPPED
         with _LIVE_LOCK:
