@@ -61,4 +61,3 @@ class Teardown:
             raise self.stuck[0]
         if self.stuck:
             raise BackendError("; ".join(str(e) for e in self.stuck)) from None
-
