@@ -483,15 +483,22 @@ class VhostUserBlkServer:
             # Record before answering so a test that saw the NAK also sees the error.
             self.errors.append(exc)
             self._maybe_ack(header, failed=True)
+            self._close_fds(fds)
+            # Only now: ``connected`` going false promises the front-end's fds are gone.
             self._disconnect()
             return
         finally:
-            for fd in fds:  # whatever a handler did not take
-                close_fd(fd)
+            self._close_fds(fds)
         if request in p.ALWAYS_REPLY:
             self._send_reply(request, reply)
         else:
             self._maybe_ack(header, failed=False)
+
+    @staticmethod
+    def _close_fds(fds: list[int]) -> None:
+        """Close whatever fds of a message a handler did not take (it pops those it keeps)."""
+        while fds:
+            close_fd(fds.pop())
 
     def _maybe_ack(self, header: p.Header, failed: bool) -> None:
         if (

@@ -232,7 +232,18 @@ def test_malformed_message_disconnects_and_is_reported(server: VhostUserBlkServe
     server.check()
 
 
-def test_wrong_fd_count_closes_fds(server: VhostUserBlkServer) -> None:
+def test_wrong_fd_count_closes_fds(server: VhostUserBlkServer,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fds of a refused message are closed before ``connected`` goes false.
+
+    The count is also taken at the instant the server clears ``connected``: a
+    test (or a fixture) that waits for the disconnect may rely on the fds being
+    gone by then, and the old order (disconnect, then close) failed in CI.
+    """
+    at_disconnect: list[int] = []
+    clear = server._connected.clear
+    monkeypatch.setattr(server._connected, "clear",
+                        lambda: (at_disconnect.append(_nfds()), clear())[1])
     with MockFrontend(server.socket_path) as fe:
         fe.get_u64(Request.GET_FEATURES)
         before = _nfds()
@@ -244,6 +255,7 @@ def test_wrong_fd_count_closes_fds(server: VhostUserBlkServer) -> None:
             fe.get_u64(Request.GET_FEATURES)
     _wait_for(lambda: not server.connected)
     assert _nfds() <= before
+    assert at_disconnect and at_disconnect[0] <= before  # our socket is still open then
     assert isinstance(server.clear_errors()[0], ProtocolError)
 
 
