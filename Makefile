@@ -24,10 +24,12 @@ test: image lint
 	$(PYTEST) -n $(JOBS) tests
 
 DEMO_OUT ?= .pytest-virtio/demo
+# Extra pytest arguments, e.g. DEMO_ARGS=--virtio-snapshot (restore, not boot, each guest).
+DEMO_ARGS ?=
 
 demo: image
 	$(PYTEST) -n auto examples -v \
-	    --virtio-plot=$(DEMO_OUT)/chart.png --virtio-json=$(DEMO_OUT)/results.json
+	    --virtio-plot=$(DEMO_OUT)/chart.png --virtio-json=$(DEMO_OUT)/results.json $(DEMO_ARGS)
 
 bench: image
 	$(PY) benchmarks/boot.py
