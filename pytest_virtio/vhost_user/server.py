@@ -472,6 +472,7 @@ class VhostUserBlkServer:
             self._disconnect()
             return
         header, payload, fds = msg
+        refused = False
         try:
             request = p.request_of(header)
             self.messages_seen[request.name] += 1
@@ -483,22 +484,18 @@ class VhostUserBlkServer:
             # Record before answering so a test that saw the NAK also sees the error.
             self.errors.append(exc)
             self._maybe_ack(header, failed=True)
-            self._close_fds(fds)
-            # Only now: ``connected`` going false promises the front-end's fds are gone.
+            refused = True
+        finally:
+            for fd in fds:  # whatever a handler did not take
+                close_fd(fd)
+        if refused:
+            # After the close: ``connected`` going false promises the front-end's fds are gone.
             self._disconnect()
             return
-        finally:
-            self._close_fds(fds)
         if request in p.ALWAYS_REPLY:
             self._send_reply(request, reply)
         else:
             self._maybe_ack(header, failed=False)
-
-    @staticmethod
-    def _close_fds(fds: list[int]) -> None:
-        """Close whatever fds of a message a handler did not take (it pops those it keeps)."""
-        while fds:
-            close_fd(fds.pop())
 
     def _maybe_ack(self, header: p.Header, failed: bool) -> None:
         if (
