@@ -9,10 +9,11 @@ it runs on for the test that asked.  Every later guest of the shape is a *new*
 QEMU started with ``-incoming fd:N`` on the saved file, over a temporary
 overlay (``snapshot=on``) of the template's overlay, which nobody writes again.
 
-After a restore the guest is made as fresh as a boot (:func:`freshen`): the
+After a restore the guest is made as fresh as a boot (:mod:`.freshen`): the
 wall clock is set from the host's, and the kernel's CRNG gets host entropy and
 is reseeded at once (every restore of one template starts from the same RNG
-state, so two guests would otherwise produce the same "random" bytes).  Console
+state, so two guests would otherwise produce the same "random" bytes), by a
+helper the template started before its save.  Console
 commands are framed by a nonce the host draws per command, so nothing in the
 restored memory is reused for framing; the SSH host key is the template's (the
 guest's dropbear still holds it) and the SSH port is read back from the new
@@ -34,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import secrets
 import shlex
 import shutil
 import threading
@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import ids
+from . import freshen, ids
 from . import spec as spec_mod
 from .errors import LaunchError
 from .guest import Guest
@@ -63,16 +63,6 @@ STATE_FILE = "state.mig"
 MAX_BANDWIDTH = 1 << 40
 #: How long a save or a load may take (scaled by the accelerator's factor).
 MIGRATE_TIMEOUT = 30.0
-#: RNDADDENTROPY (_IOW('R', 3, int[2])) then RNDRESEEDCRNG (_IO('R', 7)),
-#: linux/random.h: credit host bytes to the input pool and reseed the CRNG now,
-#: so the very next read differs between two guests restored from one template.
-_RESEED = (
-    "perl -e 'open(my $f, \">\", \"/dev/urandom\") or die \"urandom: $!\"; "
-    "my $b = pack(\"H*\", $ARGV[0]); "
-    "ioctl($f, 0x40085203, pack(\"ii\", 8 * length($b), length($b)) . $b) "
-    "or die \"RNDADDENTROPY: $!\"; ioctl($f, 0x5207, 0) or die \"RNDRESEEDCRNG: $!\"' {hex}"
-)
-
 Progress = Callable[[str], None]
 
 
@@ -132,13 +122,6 @@ def template_shape(spec: spec_mod.MachineSpec) -> tuple[spec_mod.MachineSpec,
     return spec.replace(disks=kept), hotplugged
 
 
-def freshen_command(now: float | None = None, entropy: bytes | None = None) -> str:
-    """The one console command that makes a restored guest as fresh as a boot."""
-    when = time.time() if now is None else now
-    seed = secrets.token_bytes(64) if entropy is None else entropy
-    return f"date -s @{when:.6f} >/dev/null && " + _RESEED.format(hex=seed.hex())
-
-
 class Templates:
     """The templates of one VirtioSession (one process), by machine shape."""
 
@@ -188,20 +171,24 @@ class Templates:
     # -- save ------------------------------------------------------------------
     def _make(self, shape: spec_mod.MachineSpec, name: str) -> Guest:
         """Boot ``shape``, save it as its template, and let the booted guest run on."""
+        from .session import closed_on_failure
+
         s = self.session
         directory = s.new_run_dir("t")
         start = time.monotonic()
         booted = s.boot_fresh(shape, name, own_root=directory / ROOT_OVERLAY)
         boot_seconds = time.monotonic() - start
-        # Run the freshening once before the save: perl and date are then in
-        # the template's page cache, so no restore reads them from disk.  A
-        # rootfs that cannot run it (no perl) is a shape that cannot be restored.
-        res = booted.run(freshen_command())
+        # Start the freshening helper and serve it one request before the
+        # save, so its pages are in the saved RAM.  A rootfs that cannot run
+        # it (no perl) is a shape that cannot be restored.
+        res = booted.run(freshen.start_command() + " && " + freshen.request_command(
+            freshen.request_line(last=False), check_alive=False))
         if not res.ok:
             self._failed[shape] = (f"the guest cannot be freshened after a restore (exit "
-                                   f"{res.rc}: {res.output.strip()[-200:]}); it needs GNU date "
-                                   "and perl for the clock and RNDRESEEDCRNG")
+                                   f"{res.rc}: {res.output.strip()[-200:]}); it needs perl "
+                                   "for settimeofday and RNDRESEEDCRNG")
             self._say_once(self._failed[shape])
+            booted.run(freshen.stop_command())
             return booted
         try:
             save_start = time.monotonic()
@@ -215,10 +202,14 @@ class Templates:
             self._say_once(self._failed[shape])
             with contextlib.suppress(LaunchError):
                 booted.machine.qmp("cont")
+            booted.run(freshen.stop_command())
             return booted
         except BaseException:
             booted.close()
             raise
+        with closed_on_failure(booted):
+            # Its clock stood still while it was saved; and the helper goes.
+            booted.check(freshen.request_command(freshen.request_line()))
         assert booted.ctx is not None
         shutil.copyfile(booted.ctx.console_log, directory / "console.log")
         ctx = dataclasses.replace(booted.ctx, console_log=str(directory / "console.log"))
@@ -271,7 +262,8 @@ class Templates:
                 machine.launch(incoming_timeout=MIGRATE_TIMEOUT * scale)
             finally:
                 os.close(state)
-            guest.check(freshen_command(), timeout=guest.default_timeout())
+            guest.check(freshen.request_command(freshen.request_line()),
+                        timeout=guest.default_timeout())
             ssh_nic = next((n for n in template.spec.nics if n.hostfwd_ssh), None)
             if ssh_nic is not None:
                 s.attach_ssh(guest, ssh_nic.name, scale)
@@ -319,4 +311,4 @@ def save(guest: Guest, directory: Path, timeout: float) -> None:
     machine.qmp("cont")
 
 
-__all__ = ["Template", "Templates", "freshen_command", "template_shape", "unsupported"]
+__all__ = ["Template", "Templates", "template_shape", "unsupported"]

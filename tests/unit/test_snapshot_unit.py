@@ -1,4 +1,4 @@
-"""Snapshot templates without QEMU: which shapes can be saved, the freshening command, argv."""
+"""Snapshot templates without QEMU: which shapes can be saved, argv."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 
 from pytest_virtio import spec as spec_mod
 from pytest_virtio.settings import Settings
-from pytest_virtio.snapshot import freshen_command, template_shape, unsupported
+from pytest_virtio.snapshot import template_shape, unsupported
 
 
 def _spec(**kw) -> spec_mod.MachineSpec:
@@ -32,14 +32,6 @@ def test_vhost_user_data_disks_are_plugged_after_the_restore() -> None:
 def test_shapes_that_boot_instead_say_why(kwargs, why) -> None:
     reason = unsupported(_spec(**kwargs))
     assert reason is not None and why in reason
-
-
-def test_freshen_sets_the_clock_and_reseeds_with_host_bytes() -> None:
-    cmd = freshen_command(now=1700000000.25, entropy=b"\x01\xab" * 32)
-    assert cmd.startswith("date -s @1700000000.250000 >/dev/null && perl -e ")
-    assert cmd.endswith(" " + "01ab" * 32)
-    assert "0x40085203" in cmd and "0x5207" in cmd  # RNDADDENTROPY, RNDRESEEDCRNG
-    assert freshen_command() != freshen_command()  # new entropy every time
 
 
 def test_own_root_overlay_is_written_in_place() -> None:
