@@ -25,11 +25,13 @@ import argparse
 import dataclasses
 import re
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from _to_shell import to_shell
+
 from pytest_virtio import spec
+from pytest_virtio.guest import Guest
 from pytest_virtio.session import VirtioSession
 from pytest_virtio.settings import Settings
 
@@ -63,18 +65,15 @@ def _stamp(dmesg: str, what: str) -> float:
     return float(match.group(1))
 
 
-def one(session: VirtioSession, shape: spec.MachineSpec) -> Phases:
-    start = time.monotonic()
-    guest = session.boot(shape)
-    guest.check("true")
-    wall = time.monotonic() - start
+def _phases(guest: Guest, wall: float) -> Phases:
     dmesg = guest.check("dmesg").stdout
     assert guest.boot_uptime is not None
-    phases = Phases(wall, guest.boot_uptime, _stamp(dmesg, "Freeing unused kernel image"),
-                    _stamp(dmesg, r"EXT4-fs \(vda\): mounted"))
-    guest.close()
-    session.guests.clear()
-    return phases
+    return Phases(wall, guest.boot_uptime, _stamp(dmesg, "Freeing unused kernel image"),
+                  _stamp(dmesg, r"EXT4-fs \(vda\): mounted"))
+
+
+def one(session: VirtioSession, shape: spec.MachineSpec) -> Phases:
+    return to_shell(session, shape, _phases)
 
 
 def _row(name: str, runs: list[Phases]) -> str:

@@ -28,7 +28,10 @@ import textwrap
 import time
 from pathlib import Path
 
+from _to_shell import to_shell
+
 from pytest_virtio import spec
+from pytest_virtio.guest import Guest
 from pytest_virtio.session import VirtioSession
 from pytest_virtio.settings import Settings
 
@@ -54,17 +57,14 @@ class Sample:
     rss: float
 
 
-def one(session: VirtioSession, shape: spec.MachineSpec) -> Sample:
-    start = time.monotonic()
-    guest = session.boot(shape)
-    guest.check("true")
-    wall = time.monotonic() - start
+def _sample(guest: Guest, wall: float) -> Sample:
     pid = guest.machine.pid
     assert pid is not None
-    sample = Sample(wall, _cpu_seconds(pid), _rss_mib(pid))
-    guest.close()
-    session.guests.clear()
-    return sample
+    return Sample(wall, _cpu_seconds(pid), _rss_mib(pid))
+
+
+def one(session: VirtioSession, shape: spec.MachineSpec) -> Sample:
+    return to_shell(session, shape, _sample)
 
 
 def _line(name: str, samples: list[Sample]) -> str:
