@@ -27,7 +27,7 @@ import shlex
 import time
 
 #: The helper's directory in the guest (a tmpfs): its request and reply FIFOs
-#: and its pid.
+#: and its pid (written by the shell that started it).
 DIR = "/run/pytest-virtio-freshen"
 
 #: x86_64 settimeofday (arch/x86/entry/syscalls/syscall_64.tbl); guests here
@@ -78,11 +78,18 @@ while (1) {{
 
 
 def start_command(directory: str = DIR) -> str:
-    """The template's command, before its save: make the FIFOs, start the helper
-    in its own session (a ^C to the console shell must not reach it)."""
+    """The template's command, before its save: make the FIFOs, start the helper.
+
+    Fails (no hang) on a rootfs without perl.  The shell writes the helper's
+    pid before the command returns, so the first request's liveness check
+    never races the helper's start.  The helper leaves the console's session
+    (``POSIX::setsid``) and ignores SIGINT and SIGHUP: a ^C to the console
+    shell must not reach it.
+    """
     d = shlex.quote(directory)
-    return (f"rm -rf {d} && mkdir -m 700 {d} && mkfifo {d}/req {d}/ack && "
-            f"(setsid perl -e {shlex.quote(HELPER)} {d} </dev/null >/dev/null 2>&1 &)")
+    return (f"command -v perl >/dev/null && rm -rf {d} && mkdir -m 700 {d} && "
+            f"mkfifo {d}/req {d}/ack && "
+            f"(perl -e {shlex.quote(HELPER)} {d} </dev/null >/dev/null 2>&1 & echo $! > {d}/pid)")
 
 
 def stop_command(directory: str = DIR) -> str:
@@ -100,20 +107,17 @@ def request_line(now: float | None = None, entropy: bytes | None = None,
     return f"{seconds} {micros} {seed.hex()} {'last' if last else 'stay'}"
 
 
-def request_command(line: str, directory: str = DIR, check_alive: bool = True) -> str:
+def request_command(line: str, directory: str = DIR) -> str:
     """Send one request and fail, saying why, unless the helper replies ``ok``.
 
-    Dash builtins only.  ``check_alive`` first checks that the helper's pid is
-    alive, so a missing helper fails at once instead of blocking on the FIFO
-    (off for the template's first request, which may beat the pid file).
+    Dash builtins only.  The helper's pid is checked first, so a missing or
+    dead helper fails at once instead of blocking on the FIFO.
     """
     d = shlex.quote(directory)
-    send = (f"echo {line} > {d}/req && read -r __pv_r < {d}/ack && "
+    return (f"if {{ read -r __pv_p < {d}/pid; }} 2>/dev/null && [ -d /proc/$__pv_p ]; then "
+            f"echo {line} > {d}/req && read -r __pv_r < {d}/ack && "
             f'{{ [ "$__pv_r" = ok ] || {{ echo "pytest-virtio: freshening the guest failed: '
-            f'$__pv_r" >&2; false; }}; }}')
-    if not check_alive:
-        return send
-    return (f"if {{ read -r __pv_p < {d}/pid; }} 2>/dev/null && [ -d /proc/$__pv_p ]; then {send}; "
+            f'$__pv_r" >&2; false; }}; }}; '
             f'else echo "pytest-virtio: the freshening helper is not running in this guest" '
             f">&2; false; fi")
 

@@ -182,7 +182,7 @@ class Templates:
         # save, so its pages are in the saved RAM.  A rootfs that cannot run
         # it (no perl) is a shape that cannot be restored.
         res = booted.run(freshen.start_command() + " && " + freshen.request_command(
-            freshen.request_line(last=False), check_alive=False))
+            freshen.request_line(last=False)))
         if not res.ok:
             self._failed[shape] = (f"the guest cannot be freshened after a restore (exit "
                                    f"{res.rc}: {res.output.strip()[-200:]}); it needs perl "

@@ -70,6 +70,13 @@ def test_no_helper_fails_at_once_instead_of_waiting(tmp_path: Path) -> None:
     assert res.returncode == 1 and "helper is not running" in res.stderr
 
 
+def test_no_perl_fails_the_start_instead_of_hanging(tmp_path: Path) -> None:
+    d = tmp_path / "helper"
+    res = subprocess.run(["/bin/sh", "-c", freshen.start_command(str(d))], capture_output=True,
+                         text=True, timeout=20, env={"PATH": str(tmp_path)})
+    assert res.returncode != 0 and not d.exists()
+
+
 def test_stop_command_ends_a_waiting_helper(tmp_path: Path) -> None:
     d = _started(tmp_path)
     pid = int((d / "pid").read_text())
