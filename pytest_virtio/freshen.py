@@ -41,14 +41,15 @@ _RNDRESEEDCRNG = 0x5207
 #: MICROSECONDS HEX MODE`` (MODE ``stay`` or ``last``); the reply is ``ok`` or
 #: what failed.  A bad request gets an error reply, never a silent death (the
 #: shell would wait on its FIFO until the command's timeout); one whose MODE is
-#: not ``stay`` counts as ``last``, so a garbled request leaves no helper behind.  The entropy is
-#: credited as 8 bits per byte: struct rand_pool_info {int entropy_count;
-#: int buf_size; __u32 buf[];}.
+#: not ``stay`` counts as ``last``, so a garbled request leaves no helper
+#: behind.  The entropy is credited as 8 bits per byte: struct rand_pool_info
+#: {int entropy_count; int buf_size; __u32 buf[];}.  Its pid file is written by
+#: the shell that starts it (:func:`start_command`), the one writer.
 HELPER = f"""
 $0 = "pytest-virtio-freshen";
 $SIG{{HUP}} = $SIG{{INT}} = "IGNORE";
+require POSIX; POSIX::setsid();
 my $d = shift;
-open(my $p, ">", "$d/pid") or exit 1; print $p "$$\\n"; close $p;
 sub freshen {{
     my ($s, $us, $hex) = @_;
     $s =~ /^\\d+$/ && $us =~ /^\\d{{1,6}}$/ or die "bad clock '$s.$us'\\n";

@@ -20,6 +20,12 @@ from pytest_virtio.session import VirtioSession
 PLAIN = spec_mod.MachineSpec()
 WITH_NIC = spec_mod.spec_from_kwargs({"nics": ["virtio-net"]})
 
+#: Nothing of the freshening helper is left in a test's guest: no directory,
+#: no process, no zombie (the pattern is bracketed so grep does not find itself).
+NO_HELPER = ("test ! -e /run/pytest-virtio-freshen && "
+             "! grep -ls 'pytest-virtio-fresh[e]n' /proc/[0-9]*/cmdline && "
+             "! grep -s '^[0-9]* ([^)]*) Z' /proc/[0-9]*/stat")
+
 
 @pytest.fixture(scope="module")
 def snap(pytestconfig: pytest.Config) -> Iterator[tuple[VirtioSession, list[str]]]:
@@ -56,13 +62,6 @@ def test_restored_guests_differ_in_entropy_and_share_nothing(snap) -> None:
         guest.check(NO_HELPER)
     for guest in list(session.guests):
         guest.close()
-
-
-#: Nothing of the freshening helper is left in a test's guest: no directory,
-#: no process, no zombie (the pattern is bracketed so grep does not find itself).
-NO_HELPER = ("test ! -e /run/pytest-virtio-freshen && "
-             "! grep -ls 'pytest-virtio-fresh[e]n' /proc/[0-9]*/cmdline && "
-             "! grep -s '^[0-9]* ([^)]*) Z' /proc/[0-9]*/stat")
 
 
 def test_restored_guest_has_the_host_wall_clock(snap) -> None:
