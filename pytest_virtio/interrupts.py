@@ -79,6 +79,16 @@ def child_pids(pid: int | None = None, proc: Path = Path("/proc")) -> list[int]:
     return sorted(children)
 
 
+def descendants(pid: int, proc: Path = Path("/proc")) -> list[int]:
+    """``pid``'s live children, their children, and so on (``pid`` itself not included)."""
+    found: list[int] = []
+    todo = child_pids(pid, proc)
+    while todo:
+        found.append(todo.pop())
+        todo += child_pids(found[-1], proc)
+    return sorted(found)
+
+
 def forward_to_children(sig: int = signal.SIGTERM) -> list[int]:
     """Send ``sig`` to every live child (an xdist controller's children are its workers)."""
     sent = []

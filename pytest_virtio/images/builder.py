@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import lzma
 import os
 import queue
@@ -25,11 +26,14 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from filelock import FileLock, Timeout
 
+from .. import procs
 from ..errors import ImageError
 from ..tools import require_tool
+from .mounts import mounts_under, remove_tree
 from .recipe import (
     DATA_DIR,
     DISTRO_BOOT_TIMEOUT,
@@ -38,6 +42,8 @@ from .recipe import (
 )
 
 Progress = Callable[[str], None]
+
+log = logging.getLogger(__name__)
 
 EXT4_MAGIC_OFFSET = 1080
 EXT4_MAGIC = b"\x53\xef"
@@ -102,15 +108,34 @@ HEARTBEAT = 10.0
 def _run(argv: list[str], progress: Progress, what: str) -> None:
     """Run a build step, streaming its lines to ``progress``; fail with its tail.
 
+    The step runs contained (:func:`pytest_virtio.procs.start`): it and every
+    process it forks die with this one, even by SIGKILL, and its mounts
+    (mmdebstrap's ``proc``, ``sys``, ``dev/pts``, ``dev/shm`` in the rootfs) are
+    never visible outside and vanish with it.  An interrupted step is killed at
+    once: its output is thrown away anyway.
+    """
+    progress(f"{what}: {' '.join(argv[:3])} ...")
+    proc = procs.start(argv, contain=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True)
+    try:
+        tail = _follow(proc.stdout, progress, what)
+        proc.wait()
+    finally:
+        rc = procs.stop(proc, grace=0)
+    if rc != 0:
+        joined = "\n".join(tail)
+        raise ImageError(f"{what} failed (exit {rc}):\n{joined}")
+
+
+def _follow(out: IO[str] | None, progress: Progress, what: str) -> list[str]:
+    """Pass a step's ``I:``/``E:``/``W:`` lines on until EOF; its last lines.
+
     mmdebstrap can be quiet for a minute (unpacking, configuring the kernel):
     a reader thread queues its lines so this thread, the one allowed to write
     to pytest's terminal, also says "still running" every HEARTBEAT seconds.
     """
-    progress(f"{what}: {' '.join(argv[:3])} ...")
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert out is not None
     lines: queue.Queue[str | None] = queue.Queue()
-    assert proc.stdout is not None
-    out = proc.stdout
 
     def pump() -> None:
         for text in out:
@@ -127,14 +152,10 @@ def _run(argv: list[str], progress: Progress, what: str) -> None:
             progress(f"{what}: still running ({time.monotonic() - start:.0f}s in this step)")
             continue
         if line is None:
-            break
+            return tail
         tail = [*tail[-40:], line.rstrip()]
         if line.startswith(("I: ", "E: ", "W: ")):
             progress(f"{what}: {line.rstrip()}")
-    rc = proc.wait()
-    if rc != 0:
-        joined = "\n".join(tail)
-        raise ImageError(f"{what} failed (exit {rc}):\n{joined}")
 
 
 def _mmdebstrap_argv(recipe: Recipe, rootdir: Path) -> list[str]:
@@ -341,8 +362,13 @@ def image_dir(recipe: Recipe, cache_dir: Path | None = None) -> Path:
 
 
 def _lock_path(image: Path) -> Path:
-    """The lock beside an image directory: held while it is built, checked or pruned."""
-    return image.with_name(image.name + ".lock")
+    """The lock beside an image directory: held while it is built, checked or pruned.
+
+    A half-built ``.build-<key>-<pid>`` directory's is its image's: the builder
+    holds it for the whole build.
+    """
+    key = _build_key(image)
+    return image.with_name((key or image.name) + ".lock")
 
 
 def ensure_image(
@@ -371,17 +397,48 @@ def ensure_image(
             if not force:
                 return verify(final)
             shutil.rmtree(final)
+        _remove_dead_builds(final.parent, recipe.key(), timed)
         tmp = final.parent / f"{BUILD_PREFIX}{recipe.key()}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         try:
             timed(f"building guest image {recipe.key()} (once per machine, 1-3 min)")
             _build_into(recipe, tmp, timed)
             os.rename(tmp, final)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp.exists():  # the build failed or was interrupted
+                _discard(tmp, timed)
         timed(f"guest image ready: {final}")
     return verify(final)
+
+
+def _build_key(entry: Path) -> str | None:
+    """The image key of a ``.build-<key>-<pid>`` directory, None for any other name."""
+    if not entry.name.startswith(BUILD_PREFIX):
+        return None
+    key, _, pid = entry.name.removeprefix(BUILD_PREFIX).rpartition("-")
+    return key if key and pid.isdigit() else None
+
+
+def _remove_dead_builds(images: Path, key: str, progress: Progress) -> None:
+    """Remove what killed builds of ``key`` left (its image lock must be held).
+
+    Whoever holds the lock is the only builder of ``key``, so every other
+    ``.build-<key>-*`` directory is a dead one's, whatever its pid now names.
+    Mounts under it are detached first (see :mod:`.mounts`).
+    """
+    for entry in sorted(images.glob(f"{BUILD_PREFIX}*")):
+        if _build_key(entry) == key and entry.is_dir():
+            progress(f"removing {entry}, left by a build that was killed")
+            _discard(entry, progress)
+
+
+def _discard(entry: Path, progress: Progress) -> None:
+    """:func:`.mounts.remove_tree`, saying why instead of raising when it cannot."""
+    try:
+        remove_tree(entry)
+    except (ImageError, OSError) as exc:
+        log.warning("%s", exc)
+        progress(f"warning: {exc}")
 
 
 @contextlib.contextmanager
@@ -408,9 +465,18 @@ def _image_lock(final: Path, key: str, progress: Progress) -> Iterator[None]:
 
 
 def _tree_size(path: Path) -> int:
-    """Bytes on disk (the rootfs is sparse: its apparent size overstates it)."""
-    return sum(p.stat().st_blocks * 512 for p in path.rglob("*")
-               if p.is_file() and not p.is_symlink())
+    """Bytes on disk (the rootfs is sparse: its apparent size overstates it).
+
+    Mounts under ``path`` (a killed build's ``proc``, ``dev/shm``) are not counted.
+    """
+    skip = {str(p) for p in mounts_under(path)}
+    total = 0
+    for top, dirs, files in os.walk(os.path.realpath(path)):
+        dirs[:] = [d for d in dirs if os.path.join(top, d) not in skip]
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(top, name)).st_blocks * 512
+    return total
 
 
 def build_owner_alive(entry: Path) -> bool:
@@ -465,19 +531,29 @@ def remove_unlocked(entries: list[Path], dry_run: bool = False) -> list[tuple[Pa
     """Remove cache directories whose ``<dir>.lock`` nobody holds; (path, bytes) of each."""
     removed = []
     for entry in entries:
-        size = _tree_size(entry)
         if dry_run:
-            removed.append((entry, size))
+            removed.append((entry, _tree_size(entry)))
             continue
-        lock = FileLock(_lock_path(entry), timeout=0)
         try:
-            with lock:
-                shutil.rmtree(entry)
+            with FileLock(_lock_path(entry), timeout=0):
+                size = _remove_entry(entry)
         except TimeoutError:
             continue
-        _lock_path(entry).unlink(missing_ok=True)
+        except ImageError as exc:
+            log.warning("%s", exc)
+            continue
+        if _build_key(entry) is None:  # a build's lock is its image's: that stays
+            _lock_path(entry).unlink(missing_ok=True)
         removed.append((entry, size))
     return removed
+
+
+def _remove_entry(entry: Path) -> int:
+    """Remove ``entry``, mounts under it detached first (:func:`.mounts.remove_tree`);
+    the bytes it held."""
+    size = _tree_size(entry)
+    remove_tree(entry)
+    return size
 
 
 def current_keys(data_dir: Path = DATA_DIR) -> set[str]:

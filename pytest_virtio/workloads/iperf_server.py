@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
+from pytest_virtio import procs
 from pytest_virtio.errors import MissingToolError, WorkloadError
 
 __all__ = ["LOOPBACK", "host_iperf3_server"]
@@ -31,7 +32,8 @@ def host_iperf3_server(start_timeout: float = 10.0, attempts: int = 3) -> Iterat
     """Run ``iperf3 -s -1`` on 127.0.0.1 for one client; yields its port.
 
     ``-1`` makes it exit after one test, so a forgotten server cannot linger;
-    it is still stopped on the way out.  iperf3 cannot be told to pick a free
+    it is still stopped on the way out, and it dies with pytest, even a killed
+    one (:func:`pytest_virtio.procs.start`).  iperf3 cannot be told to pick a free
     port, so one is chosen here; losing it to another process in the moment
     between is retried on a new port (``attempts`` times).
     """
@@ -42,16 +44,15 @@ def host_iperf3_server(start_timeout: float = 10.0, attempts: int = 3) -> Iterat
     for _ in range(attempts):
         port = _free_loopback_port()
         with tempfile.TemporaryFile("w+") as log:
-            proc = subprocess.Popen([tool, "-s", "-B", LOOPBACK, "-p", str(port), "-1"],
-                                    stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL)
+            proc = procs.start([tool, "-s", "-B", LOOPBACK, "-p", str(port), "-1"],
+                               stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
             try:
                 if _wait_listening(proc, port, start_timeout):
                     yield port
                     return
                 last = _read(log)
             finally:
-                _stop(proc)
+                procs.stop(proc, grace=5.0)
     raise WorkloadError(f"host iperf3 server would not start on {LOOPBACK}: {last}")
 
 
@@ -91,12 +92,3 @@ def _read(log: IO[str]) -> str:
     log.seek(0)
     return log.read().strip()[-2000:]
 
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import signal
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
+from pytest_virtio import procs
 from pytest_virtio.errors import MissingToolError, WorkloadError
+from pytest_virtio.interrupts import child_pids
 from pytest_virtio.workloads import iperf_server
 from pytest_virtio.workloads.iperf import parse_iperf3_json
 
@@ -57,3 +64,36 @@ def test_missing_iperf3_names_the_package(monkeypatch: pytest.MonkeyPatch) -> No
     with pytest.raises(MissingToolError, match="apt-get install iperf3"), \
             iperf_server.host_iperf3_server():
         pass
+
+
+#: pytest with the server up: prints its port, then waits to be killed.
+SERVING = """
+import time
+from pytest_virtio.workloads.iperf_server import host_iperf3_server
+with host_iperf3_server() as port:
+    print(port, flush=True)
+    time.sleep(600)
+"""
+
+
+def test_server_dies_with_a_killed_pytest() -> None:
+    """kill -9 runs no teardown: the server must still go (it used to wait for a
+    client for ever, holding its port)."""
+    pytest_proc = subprocess.Popen([sys.executable, "-c", SERVING], stdout=subprocess.PIPE,
+                                   text=True)
+    assert pytest_proc.stdout is not None
+    port = int(pytest_proc.stdout.readline())
+    servers = [pid for pid in child_pids(pytest_proc.pid)
+               if Path(f"/proc/{pid}/comm").read_text().strip() == "iperf3"]
+    try:
+        assert len(servers) == 1 and iperf_server._listening(port)
+        pytest_proc.kill()
+        pytest_proc.wait()
+        assert procs.wait_gone(servers, 5.0) == [], "iperf3 outlived the killed pytest"
+        assert not iperf_server._listening(port)
+    finally:
+        pytest_proc.kill()
+        pytest_proc.wait()
+        for pid in servers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
