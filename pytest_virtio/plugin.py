@@ -87,8 +87,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     for opt in OPTIONS:
         # argparse %-formats help text: a literal '%' (as in 'iops:10%') must be doubled.
         text = f"{opt.help} (ini {opt.ini}, env {opt.env})".replace("%", "%%")
-        bare = {"nargs": "?", "const": opt.bare} if opt.bare is not None else {}
-        group.addoption(opt.flag, default=None, help=text, choices=opt.choices, **bare)
+        names, how = opt.cli()
+        group.addoption(*names, default=None, help=text, **how)
         parser.addini(opt.ini, help=opt.help, default=None)
 
 

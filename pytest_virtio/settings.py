@@ -7,7 +7,9 @@ came from and what is allowed (a marker still overrides per test).
 
 from __future__ import annotations
 
+import argparse
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,37 @@ class Option:
     @property
     def env(self) -> str:
         return "PYTEST_VIRTIO_" + self.name.upper()
+
+    def cli(self) -> tuple[tuple[str, ...], dict[str, Any]]:
+        """The option strings and argparse keywords of its command-line option.
+
+        An option with a bare form is a flag whose value, if any, is given with
+        ``=`` only (``--virtio-snapshot=off``): an optional separate value would
+        take the next argument, a path in ``pytest --virtio-snapshot tests/``.
+        """
+        if self.bare is None:
+            return (self.flag,), {"choices": self.choices}
+        forms = tuple(f"{self.flag}={choice}" for choice in self.choices or ())
+        return (self.flag, *forms), {"action": FlagAction, "bare": self.bare}
+
+
+class FlagAction(argparse.Action):
+    """``--flag`` (the option's bare value) or ``--flag=VALUE``, never ``--flag VALUE``.
+
+    Each ``--flag=VALUE`` is an option string of its own (argparse matches a
+    whole option string before it splits at ``=``), so the flag takes no
+    argument and the word after it stays a path.
+    """
+
+    def __init__(self, option_strings: Sequence[str], dest: str, bare: str,
+                 **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+        self.bare = bare
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        _, sep, value = (option_string or "").partition("=")
+        setattr(namespace, self.dest, value if sep else self.bare)
 
 
 OPTIONS: tuple[Option, ...] = (

@@ -38,4 +38,33 @@ def test_snapshot_option_restores_fresh_guests(pytester: pytest.Pytester, inner_
 def test_bad_snapshot_value_is_a_usage_error(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest("--virtio-snapshot=maybe")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["*--virtio-snapshot*invalid choice*'maybe'*"])
+    # argparse names every form the option takes: --virtio-snapshot, =on, =off.
+    result.stderr.fnmatch_lines(["*--virtio-snapshot/--virtio-snapshot=on/"
+                                 "--virtio-snapshot=off*'maybe'*"])
+
+
+SEEN = """
+from pytest_virtio.plugin import SETTINGS_KEY
+
+def test_seen(request):
+    print("snapshot", request.config.stash[SETTINGS_KEY].snapshot)
+"""
+
+
+@pytest.mark.parametrize(("args", "snapshot"), [
+    (["--virtio-snapshot", "tests/"], True),  # as the README writes it
+    (["--virtio-snapshot", "tests/", "other/"], True),
+    (["--virtio-snapshot=on", "tests/"], True),
+    (["--virtio-snapshot=off", "tests/"], False),
+    (["tests/", "--virtio-snapshot"], True),
+])
+def test_snapshot_flag_leaves_the_next_path_a_path(
+    pytester: pytest.Pytester, args: list[str], snapshot: bool
+) -> None:
+    """The bare flag takes no value: the path after it is collected, not parsed as one."""
+    for folder in ("tests", "other"):
+        pytester.mkdir(folder).joinpath(f"test_{folder}.py").write_text(SEEN)
+    pytester.mkdir("elsewhere").joinpath("test_not_named.py").write_text(SEEN)
+    result = pytester.runpytest(TCG, "-s", *args)
+    result.assert_outcomes(passed=len([a for a in args if a.endswith("/")]))
+    assert result.stdout.str().count(f"snapshot {snapshot}") == result.parseoutcomes()["passed"]
