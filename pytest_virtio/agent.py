@@ -158,8 +158,9 @@ class GuestAgent:
             status = self.execute("guest-exec-status", {"pid": pid},
                                   max(1.0, deadline.remaining()))
             if status.get("exited"):
-                return Result(cmd=cmd, rc=_exit_code(status), stdout=_data(status, "out-data"),
-                              stderr=_data(status, "err-data"),
+                return Result(cmd=cmd, rc=_exit_code(status),
+                              stdout_bytes=_data(status, "out-data"),
+                              stderr_bytes=_data(status, "err-data"),
                               duration=time.monotonic() - start, via="agent")
             if deadline.expired():
                 raise GuestTimeout(f"guest command via the agent did not finish within "
@@ -182,8 +183,8 @@ def _exit_code(status: Mapping[str, Any]) -> int:
     return int(status.get("exitcode", -1))
 
 
-def _data(status: Mapping[str, Any], key: str) -> str:
+def _data(status: Mapping[str, Any], key: str) -> bytes:
     raw = status.get(key)
     if not isinstance(raw, str):
-        return ""
-    return base64.b64decode(raw).decode("utf-8", "replace")
+        return b""
+    return base64.b64decode(raw)

@@ -1,37 +1,53 @@
-"""The serial console: boot watching and nonce-framed commands over pexpect.
+"""The guest's two serial lines: the kernel's console, watched, and the command channel.
 
-Why framing: the console carries the guest shell's output, kernel messages and
-whatever the command prints, all in one byte stream.  Each command's stdout and
-stderr are collected into files in the guest and printed between markers that
-contain a fresh random nonce, and the markers are *built* by printf, so neither
-the echoed command line nor anything the command prints can fake them.
+Why two: one line that carries the kernel's messages, the shell's output and
+whatever a command prints cannot tell them apart.  A command printing
+``Kernel panic - not syncing`` looked like a panic, a kernel message printed
+during a command landed inside its stdout, and the boot-watch patterns were
+armed over a command's output.  So the kernel keeps ``ttyS0`` (``console=ttyS0``;
+watched for panics always, for an initramfs giving up while booting) and the
+shell that runs the host's commands sits alone on ``ttyS1`` (a second ISA UART,
+which every x86 machine type has, so an all-emulated guest has it too), in raw
+mode: no echo, no line discipline limits, no CR/LF translation, bytes as sent.
+
+Why framing: a command's stdout and stderr are collected into files in the
+guest and printed between markers carrying a fresh random nonce, built by
+printf, so nothing a command prints can end its frame.  The command itself
+travels single-quoted in short lines (control bytes as octal escapes), and
+the guest checks its byte count before it runs it: any command arrives intact
+(any length, any syntax: a syntax error is the shell's own rc 2 and message) or
+not at all, with a clear error.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import secrets
+import select
 import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pexpect
-import pexpect.fdpexpect
-
 from .errors import (
     BackendError,
+    ChannelMode,
+    ChannelRefused,
     GuestError,
     GuestPanic,
     GuestTimeout,
     LaunchError,
+    ShellRestarted,
 )
 from .qemu.starvation import Deadline
 from .runners import Result
 
-#: Commands between two removals of the console's (mostly empty) output files.
+log = logging.getLogger(__name__)
+
+#: Commands between two removals of the channel's (mostly empty) output files.
 CLEANUP_EVERY = 32
 READY_RE = r"PYTEST-VIRTIO-READY ([0-9.]+)\r?\n"
 HOSTKEY_RE = r"PYTEST-VIRTIO-HOSTKEY (\S+ \S+)"
@@ -40,21 +56,190 @@ NO_ROOT_RE = r"PYTEST-VIRTIO-NO-ROOT ([^\r\n]*)"
 #: does not exist.  Dropping to a shell!") and dracut ("Warning: Could not boot.").
 DISTRO_NO_ROOT_RE = (r"(ALERT!\s+\S+ does not exist\.[^\r\n]*"
                      r"|dracut[^\r\n]*Warning: Could not boot\.[^\r\n]*)")
-#: Lines that mean the guest kernel died; matched in every wait.
+#: Our init's word that the guest has no second serial port for the channel.
+NO_CHANNEL_RE = r"PYTEST-VIRTIO-NO-CHANNEL (\S+)"
+#: Lines that mean the guest kernel died; matched on the kernel's console always.
 PANIC_RE = r"(Kernel panic - not syncing[^\r\n]*)"
-#: While streaming, a line counts only once its end has arrived: ``[^\r\n]*``
-#: would otherwise match whatever part of it the last read happened to hold.
-WHOLE_LINE = r"\r?\n"
+
+#: The guest side of the channel, sent once to every new shell (dash).  ``pv_a``
+#: appends a literal piece of the command (single-quoted by the host), ``pv_o`` a
+#: run of control bytes as octal escapes (printf in a command substitution: a
+#: fork, so only for the bytes a terminal would act on).  ``pv_x NONCE LEN``
+#: refuses the command when its byte count is not LEN (a line cut or a byte lost
+#: on the way), runs it with ``eval`` in a subshell (so a syntax error is that
+#: subshell's rc 2, not the channel's), then frames the results.  ``[ -s ]`` and
+#: printf are builtins: a ``true`` costs the subshell's fork and nothing else.
+SHELL_FUNCTIONS = (
+    "pv_c=; pv_k=0; pv_a() { pv_c=$pv_c$1; }; "
+    "pv_o() { pv_t=$(printf \"$1\"; printf x); pv_c=$pv_c${pv_t%x}; }; "
+    "pv_x() { pv_m=$pv_c; pv_c=; "
+    "if [ \"${#pv_m}\" != \"$2\" ]; then printf '%sL %s\\n' \"$1\" \"${#pv_m}\"; return; fi; "
+    "pv_f=/tmp/.pv-$1.o; pv_g=/tmp/.pv-$1.e; "
+    "( set --; eval \"$pv_m\"\n) </dev/null >$pv_f 2>$pv_g; pv_r=$?; "
+    "printf '%sS\\n' \"$1\"; [ ! -s $pv_f ] || cat $pv_f; "
+    "printf '\\n%sE %d\\n' \"$1\" $pv_r; [ ! -s $pv_g ] || cat $pv_g; "
+    "printf '\\n%sF\\n' \"$1\"; pv_k=$((pv_k+1)); "
+    f"[ $pv_k -lt {CLEANUP_EVERY} ] || {{ pv_k=0; rm -f /tmp/.pv-*.[oe]; }}; }}"
+)
+#: The terminal mode the channel needs: raw (no canonical line limit, no CR/LF
+#: translation either way), no echo, no extended input processing (^V, ^O), but
+#: signals on so ^C interrupts a command.
+STTY = "stty raw -echo -iexten isig"
+#: Bytes a terminal may act on even in that mode (signals; the rest for a
+#: terminal someone set otherwise): sent as octal escapes, never as themselves.
+_CONTROL = frozenset(set(range(0x20)) - {0x09, 0x0A} | {0x7F})
+#: Escaped command characters per line: far below the 4095 of a canonical line.
+CHUNK = 1000
+#: Kernel console bytes kept in memory for line matching (the log has them all).
+_LINE_LIMIT = 65536
+_READY = re.compile(READY_RE.encode())
+#: How often a resync repeats its marker while the shell is being restarted.
+_RESYNC_EVERY = 1.0
 
 
-FRAME_LINE_RE = re.compile(r"^[0-9a-f]{16}(?:[SFZ]|E \d+)$")
+def command_lines(cmd: str) -> list[str]:
+    """The shell lines that hand ``cmd`` to ``pv_x``, none longer than ~:data:`CHUNK`.
+
+    Literal pieces go single-quoted (a quote as ``'\\''``), runs of control
+    bytes as octal escapes for printf; so whatever the command holds (newlines,
+    quotes, CR, control and non-UTF-8 bytes), the terminal sees short lines that
+    its shell only ever stores in a variable.
+    """
+    data = cmd.encode("utf-8", "surrogateescape")
+    if b"\0" in data:
+        raise ValueError(f"a shell command cannot contain a NUL byte: {cmd!r}")
+    lines: list[str] = []
+    for control, run in _runs(data):
+        function = "pv_o" if control else "pv_a"
+        tokens = [f"\\{b:03o}" if control else ("'\\''" if b == 0x27 else chr(b))
+                  for b in run]
+        lines += [f"{function} '{piece}'" for piece in _pack(tokens)]
+    return lines
+
+
+def _pack(tokens: list[str]) -> list[str]:
+    """Tokens joined into pieces of at most :data:`CHUNK` characters, none split."""
+    pieces: list[str] = []
+    current: list[str] = []
+    size = 0
+    for token in tokens:
+        if current and size + len(token) > CHUNK:
+            pieces.append("".join(current))
+            current, size = [], 0
+        current.append(token)
+        size += len(token)
+    pieces.append("".join(current))
+    return pieces
+
+
+def _runs(data: bytes) -> list[tuple[bool, bytes]]:
+    """``data`` cut into alternating runs of control and plain bytes."""
+    runs: list[tuple[bool, bytes]] = []
+    for byte in data:
+        control = byte in _CONTROL
+        if runs and runs[-1][0] == control:
+            runs[-1] = (control, runs[-1][1] + bytes((byte,)))
+        else:
+            runs.append((control, bytes((byte,))))
+    return runs
+
+
+def command_script(cmd: str, nonce: str) -> bytes:
+    """What the host types for one command: its pieces, then the run with its length."""
+    length = len(cmd.encode("utf-8", "surrogateescape"))
+    lines = [*command_lines(cmd), f"pv_x {nonce} {length}"]
+    return ("\n".join(lines) + "\n").encode("latin-1")
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One command's framed answer, parsed from the channel's bytes."""
+
+    rc: int
+    stdout: bytes
+    stderr: bytes
+    #: Offset just past the frame's last marker in the buffer it was read from.
+    end: int
+
+
+class FrameScan:
+    """Finds one nonce's frame in a growing buffer, scanning each byte about once.
+
+    Called with the whole buffer each time more arrived; it remembers how far
+    it got (head marker, E marker), so reading N bytes of output costs O(N),
+    not O(N) per read.  Raises :class:`ChannelRefused` when the guest refused
+    the command (its byte count differed) and :class:`ChannelMode` when the
+    markers show the terminal translated newlines (some program changed the
+    channel's mode): the output would not be exact.
+    """
+
+    #: Bytes searched again at each call, for a marker cut across two reads.
+    OVERLAP = 48
+
+    def __init__(self, nonce: str) -> None:
+        n = nonce.encode()
+        self._n = n
+        self._refused = re.compile(re.escape(n) + rb"L (\d+)\n")
+        self._tail = re.compile(rb"\n" + re.escape(n) + rb"E (\d+)\n")
+        self._pos = 0
+        self._body: int | None = None
+        self._rc: int | None = None
+        self._stdout_end = 0
+        self._stderr = 0
+
+    def __call__(self, buf: bytes | bytearray) -> Frame | None:
+        start = max(0, self._pos - self.OVERLAP)
+        self._pos = len(buf)
+        if self._body is None and not self._find_head(buf, start):
+            return None
+        if self._rc is None and not self._find_tail(buf, start):
+            return None
+        finish = buf.find(b"\n" + self._n + b"F\n", max(start, self._stderr - 1))
+        if finish < 0:
+            return None
+        assert self._body is not None and self._rc is not None
+        return Frame(rc=self._rc, stdout=bytes(buf[self._body:self._stdout_end]),
+                     stderr=bytes(buf[self._stderr:finish]), end=finish + len(self._n) + 3)
+
+    def _find_head(self, buf: bytes | bytearray, start: int) -> bool:
+        restarted = _READY.search(buf, start)
+        if restarted:
+            raise ShellRestarted("the guest's command shell died before the command's "
+                                 "result was written (init started a new one): no exit status")
+        refused = self._refused.search(buf, start)
+        if refused:
+            raise ChannelRefused(
+                f"the guest received the command as {int(refused.group(1)) - 1} bytes, not "
+                "the bytes sent: the command channel lost or cut input")
+        head = buf.find(self._n + b"S\n", start)
+        if head < 0:
+            if buf.find(self._n + b"S\r\n", start) >= 0:
+                raise ChannelMode(
+                    "the command channel's terminal translated newlines (a program changed "
+                    "its mode from the raw one it needs): this command's output is not exact")
+            return False
+        self._body = head + len(self._n) + 2
+        return True
+
+    def _find_tail(self, buf: bytes | bytearray, start: int) -> bool:
+        assert self._body is not None
+        tail = self._tail.search(buf, max(start, self._body - 1))
+        if not tail:
+            return False
+        self._rc = int(tail.group(1))
+        self._stdout_end = tail.start()
+        self._stderr = tail.end()
+        return True
+
+
+FRAME_LINE_RE = re.compile(r"^[0-9a-f]{16}(?:[SFZL]|[EL] \d+)$")
 
 
 def unframe(lines: list[str]) -> list[str]:
-    """Drop :meth:`Console.run`'s nonce markers (and the blank line printed before each).
+    """Drop the nonce markers (and the blank line printed before each).
 
     They mean nothing to a person reading an error; what is left is the
-    commands' output interleaved with the kernel's messages, as on a terminal.
+    commands' output, as on a terminal.
     """
     kept = []
     for i, line in enumerate(lines):
@@ -66,7 +251,7 @@ def unframe(lines: list[str]) -> list[str]:
 
 
 def tail_of(path: Path, lines: int = 40) -> str:
-    """Last lines of the console log, for error messages."""
+    """Last lines of a console log, for error messages."""
     try:
         data = path.read_bytes()[-16384:].decode("utf-8", "replace")
     except OSError:
@@ -74,106 +259,182 @@ def tail_of(path: Path, lines: int = 40) -> str:
     return "\n".join(unframe(data.replace("\r", "").splitlines())[-lines:])
 
 
+class _Line:
+    """One chardev socket, read without blocking into a buffer."""
+
+    def __init__(self, sock: socket.socket, name: str) -> None:
+        self.sock = sock
+        self.name = name
+        self.buf = bytearray()
+        self.eof = False
+        sock.setblocking(False)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def fill(self) -> int:
+        """Read all that is there; returns the byte count. ECONNRESET propagates."""
+        got = 0
+        while not self.eof:
+            try:
+                data = self.sock.recv(1 << 20)
+            except (BlockingIOError, InterruptedError):
+                break
+            if not data:
+                self.eof = True
+                break
+            self.buf += data
+            got += len(data)
+        return got
+
+
+class _KernelWatch:
+    """Whole lines of the kernel's console, matched as they complete."""
+
+    def __init__(self) -> None:
+        self._partial = b""
+        self._boot = [
+            (re.compile(NO_ROOT_RE.encode()), no_root_diagnosis),
+            (re.compile(DISTRO_NO_ROOT_RE.encode()), distro_no_root_diagnosis),
+            (re.compile(NO_CHANNEL_RE.encode()), no_channel_diagnosis),
+        ]
+        self._panic = re.compile(PANIC_RE.encode())
+
+    def feed(self, data: bytes, booting: bool) -> tuple[str, str] | None:
+        """('panic'|'no-root', message) for the first alarming complete line, else None."""
+        text = self._partial + data
+        lines = text.split(b"\n")
+        self._partial = lines.pop()[-_LINE_LIMIT:]
+        for raw in lines:
+            found = self._panic.search(raw)
+            if found:
+                return "panic", found.group(1).decode("utf-8", "replace").rstrip("\r")
+            if not booting:
+                continue
+            for pattern, diagnose in self._boot:
+                found = pattern.search(raw)
+                if found:
+                    return "no-root", diagnose(found.group(1).decode("utf-8", "replace"))
+        return None
+
+
 @dataclass
 class Console:
-    """A pexpect session on QEMU's serial chardev socket.
+    """The kernel console (``con0``) and the command channel (``cmd0``) of one QEMU.
 
     ``alive`` is asked while waiting so that a QEMU that exits turns into a
     LaunchError at once instead of a timeout.  ``qemu_pid`` lets every wait
     leave out the time the host kept QEMU off a CPU (:class:`Deadline`).
     """
 
-    sock: socket.socket
+    kernel_sock: socket.socket
+    channel_sock: socket.socket
     log_path: Path
     alive: Callable[[], None] = lambda: None
     qemu_pid: int | None = None
-    _child: pexpect.fdpexpect.fdspawn = field(init=False)
+    _kernel: _Line = field(init=False)
+    _channel: _Line = field(init=False)
+    _watch: _KernelWatch = field(init=False)
+    _booting: bool = field(default=True, init=False)
     _dirty: bool = field(default=False, init=False)
-    _commands: int = field(default=0, init=False)
+    #: The shell on the channel has our functions and mode (reset by a resync).
+    _prepared: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
-        self._child = pexpect.fdpexpect.fdspawn(
-            self.sock.fileno(), encoding="utf-8", codec_errors="replace", timeout=30,
-            maxread=65536, searchwindowsize=None,
-        )
+        self._kernel = _Line(self.kernel_sock, "kernel console")
+        self._channel = _Line(self.channel_sock, "command channel")
+        self._watch = _KernelWatch()
 
     @classmethod
     def connect(
-        cls, path: str, log_path: Path, alive: Callable[[], None], timeout: float,
-        qemu_pid: int | None = None,
+        cls, path: str, channel_path: str, log_path: Path, alive: Callable[[], None],
+        timeout: float, qemu_pid: int | None = None,
     ) -> Console:
         deadline = time.monotonic() + timeout
-        while True:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                sock.connect(path)
-                return cls(sock, log_path, alive, qemu_pid)
-            except OSError:
-                sock.close()
-                alive()
-                if time.monotonic() > deadline:
-                    raise LaunchError(f"console socket {path} never appeared") from None
-                time.sleep(0.02)
+        kernel = _connect(path, deadline, alive)
+        try:
+            channel = _connect(channel_path, deadline, alive)
+        except BaseException:
+            kernel.close()
+            raise
+        log.debug("connected to the kernel console %s and the command channel %s",
+                  path, channel_path)
+        return cls(kernel, channel, log_path, alive, qemu_pid)
 
     def tail(self, lines: int = 40) -> str:
         return tail_of(self.log_path, lines)
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.close()
+        for sock in (self.kernel_sock, self.channel_sock):
+            with contextlib.suppress(OSError):
+                sock.close()
 
-    def send(self, text: str) -> None:
-        """Write to the guest; a dead QEMU is reported as such, not as EPIPE."""
+    def send(self, data: bytes) -> None:
+        """Write to the command channel; a dead QEMU is reported as such, not as EPIPE."""
         self.alive()
-        try:
-            self._child.send(text)
-        except OSError as exc:
-            self.alive()
-            raise LaunchError(f"cannot write to the guest console: {exc}\n{self.tail()}"
-                              ) from exc
+        view = memoryview(data)
+        while view:
+            try:
+                sent = self.channel_sock.send(view)
+            except BlockingIOError:
+                select.select([], [self.channel_sock], [], 0.5)
+                self.alive()
+                continue
+            except OSError as exc:
+                self.alive()
+                raise LaunchError(f"cannot write to the guest's command channel: {exc}\n"
+                                  f"{self.tail()}") from exc
+            view = view[sent:]
 
-    def expect(self, pattern: str, timeout: float, what: str,
-               watch: Callable[[], None] | None = None) -> re.Match[str]:
-        """Wait for ``pattern``; a panic, an EOF or the deadline raise precisely.
+    # -- waiting ---------------------------------------------------------------
+    def wait_for(self, found: Callable[[bytearray], object], timeout: float, what: str,
+                 watch: Callable[[], None] | None = None) -> object:
+        """Read both lines until ``found(channel buffer)`` returns something truthy.
 
-        Waits in short slices so a dead QEMU is noticed by ``alive()``, and a
-        failed in-process backend by ``watch()`` (it raises), at once.
+        A panic on the kernel's console (any time) or an initramfs giving up
+        (while booting), an EOF, a dead QEMU, what ``watch`` raises (a failed
+        in-process backend) and the deadline end the wait precisely.
         """
-        patterns = [pattern, PANIC_RE + WHOLE_LINE, NO_ROOT_RE + WHOLE_LINE,
-                    DISTRO_NO_ROOT_RE + WHOLE_LINE, pexpect.EOF, pexpect.TIMEOUT]
         deadline = Deadline(timeout, self.qemu_pid)
         while True:
+            result = found(self._channel.buf)
+            if result:
+                return result
             slice_ = max(0.05, min(0.5, deadline.remaining()))
             try:
-                idx = self._child.expect(patterns, timeout=slice_)
+                ready, _, _ = select.select([self._kernel, self._channel], [], [], slice_)
+                for line in ready:
+                    self._read(line, what)
             except OSError as exc:  # ECONNRESET: QEMU died under us
                 self._wait_for_exit()
                 raise LaunchError(f"QEMU dropped the console while {what}: {exc}\n"
                                   f"{self.tail()}") from exc
-            match = self._child.match
-            if idx == 0:
-                assert isinstance(match, re.Match)
-                return match
-            if idx == 1:
-                assert isinstance(match, re.Match)
-                self._collect_after_panic()
-                raise GuestPanic(f"guest kernel panicked while {what}: {match.group(1)}",
-                                 self.tail())
-            if idx == 2:
-                assert isinstance(match, re.Match)
-                raise GuestError(no_root_diagnosis(match.group(1)), self.tail())
-            if idx == 3:
-                assert isinstance(match, re.Match)
-                raise GuestError(distro_no_root_diagnosis(match.group(1)), self.tail())
-            if idx == 4:
+            if not ready:
                 self.alive()
-                raise LaunchError(f"QEMU closed the console while {what}\n{self.tail()}")
+                if watch is not None:
+                    watch()
+                if deadline.expired():
+                    raise GuestTimeout(f"guest did not answer within {timeout:.0f}s while "
+                                       f"{what}{deadline.describe()}", self.tail())
+
+    def _read(self, line: _Line, what: str) -> None:
+        before = len(line.buf)
+        line.fill()
+        if line is self._kernel:
+            alarm = self._watch.feed(bytes(line.buf[before:]), self._booting)
+            line.buf.clear()
+            if alarm is not None:
+                self._alarm(alarm, what)
+        if line.eof:
             self.alive()
-            if watch is not None:
-                watch()
-            if deadline.expired():
-                raise GuestTimeout(f"guest did not answer within {timeout:.0f}s while {what}"
-                                   f"{deadline.describe()}", self.tail())
+            raise LaunchError(f"QEMU closed the {line.name} while {what}\n{self.tail()}")
+
+    def _alarm(self, alarm: tuple[str, str], what: str) -> None:
+        kind, message = alarm
+        if kind == "panic":
+            self._collect_after_panic()
+            raise GuestPanic(f"guest kernel panicked while {what}: {message}", self.tail())
+        raise GuestError(message, self.tail())
 
     def _wait_for_exit(self, grace: float = 2.0) -> None:
         """A reset console means QEMU is dying: let ``alive()`` see its exit status."""
@@ -184,66 +445,154 @@ class Console:
 
     def _collect_after_panic(self) -> None:
         """Let the panic's trace reach the log before it is quoted."""
+        end = time.monotonic() + 0.5
         with contextlib.suppress(OSError):
-            self._child.expect([pexpect.TIMEOUT, pexpect.EOF], timeout=0.5)
+            while time.monotonic() < end and not self._kernel.eof:
+                select.select([self._kernel], [], [], 0.1)
+                self._kernel.fill()
+                self._kernel.buf.clear()
+
+    def expect(self, pattern: str, timeout: float, what: str,
+               watch: Callable[[], None] | None = None) -> tuple[str, ...]:
+        """Wait for ``pattern`` on the command channel; its groups, consumed up to its end."""
+        compiled = re.compile(pattern.encode())
+        match = self.wait_for(compiled.search, timeout, what, watch)
+        assert isinstance(match, re.Match)
+        # Copied out before the buffer they point into is cut.
+        groups = tuple(g.decode("utf-8", "replace") if g is not None else ""
+                       for g in match.groups())
+        del self._channel.buf[:match.end()]
+        return groups
 
     def wait_ready(self, timeout: float) -> float:
-        """Wait for init's readiness line; returns the guest uptime it reported."""
-        match = self.expect(READY_RE, timeout, "booting")
-        return float(match.group(1))
+        """Wait for the channel shell's readiness line; returns the guest uptime it reported."""
+        (uptime,) = self.expect(READY_RE, timeout, "booting")
+        self._booting = False
+        self._prepared = False
+        log.info("guest ready: its command shell answered at uptime %s s", uptime)
+        return float(uptime)
 
+    def adopt_booted(self) -> None:
+        """A shell that is up, with its mode set, but not yet given our functions."""
+        self._booting = False
+        self._prepared = False
+
+    def adopt_restored(self) -> None:
+        """A guest loaded from a snapshot: its shell was prepared before the save."""
+        self._booting = False
+        self._prepared = True
+
+    # -- commands --------------------------------------------------------------
     def run(self, cmd: str, timeout: float,
             watch: Callable[[], None] | None = None) -> Result:
-        """Run ``cmd`` in the guest shell; stdout and stderr come back separately.
+        """Run ``cmd`` in the guest shell; stdout and stderr come back byte-exact.
 
         ``watch`` is called while waiting; what it raises ends the wait (the
-        command is interrupted, as on a timeout).
+        command is interrupted, as on a timeout).  A command the guest refused
+        (bytes lost on the way in: none of it ran) is sent once more after a
+        resync; a result the terminal mangled is an error after a resync.
         """
+        start = time.monotonic()
+        try:
+            frame = self._run_once(cmd, timeout, watch)
+        except ChannelRefused as exc:
+            log.warning("command channel: %s; resynchronising and sending it again", exc)
+            self._resync(timeout)
+            frame = self._run_once(cmd, timeout, watch)
+        except ShellRestarted as exc:
+            # The new shell set its own mode; it only lacks our functions.
+            self._dirty, self._prepared = False, False
+            raise ShellRestarted(f"{exc}; the command was {cmd[:200]!r}", self.tail()) from None
+        except ChannelMode as exc:
+            self._resync(timeout)
+            raise ChannelMode(f"{exc} (the command was {cmd[:200]!r}; the channel's mode is "
+                              "restored for the next command)", self.tail()) from None
+        log.debug("ran %r: rc %d, %d+%d bytes", cmd[:200], frame.rc, len(frame.stdout),
+                  len(frame.stderr))
+        return Result(cmd=cmd, rc=frame.rc, stdout_bytes=frame.stdout,
+                      stderr_bytes=frame.stderr, duration=time.monotonic() - start)
+
+    def _run_once(self, cmd: str, timeout: float,
+                  watch: Callable[[], None] | None) -> Frame:
+        nonce = secrets.token_hex(8)
+        script = command_script(cmd, nonce)
         if self._dirty:
             self._resync(timeout)
-        nonce = secrets.token_hex(8)
-        out, err = f"/tmp/.pv-{nonce}.o", f"/tmp/.pv-{nonce}.e"
-        self._commands += 1
-        # cat only a non-empty file, and remove the files in batches after the
-        # answer: dash's test and printf are builtins, and every exec costs ~70 ms
-        # under TCG (docs/boot-time.md). Was cat, cat, rm on every command: 0.15-0.2 s
-        # of a `true`. Each command keeps its own files, so a background job it left
-        # writing to its stdout never shows up in a later command's output.
-        cleanup = " rm -f /tmp/.pv-*.[oe];" if self._commands % CLEANUP_EVERY == 0 else ""
-        script = (
-            f"( {cmd}\n) </dev/null >{out} 2>{err}; pv_rc=$?; "
-            f"printf '%s\\n' {nonce}S; [ ! -s {out} ] || cat {out}; "
-            f"printf '\\n%s %d\\n' {nonce}E $pv_rc; "
-            f"[ ! -s {err} ] || cat {err}; printf '\\n%s\\n' {nonce}F;{cleanup}\n"
-        )
-        start = time.monotonic()
+        prelude = b"" if self._prepared else self._prelude()
         self._dirty = True
-        self.send(script)
-        pattern = (
-            rf"{nonce}S\r?\n(?P<out>.*?)\r?\n{nonce}E (?P<rc>\d+)\r?\n"
-            rf"(?P<err>.*?)\r?\n{nonce}F\r?\n"
-        )
+        self._channel.buf.clear()
+        self.send(prelude + script)
+        self._prepared = True
         try:
-            match = self.expect(f"(?s){pattern}", timeout, f"running {cmd!r}", watch)
+            frame = self.wait_for(FrameScan(nonce), timeout, f"running {cmd[:200]!r}", watch)
         except (GuestTimeout, BackendError):
-            self.send("\x03")
+            self.send(b"\x03")
             raise
+        assert isinstance(frame, Frame)
+        del self._channel.buf[:frame.end]
         self._dirty = False
-        return Result(
-            cmd=cmd, rc=int(match["rc"]), stdout=_clean(match["out"]),
-            stderr=_clean(match["err"]), duration=time.monotonic() - start,
-        )
+        return frame
+
+    @staticmethod
+    def _prelude() -> bytes:
+        """The functions a new shell needs (init already set its mode: no exec here)."""
+        return f"{SHELL_FUNCTIONS}\n".encode()
 
     def _resync(self, timeout: float) -> None:
-        """After an interrupted command: wait for a fresh shell to echo a marker."""
-        nonce = secrets.token_hex(8)
-        self.send(f"\nprintf '%s\\n' {nonce}Z\n")
-        self.expect(f"{nonce}Z", timeout, "resynchronising the console after a timeout")
+        """After an interrupted command or a lost shell: ^C, then a marker until it echoes.
+
+        The marker is repeated every second with the mode and functions: a shell
+        killed by its command (``kill -9 $$``) is restarted by init, and what was
+        typed before the new one read its terminal may be gone.
+        """
+        log.info("resynchronising the command channel")
+        deadline = Deadline(timeout, self.qemu_pid)
+        self.send(b"\x03")
+        sent: list[bytes] = []
+        while True:
+            nonce = secrets.token_hex(8).encode()
+            sent.append(nonce + b"Z\n")
+            self.send(f"\n{STTY}; {SHELL_FUNCTIONS}; printf '%sZ\\n' ".encode() + nonce + b"\n")
+
+            def echoed(buf: bytearray) -> int:
+                return max((buf.find(m) + len(m) for m in sent if m in buf), default=0)
+
+            slice_ = min(_RESYNC_EVERY, max(0.05, deadline.remaining()))
+            try:
+                end = self.wait_for(echoed, slice_, "resynchronising the command channel")
+            except GuestTimeout:
+                if deadline.expired():
+                    raise GuestTimeout(
+                        f"the guest's command shell did not come back within {timeout:.0f}s "
+                        f"after an interrupted command: the guest is lost{deadline.describe()}",
+                        self.tail()) from None
+                continue
+            assert isinstance(end, int)
+            del self._channel.buf[:end]
+            break
         self._dirty = False
+        self._prepared = True
 
 
-def _clean(text: str) -> str:
-    return text.replace("\r\n", "\n")
+def _connect(path: str, deadline: float, alive: Callable[[], None]) -> socket.socket:
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(path)
+            return sock
+        except OSError:
+            sock.close()
+            alive()
+            if time.monotonic() > deadline:
+                raise LaunchError(f"console socket {path} never appeared") from None
+            time.sleep(0.02)
+
+
+def no_channel_diagnosis(device: str) -> str:
+    """The guest's kernel registered no second serial port: the channel cannot start."""
+    return (f"the guest has no {device} for the command channel: its kernel registered "
+            "fewer than two 8250 serial ports (it needs CONFIG_SERIAL_8250 and "
+            "8250.nr_uarts>=2, which pytest-virtio puts on the kernel command line)")
 
 
 def distro_no_root_diagnosis(line: str) -> str:

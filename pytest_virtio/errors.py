@@ -115,6 +115,22 @@ class GuestPanic(GuestError):
     """The guest kernel panicked."""
 
 
+class ChannelError(GuestError):
+    """The command channel could not carry a command or its result exactly."""
+
+
+class ChannelRefused(ChannelError):
+    """The guest's shell received a command other than the bytes sent (none of it ran)."""
+
+
+class ChannelMode(ChannelError):
+    """The channel's terminal mode was changed (by a command): a result was not exact."""
+
+
+class ShellRestarted(ChannelError):
+    """The guest's command shell died during a command (e.g. ``kill -9 $$``): no result."""
+
+
 class CommandFailed(GuestError):
     """``guest.check`` ran a command that exited non-zero."""
 

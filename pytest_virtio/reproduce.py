@@ -88,7 +88,8 @@ def script(argv: Sequence[str], run_dir: Path, spec: MachineSpec, ctx: LaunchCon
         "set -e",
         'R=${PV_RUN:-$(mktemp -d "${TMPDIR:-/tmp}/pv-repro.XXXXXX")}',
         'mkdir -p "$R"',
-        'echo "reproduce.sh: run directory $R (console log: $R/console.log)" >&2',
+        ('echo "reproduce.sh: run directory $R (kernel console log: $R/console.log; the '
+         'guest shell is on ttyS1: socat - UNIX-CONNECT:$R/cmd.sock)" >&2'),
         *_blank_disks(spec, ctx, rd),
         *_storage_daemon(served, ctx, rd, spec.smp),
         f'{exec_or_run}{command} "$@"',

@@ -22,14 +22,27 @@ VIAS = ("console", "ssh", "agent")
 
 @dataclass(frozen=True, slots=True)
 class Result:
-    """What one guest command did; the same shape for console, SSH and the agent."""
+    """What one guest command did; the same shape for console, SSH and the agent.
+
+    The streams are kept as the exact bytes the command wrote (CR, NUL and
+    invalid UTF-8 included); ``stdout``/``stderr`` are their text, with U+FFFD
+    for what is not UTF-8.
+    """
 
     cmd: str
     rc: int
-    stdout: str
-    stderr: str = ""
+    stdout_bytes: bytes
+    stderr_bytes: bytes = b""
     duration: float = 0.0
     via: str = "console"
+
+    @property
+    def stdout(self) -> str:
+        return self.stdout_bytes.decode("utf-8", "replace")
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_bytes.decode("utf-8", "replace")
 
     @property
     def ok(self) -> bool:

@@ -56,7 +56,7 @@ Progress = Callable[[str], None]
 #: a 2.8 s kernel init; see docs/boot-time.md).
 BASE_APPEND = (
     "console=ttyS0,115200 quiet loglevel=1 panic=-1 pv.root=pvroot "
-    "8250.nr_uarts=1 no_timer_check tsc=reliable i8042.noaux i8042.nokbd i8042.nopnp "
+    "8250.nr_uarts=2 no_timer_check tsc=reliable i8042.noaux i8042.nokbd i8042.nopnp "
     "mitigations=off random.trust_cpu=on nokaslr cryptomgr.notests noreplace-smp"
 )
 RUN_PREFIX = "pv-"

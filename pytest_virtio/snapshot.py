@@ -262,6 +262,8 @@ class Templates:
                 machine.launch(incoming_timeout=MIGRATE_TIMEOUT * scale)
             finally:
                 os.close(state)
+            # Its command shell was set up before the save: no prelude to send.
+            machine.console.adopt_restored()
             guest.check(freshen.request_command(freshen.request_line()),
                         timeout=guest.default_timeout())
             ssh_nic = next((n for n in template.spec.nics if n.hostfwd_ssh), None)

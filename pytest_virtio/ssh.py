@@ -219,7 +219,7 @@ class SshSession:
                 self._retire(channel, wait=channel.exit_status_ready())
         finally:
             watchdog.cancel()
-        return Result(cmd=cmd, rc=rc, stdout=out, stderr=err,
+        return Result(cmd=cmd, rc=rc, stdout_bytes=out, stderr_bytes=err,
                       duration=time.monotonic() - start, via="ssh")
 
     def _start(self, cmd: str, timeout: float) -> paramiko.Channel:
@@ -306,7 +306,7 @@ class SshSession:
         return transport.open_session(timeout=timeout)
 
     def _collect(self, channel: paramiko.Channel, cmd: str, deadline: Deadline,
-                 watch: Callable[[], None] | None = None) -> tuple[str, str, int]:
+                 watch: Callable[[], None] | None = None) -> tuple[bytes, bytes, int]:
         """Read both streams until the exit status, the deadline or a dead link."""
         out, err = bytearray(), bytearray()
         while True:
@@ -317,7 +317,7 @@ class SshSession:
                 _drain(channel, out, err)
                 rc = channel.recv_exit_status()
                 if rc != NO_EXIT_STATUS:
-                    return _text(out), _text(err), rc
+                    return bytes(out), bytes(err), rc
                 self._raise_dropped(cmd, out, err)
             if _link_dead(channel) and not channel.status_event.wait(0.5):
                 self._raise_dropped(cmd, out, err)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import logging
 import os
 import queue
 import re
@@ -36,6 +37,9 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from ..console import PANIC_RE, Console, tail_of
 from ..errors import GuestPanic, LaunchError, QmpError, QmpTimeout
+from ..spec.context import command_channel
+
+log = logging.getLogger(__name__)
 
 
 class RunState(enum.Enum):
@@ -205,6 +209,15 @@ def reap_all() -> int:
     return len(machines)
 
 
+#: Commands sent in polling loops: logged at DEBUG, or they would drown the trail.
+_POLLED = frozenset({"query-migrate", "query-status", "query-block-jobs"})
+
+
+def _brief(value: object, limit: int = 300) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
+
+
 class Machine:
     """A QEMU process built from an argv the spec layer produced.
 
@@ -223,6 +236,8 @@ class Machine:
         pass_fds: tuple[int, ...] = (),
     ) -> None:
         self.argv = list(argv)
+        #: The guest's name, as ``-name`` gives it to QEMU: what the log trail says.
+        self.name = argv[argv.index("-name") + 1] if "-name" in argv else run_dir.name
         #: Descriptors QEMU inherits (a restore's ``-incoming fd:N`` state file).
         self.pass_fds = pass_fds
         self.run_dir = run_dir
@@ -264,11 +279,13 @@ class Machine:
             ))
         with _LIVE_LOCK:
             _LIVE.add(self)
+        log.info("launched QEMU for %s: pid %d (%s)", self.name, self._proc.pid,
+                 "restoring" if incoming_timeout is not None else "booting")
         try:
             self._qmp = self._connect_qmp()
             self._console = Console.connect(
-                self.console_socket, self.console_log, self.check_alive, self.connect_timeout,
-                self.pid,
+                self.console_socket, command_channel(self.console_socket)[0],
+                self.console_log, self.check_alive, self.connect_timeout, self.pid,
             )
             if incoming_timeout is not None:
                 self.wait_migration(incoming_timeout)
@@ -361,19 +378,29 @@ class Machine:
         """Run a QMP command; QEMU's error reply becomes a QmpError carrying it."""
         if self._qmp is None:
             raise LaunchError("QMP is not connected")
+        quiet = cmd in _POLLED
+        (log.debug if quiet else log.info)("QMP %s -> %s %s", self.name, cmd, args or "")
         with self._lock:
             try:
                 self._qmp.settimeout(self.qmp_timeout)
                 reply = self._qmp.cmd_raw(cmd, args or None)
             except TimeoutError as exc:  # qemu.qmp's wait_for; asyncio's is the same class
+                log.warning("QMP %s: no reply to %s within %.0fs", self.name, cmd,
+                            self.qmp_timeout)
                 raise QmpTimeout(cmd, args or None, self.qmp_timeout,
                                  self.stderr_tail()) from exc
-            self.events.extend(self._qmp.get_events(wait=False))
+            events = self._qmp.get_events(wait=False)
+            self.events.extend(events)
             self._qmp.clear_events()
+        for event in events:
+            log.info("QMP %s event %s %s", self.name, event.get("event"), event.get("data", ""))
         if "error" in reply:
             error = reply["error"]
+            log.warning("QMP %s <- %s error: %s", self.name, cmd, error)
             raise QmpError(cmd, args or None, str(error.get("class", "?")),
                            str(error.get("desc", reply)))
+        (log.debug if quiet else log.info)("QMP %s <- %s %s", self.name, cmd,
+                                           _brief(reply.get("return")))
         return reply.get("return")
 
     def wait_migration(self, timeout: float) -> dict[str, Any]:
@@ -458,6 +485,7 @@ class Machine:
         """
         if self._proc is None or self.state is RunState.STOPPED:
             return self.exitcode()
+        log.info("shutting down QEMU for %s (pid %d)", self.name, self._proc.pid)
         if self._proc.poll() is None and self._qmp is not None:
             with contextlib.suppress(Exception), self._lock:
                 self._qmp.settimeout(timeout)
@@ -488,6 +516,8 @@ class Machine:
 
     def kill(self) -> None:
         """Hard stop now: used on errors and by the reaper."""
+        if self._proc is not None and self._proc.poll() is None:
+            log.info("killing QEMU for %s (pid %d)", self.name, self._proc.pid)
         self._close_channels()
         self._wait_or_escalate(0.0)
 

@@ -25,7 +25,7 @@ from pytest_virtio.spec.catalogue import (
     IDE_UNITS,
     LSI_TARGETS,
 )
-from pytest_virtio.spec.context import LaunchContext, _disk_file, _lookup
+from pytest_virtio.spec.context import LaunchContext, _disk_file, _lookup, command_channel
 from pytest_virtio.spec.layout import (
     _controller_users,
     _placement,
@@ -49,6 +49,9 @@ def _base_argv(spec: MachineSpec, ctx: LaunchContext) -> list[str]:
     mem = f"{spec.memory_mib}M"
     console = [("id", "con0"), ("path", ctx.console_socket), ("server", "on")]
     console += [("wait", "off"), ("logfile", ctx.console_log), ("logappend", "on")]
+    channel_socket, channel_log = command_channel(ctx.console_socket)
+    channel = [("id", "cmd0"), ("path", channel_socket), ("server", "on"), ("wait", "off"),
+               ("logfile", channel_log), ("logappend", "on")]
     qmp = [("id", "qmp0"), ("path", ctx.qmp_socket), ("server", "on"), ("wait", "off")]
     return [
         ctx.qemu_binary,
@@ -67,6 +70,8 @@ def _base_argv(spec: MachineSpec, ctx: LaunchContext) -> list[str]:
         "-append", ctx.append,
         "-chardev", _opts("socket", console),
         "-serial", "chardev:con0",
+        "-chardev", _opts("socket", channel),
+        "-serial", "chardev:cmd0",
         "-chardev", _opts("socket", qmp),
         "-mon", "chardev=qmp0,mode=control",
         "-device", "pvpanic",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import PurePath
 from types import MappingProxyType
 
 from pytest_virtio.errors import ConfigError
@@ -61,6 +62,18 @@ class LaunchContext:
         _check_choice(self.root_format, DISK_FORMATS, "root_format")
         for attr in ("disk_files", "vhost_sockets", "serial_sockets", "fw_cfg"):
             object.__setattr__(self, attr, _frozen_map(getattr(self, attr)))
+
+
+def command_channel(console_socket: str) -> tuple[str, str]:
+    """(socket, log) of a guest's command channel: beside its kernel console's.
+
+    The kernel's console is ``ttyS0``; the shell the host's commands go to has
+    ``ttyS1`` to itself (see :mod:`pytest_virtio.console` for why).  Derived from
+    the console socket's folder so every launch (boot, restore, reproduce) and
+    the Machine that connects agree without another field to carry.
+    """
+    folder = PurePath(console_socket).parent
+    return str(folder / "cmd.sock"), str(folder / "command.log")
 
 
 def _lookup(mapping: Mapping[str, str], key: str, what: str) -> str:

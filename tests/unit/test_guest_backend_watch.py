@@ -1,7 +1,7 @@
 """A guest command on a guest with in-process disks: backend failures end it at once,
 and a timeout leaves each backend's queue state behind (issue 16, items 1 and 5).
 
-The console is the real Console over a socketpair whose far end (the "guest")
+The console is the real Console over socketpairs whose far ends (the "guest")
 never answers; the backend is a real, unconnected VhostUserBlkServer.
 """
 
@@ -32,14 +32,16 @@ class _Machine:
 
 @pytest.fixture
 def rig(tmp_path: Path) -> Iterator[tuple[Guest, VhostUserBlkServer, socket.socket]]:
+    kernel, kernel_end = socket.socketpair()
     ours, guest_end = socket.socketpair()
     server = VhostUserBlkServer(str(tmp_path / "vu.sock"), MemoryStorage(4096), name="data")
-    guest = Guest(machine=_Machine(Console(ours, tmp_path / "console.log")),  # type: ignore[arg-type]
+    console = Console(kernel, ours, tmp_path / "console.log")
+    guest = Guest(machine=_Machine(console),  # type: ignore[arg-type]
                   name="g", accel="tcg", timeout_scale=1.0, run_dir=tmp_path,
                   backends={"data": server})
     yield guest, server, guest_end
-    ours.close()
-    guest_end.close()
+    for sock in (kernel, kernel_end, ours, guest_end):
+        sock.close()
 
 
 def test_a_broken_queue_fails_the_running_command_at_once(
