@@ -11,11 +11,14 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import warnings
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from . import artifacts
 from . import spec as spec_mod
 from .errors import GuestError, VirtioError
 from .guest import Guest
@@ -49,13 +52,15 @@ def virtio_choice(request: pytest.FixtureRequest) -> dict[str, str] | None:
 def make_guest(
     request: pytest.FixtureRequest, virtio_session: VirtioSession
 ) -> Iterator[MakeGuest]:
-    """Factory: ``make_guest(spec=None, name="guest", **vm_kwargs)`` boots one more guest.
+    """Factory: ``make_guest(spec=None, name="guest<N>", **vm_kwargs)`` boots one more guest.
 
     Every guest it made is shut down at teardown; if the test failed, each
     one's console log, QEMU stderr, QMP events, reproduce.sh and (when the
-    guest still answers) dmesg are kept under ``.pytest-virtio/<test id>/``.
+    guest still answers) dmesg are kept under ``.pytest-virtio/<test id>/<name>/``
+    (each a directory name made by :func:`pytest_virtio.artifacts.dir_name`); a
+    name is used once per test.
     """
-    from .plugin import USES_GUEST_KEY, artifacts_dir
+    from .plugin import USES_GUEST_KEY
 
     made: list[Guest] = []
     request.node.stash[USES_GUEST_KEY] = True
@@ -66,7 +71,7 @@ def make_guest(
             spec = spec_mod.spec_from_kwargs(vm_kwargs, where="make_guest")
         elif vm_kwargs:
             raise VirtioError("make_guest(): pass either spec= or vm keyword arguments")
-        guest = boot_for(request.node, virtio_session, spec, name or f"guest{len(made)}")
+        guest = boot_for(request.node, virtio_session, spec, _new_name(name, made))
         made.append(guest)
         return guest
 
@@ -76,22 +81,34 @@ def make_guest(
     keep = virtio_session.settings.keep
     teardown = Teardown()
     for guest in made:
-        if (failed and keep == "failed") or keep == "always":
-            _keep_artifacts(guest, artifacts_dir(request.node) / guest.name)
-        teardown.close(guest)
-        with contextlib.suppress(ValueError):
-            virtio_session.guests.remove(guest)
+        try:
+            if (failed and keep == "failed") or keep == "always":
+                _keep_or_warn(request.node, guest)
+        finally:  # closed even when keeping its artifacts went wrong
+            teardown.close(guest)
+            with contextlib.suppress(ValueError):
+                virtio_session.guests.remove(guest)
     for guest in made:
         guest.raise_backend_errors()
     teardown.raise_stuck()
+
+
+def _new_name(name: str | None, made: list[Guest]) -> str:
+    """``name``, or the first free ``guest<N>``; a name used twice in one test is refused
+    (each guest's artifacts go to a directory named after it)."""
+    taken = {g.name for g in made}
+    if name is None:
+        return next(f"guest{i}" for i in range(len(made) + 1) if f"guest{i}" not in taken)
+    if name in taken:
+        raise VirtioError(f"make_guest(name={name!r}): this test already has a guest of that "
+                          "name; give each guest its own name")
+    return name
 
 
 def boot_for(node: Any, session: VirtioSession, spec: spec_mod.MachineSpec,
              name: str) -> Guest:
     """Boot ``spec`` for the test ``node``: a QEMU without the model skips the test,
     a failed boot keeps its artifacts under the test's directory."""
-    from .plugin import artifacts_dir
-
     try:
         return session.boot(spec, name)
     except MissingDevices as exc:
@@ -101,9 +118,13 @@ def boot_for(node: Any, session: VirtioSession, spec: spec_mod.MachineSpec,
     except VirtioError as exc:
         failed = exc.failed_guest
         if isinstance(failed, Guest) and session.settings.keep != "never":
-            dest = artifacts_dir(node) / failed.name
-            _keep_artifacts(failed, dest)
-            exc.add_note(f"pytest-virtio artifacts: {dest}")
+            root, dest = _guest_dest(node, failed)
+            try:
+                _keep_artifacts(failed, root, dest)
+            except (OSError, VirtioError) as why:
+                exc.add_note(artifacts.not_kept_message(f"guest {failed.name!r}", dest, why))
+            else:
+                exc.add_note(f"pytest-virtio artifacts: {dest}")
         raise
 
 
@@ -113,7 +134,25 @@ def _test_failed(node: Any) -> bool:
     return any(r.failed for r in node.stash.get(REPORTS_KEY, {}).values())
 
 
-def _keep_artifacts(guest: Guest, dest: Any) -> None:
+def _guest_dest(node: Any, guest: Guest) -> tuple[Path, Path]:
+    """(artifacts root, where ``guest``'s artifacts go: its own directory in the test's)."""
+    from .plugin import artifacts_dir, artifacts_root
+
+    return artifacts_root(node.config), artifacts_dir(node) / artifacts.dir_name(guest.name)
+
+
+def _keep_or_warn(node: Any, guest: Guest) -> None:
+    """Keep ``guest``'s artifacts; if that fails (a full disk, say), warn in one line
+    naming the path and go on: the test keeps its own outcome."""
+    root, dest = _guest_dest(node, guest)
+    try:
+        _keep_artifacts(guest, root, dest)
+    except (OSError, VirtioError) as exc:
+        warnings.warn(artifacts.ArtifactsNotKept(
+            artifacts.not_kept_message(f"guest {guest.name!r}", dest, exc)), stacklevel=1)
+
+
+def _keep_artifacts(guest: Guest, root: Path, dest: Path) -> None:
     if not any(guest.run_dir.glob("vhost-state-*.json")):  # none written at a timeout
         guest.dump_backend_state()
     with contextlib.suppress(VirtioError, OSError):
@@ -126,8 +165,8 @@ def _keep_artifacts(guest: Guest, dest: Any) -> None:
         (guest.run_dir / "qmp-events.json").write_text(
             json.dumps(guest.machine.events, indent=1, default=str)
         )
-    shutil.rmtree(dest, ignore_errors=True)
-    shutil.copytree(guest.run_dir, dest, ignore=shutil.ignore_patterns("*.sock", "disk-*"))
+    artifacts.replace_dir(root, dest, lambda d: artifacts.copy_tree(
+        guest.run_dir, d, ignore=shutil.ignore_patterns("*.sock", "disk-*")))
 
 
 def spec_for(node: Any, choice: Mapping[str, str] | None) -> spec_mod.MachineSpec:
@@ -170,7 +209,7 @@ def _virtio_session_guests(virtio_session: VirtioSession) -> Iterator[SharedGues
 def _shared_guest(request: pytest.FixtureRequest, scope: str,
                   spec: spec_mod.MachineSpec) -> Guest:
     """This test's guest from the ``scope`` pool; a failure keeps artifacts for this test."""
-    from .plugin import USES_GUEST_KEY, artifacts_dir
+    from .plugin import USES_GUEST_KEY
 
     session: VirtioSession = request.getfixturevalue("virtio_session")
     pool: SharedGuests = request.getfixturevalue(pool_fixture_name(scope))
@@ -180,7 +219,7 @@ def _shared_guest(request: pytest.FixtureRequest, scope: str,
     def keep_if_failed() -> None:
         keep = session.settings.keep
         if (keep == "failed" and _test_failed(request.node)) or keep == "always":
-            _keep_artifacts(g, artifacts_dir(request.node) / g.name)
+            _keep_or_warn(request.node, g)
 
     request.addfinalizer(keep_if_failed)
     return g

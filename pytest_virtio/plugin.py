@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import re
 import signal
 import sys
 import threading
@@ -22,6 +21,7 @@ import pytest
 
 from . import interrupts, tracebacks
 from . import spec as spec_mod
+from .artifacts import dir_name
 from .errors import BackendError, ConfigError, VirtioError
 from .plan import TestPlan, build_plan
 from .results import finish as results_mod
@@ -303,10 +303,14 @@ def pytest_runtest_makereport(
 USES_GUEST_KEY = pytest.StashKey[bool]()
 
 
+def artifacts_root(config: pytest.Config) -> Path:
+    """The resolved ``--virtio-artifacts`` directory (relative to the rootdir)."""
+    return (Path(config.rootpath) / config.stash[SETTINGS_KEY].artifacts).resolve()
+
+
 def artifacts_dir(item: pytest.Item) -> Path:
-    settings = item.config.stash[SETTINGS_KEY]
-    safe = re.sub(r"[^A-Za-z0-9_.=-]+", "_", item.nodeid).strip("_")
-    return (Path(item.config.rootpath) / settings.artifacts / safe).resolve()
+    """The test's own directory in the artifacts tree (one per test id, see artifacts.py)."""
+    return artifacts_root(item.config) / dir_name(item.nodeid)
 
 
 @pytest.hookimpl(wrapper=True)

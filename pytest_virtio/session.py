@@ -62,6 +62,9 @@ BASE_APPEND = (
 RUN_PREFIX = "pv-"
 #: sun_path holds 108 bytes including the terminating NUL.
 SUN_PATH_MAX = 107
+#: The longest device name a spec accepts (a letter and up to 31 more, spec.catalogue._NAME_RE):
+#: the longest socket name in a run directory is a vhost-user-blk disk's of that name.
+LONGEST_NAME = "x" * 32
 BOOT_TIMEOUT = 15.0
 #: How long (before accelerator scaling) SSH keeps retrying to reach dropbear.
 SSH_CONNECT_TIMEOUT = 5.0
@@ -255,7 +258,7 @@ class VirtioSession:
         with self._lock:
             self._counter += 1
             d = self.run_root / f"{prefix}{self._counter}"
-        longest = d / ids.vhost_socket_name("x" * 20)
+        longest = d / ids.vhost_socket_name(LONGEST_NAME)
         if len(str(longest)) > SUN_PATH_MAX:
             raise ConfigError(
                 f"run directory {d} is too long for unix socket paths "

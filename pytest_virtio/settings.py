@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,11 +160,13 @@ class Settings:
         if scale_f is not None and scale_f <= 0:
             raise ConfigError(f"--virtio-timeout-scale: {scale!r} must be positive")
         cache = values.get("cache")
+        cache_dir = Path(cache).expanduser() if cache else default_cache_dir()
+        check_writable_cache(cache_dir)
         report_paths = _report_paths(values)
         return cls(
             accel=values.get("accel") or "auto",
             qemu=values.get("qemu"),
-            cache_dir=Path(cache).expanduser() if cache else default_cache_dir(),
+            cache_dir=cache_dir,
             kernel=custom[0], modules=values.get("modules"), initrd=custom[1],
             rootfs=custom[2], image=image,
             keep=values.get("keep") or "failed",
@@ -228,6 +231,26 @@ def _compare_fail(spec: str | None) -> str:
     except ConfigError as exc:
         raise ConfigError(f"--virtio-compare-fail: {exc}") from None
     return text
+
+
+def check_writable_cache(path: Path) -> None:
+    """The image cache must take files: every session locks, and may build, in it.
+
+    Checked by making the directory and a nameless file in it (``os.access`` says
+    yes to root on a mode-0555 directory, and nothing about a path under /proc),
+    so a read-only or unwritable cache is a usage error now, naming the path and
+    the fix, not an INTERNALERROR at the header or a failure at the first boot.
+    """
+    opt = next(o for o in OPTIONS if o.name == "cache")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"{opt.flag}: the image cache {path} is not writable ({exc.strerror or exc}): "
+            f"choose a writable directory with {opt.flag}=DIR (ini {opt.ini}, env {opt.env})"
+        ) from None
 
 
 def _check_readable_file(name: str, path: str) -> None:

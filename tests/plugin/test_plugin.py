@@ -215,8 +215,8 @@ def test_boot_failure_keeps_artifacts_and_names_them(
     out = result.stdout.str()
     assert "no root disk labelled 'pvroot'" in out and "lacks virtio_blk" in out
     assert "session.py" not in out
-    result.stdout.fnmatch_lines(["pytest-virtio artifacts: *test_no_root/guest"])
-    kept = next((pytester.path / ".pytest-virtio").glob("*test_no_root")) / "guest"
+    result.stdout.fnmatch_lines(["pytest-virtio artifacts: *test_no_root-*/guest"])
+    kept = next((pytester.path / ".pytest-virtio").glob("*test_no_root-*")) / "guest"
     assert (kept / "reproduce.sh").is_file() and (kept / "qemu.stderr").is_file()
     assert "virtio" in (kept / "console.log").read_text(errors="replace")
     assert json.loads((kept / "qmp-events.json").read_text()) is not None
@@ -268,7 +268,7 @@ def test_kept_reproduce_sh_boots_after_the_session(
     result = pytester.runpytest_subprocess(TCG)
     result.assert_outcomes(failed=1)
     assert not list(inner_tmp.glob("pv-*")), "the inner session's run directory is gone"
-    script = next((pytester.path / ".pytest-virtio").glob("*test_fails")) / "guest" / \
+    script = next((pytester.path / ".pytest-virtio").glob("*test_fails-*")) / "guest" / \
         "reproduce.sh"
     run_dir = tmp_path / "repro"
     proc = subprocess.Popen([str(script)], env={**os.environ, "PV_RUN": str(run_dir)},

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from pytest_virtio.artifacts import dir_name
+
 TCG = "--virtio-accel=tcg"
 
 #: Each test records the QEMU pid it got; module scope shares, the last
@@ -64,7 +66,7 @@ def test_module_scope_shares_one_guest_and_keeps_artifacts_per_failed_test(
     kept = pytester.path / ".pytest-virtio"
     failed_dirs = [p.name for p in kept.iterdir()]
     # Artifacts only for the test that failed while using the shared guest.
-    assert failed_dirs == ["test_shared.py_test_fails"], failed_dirs
+    assert failed_dirs == [dir_name("test_shared.py::test_fails")], failed_dirs
     console = (kept / failed_dirs[0] / "module-guest0" / "console.log").read_text()
     assert "failing-test-was-here" in console
     assert (kept / failed_dirs[0] / "module-guest0" / "reproduce.sh").is_file()
