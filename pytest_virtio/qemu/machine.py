@@ -19,7 +19,6 @@ import contextlib
 import enum
 import logging
 import os
-import queue
 import re
 import shlex
 import shutil
@@ -29,14 +28,14 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
+from .. import procs
 from ..console import PANIC_RE, Console, tail_of
-from ..errors import GuestPanic, LaunchError, QmpError, QmpTimeout
+from ..errors import GuestPanic, LaunchError, MissingToolError, QmpError, QmpTimeout
 from ..spec.context import command_channel
 
 log = logging.getLogger(__name__)
@@ -107,71 +106,16 @@ def _refused(exc: BaseException | None) -> bool:
 #: unbounded wait would hang the test (and its teardown) for as long.
 QMP_REPLY_TIMEOUT = 60.0
 
-#: Sets PR_SET_PDEATHSIG(SIGKILL), then execs the rest of its argv (the PID stays
-#: QEMU's).  util-linux is Essential in Debian, so every host has it.
-DEATH_SIGNAL_EXEC = ("setpriv", "--pdeathsig", "KILL", "--")
-
-_Start = Callable[[], "subprocess.Popen[bytes]"]
-
-
-class _Spawner:
-    """Forks QEMU from a thread that lives as long as the process.
-
-    The kernel sends the parent-death signal when the *thread* that forked the
-    child exits, not the process (prctl(2), PR_SET_PDEATHSIG): a QEMU started
-    from a short-lived thread (a test booting guests from a thread pool) would be
-    killed as soon as that thread ended.  The main thread lives as long as the
-    process, so it forks directly; any other thread hands the fork to one daemon
-    thread that never exits.
-    """
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        """Forget the thread (in a forked child, which has none)."""
-        self._jobs: queue.SimpleQueue[tuple[_Start, Future[subprocess.Popen[bytes]]]] = (
-            queue.SimpleQueue())
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-
-    def run(self, start: _Start) -> subprocess.Popen[bytes]:
-        """``start()`` (which forks) on a thread that outlives the child."""
-        if threading.current_thread() is threading.main_thread():
-            return start()
-        future: Future[subprocess.Popen[bytes]] = Future()
-        with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._serve, daemon=True,
-                                                name="pytest-virtio-qemu-spawner")
-                self._thread.start()
-        self._jobs.put((start, future))
-        return future.result()
-
-    def _serve(self) -> None:
-        while True:
-            start, future = self._jobs.get()
-            try:
-                future.set_result(start())
-            except BaseException as exc:  # handed to the caller's thread
-                future.set_exception(exc)
-
-
-_SPAWNER = _Spawner()
-# A forked child (multiprocessing) has no spawner thread: it starts its own.
-os.register_at_fork(after_in_child=_SPAWNER.reset)
-
-
-def _launcher_argv(argv: list[str]) -> list[str]:
-    """``setpriv --pdeathsig KILL -- QEMU ...``; a missing tool names its package."""
+def _qemu_argv(argv: list[str]) -> list[str]:
+    """QEMU's argv as :func:`procs.helper_argv` runs it (``setpriv --pdeathsig KILL``);
+    a missing QEMU or util-linux names its package."""
     if shutil.which(argv[0]) is None:
         raise LaunchError(f"cannot run {argv[0]}: not found; "
                           "install it with: apt-get install qemu-system-x86")
-    helper = shutil.which(DEATH_SIGNAL_EXEC[0])
-    if helper is None:
-        raise LaunchError(f"cannot run {DEATH_SIGNAL_EXEC[0]} (it makes QEMU die with "
-                          "pytest): install it with: apt-get install util-linux")
-    return [helper, *DEATH_SIGNAL_EXEC[1:], *argv]
+    try:
+        return procs.helper_argv(argv)
+    except MissingToolError as exc:
+        raise LaunchError(str(exc)) from None
 
 
 def connect_qmp(path: str, timeout: float, exited: Callable[[], bool]) -> QEMUMonitorProtocol:
@@ -268,12 +212,14 @@ class Machine:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.write_reproducer()
         try:
-            argv = _launcher_argv([*self.argv, "-S"])
+            argv = _qemu_argv([*self.argv, "-S"])
         except LaunchError:
             self.state = RunState.FAILED
             raise
         with self.stderr_path.open("wb") as err:
-            self._proc = _SPAWNER.run(lambda: subprocess.Popen(
+            # QEMU dies with pytest like every helper (procs: death signal, own
+            # process group, forked from a thread that lives as long as we do).
+            self._proc = procs.spawn(lambda: subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
                 process_group=0, close_fds=True, pass_fds=self.pass_fds,
             ))
