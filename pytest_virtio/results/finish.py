@@ -143,6 +143,13 @@ def _write_outputs(records: Sequence[Record], settings: Settings,
     return lines
 
 
+#: The categories pytest's last line gets from the session end (relative checks
+#: failed or inconclusive, a baseline comparison that found regressions).
+STAT_PERF_FAILED = "perf_failed"
+STAT_PERF_INCONCLUSIVE = "perf_inconclusive"
+STAT_REGRESSED = "baseline_regressed"
+
+
 @dataclass(frozen=True)
 class Finish:
     """What the session end decided: lines to print, and why the session fails."""
@@ -157,10 +164,15 @@ class Finish:
         return self.judgement.fails_session(self.inconclusive_policy) or self.regressions
 
     def stats(self) -> dict[str, int]:
-        """Counts for pytest's last line ("2 passed, 1 relative perf failed in 40s")."""
-        counts = {"relative perf failed": self.judgement.failed,
-                  "relative perf inconclusive": self.judgement.inconclusive,
-                  "baseline regressed": int(self.regressions)}
+        """Counts for pytest's last line ("2 passed, 1 perf_failed in 40s").
+
+        One word per category, as pytest-rerunfailures' ``rerun``: pytest's own
+        parser (``RunResult.parseoutcomes``, a ``count word`` regex) and CI log
+        parsers read "2 relative perf inconclusive" as ``relative: 2``.
+        """
+        counts = {STAT_PERF_FAILED: self.judgement.failed,
+                  STAT_PERF_INCONCLUSIVE: self.judgement.inconclusive,
+                  STAT_REGRESSED: int(self.regressions)}
         return {k: v for k, v in counts.items() if v}
 
 
