@@ -44,6 +44,7 @@ from .errors import (
 )
 from .qemu.starvation import Deadline
 from .runners import Result
+from .spec.context import command_channel_log
 
 log = logging.getLogger(__name__)
 
@@ -202,16 +203,18 @@ class FrameScan:
                      stderr=bytes(buf[self._stderr:finish]), end=finish + len(self._n) + 3)
 
     def _find_head(self, buf: bytes | bytearray, start: int) -> bool:
-        restarted = _READY.search(buf, start)
-        if restarted:
+        head = buf.find(self._n + b"S\n", start)
+        # Only what came before the frame is the shell's own: the same words in
+        # the command's output are output.
+        before = len(buf) if head < 0 else head
+        if _READY.search(buf, start, before):
             raise ShellRestarted("the guest's command shell died before the command's "
                                  "result was written (init started a new one): no exit status")
-        refused = self._refused.search(buf, start)
+        refused = self._refused.search(buf, start, before)
         if refused:
             raise ChannelRefused(
-                f"the guest received the command as {int(refused.group(1)) - 1} bytes, not "
+                f"the guest received the command as {refused.group(1).decode()} bytes, not "
                 "the bytes sent: the command channel lost or cut input")
-        head = buf.find(self._n + b"S\n", start)
         if head < 0:
             if buf.find(self._n + b"S\r\n", start) >= 0:
                 raise ChannelMode(
@@ -257,6 +260,20 @@ def tail_of(path: Path, lines: int = 40) -> str:
     except OSError:
         return ""
     return "\n".join(unframe(data.replace("\r", "").splitlines())[-lines:])
+
+
+def both_tails(console_log: Path, lines: int = 40) -> str:
+    """The last lines of a guest's kernel console and of its command channel.
+
+    A quiet kernel (``loglevel=1``) leaves its own log nearly empty; what the
+    shell last printed is then the trail, so both are shown, each labelled.
+    """
+    channel_log = Path(command_channel_log(console_log))
+    parts = [tail_of(console_log, lines)]
+    channel = tail_of(channel_log, max(1, lines // 2))
+    if channel:
+        parts.append(f"--- command channel ({channel_log.name}) ---\n{channel}")
+    return "\n".join(p for p in parts if p)
 
 
 class _Line:
@@ -362,7 +379,8 @@ class Console:
         return cls(kernel, channel, log_path, alive, qemu_pid)
 
     def tail(self, lines: int = 40) -> str:
-        return tail_of(self.log_path, lines)
+        """The kernel console's last lines, then the command channel's (for errors)."""
+        return both_tails(self.log_path, lines)
 
     def close(self) -> None:
         for sock in (self.kernel_sock, self.channel_sock):
@@ -426,7 +444,9 @@ class Console:
             if alarm is not None:
                 self._alarm(alarm, what)
         if line.eof:
-            self.alive()
+            # QEMU's sockets close as it exits, a moment before its exit status
+            # is there to read: give alive() the chance to name the cause.
+            self._wait_for_exit()
             raise LaunchError(f"QEMU closed the {line.name} while {what}\n{self.tail()}")
 
     def _alarm(self, alarm: tuple[str, str], what: str) -> None:

@@ -34,7 +34,7 @@ from typing import Any
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from .. import procs
-from ..console import PANIC_RE, Console, tail_of
+from ..console import PANIC_RE, Console, both_tails, tail_of
 from ..errors import GuestPanic, LaunchError, MissingToolError, QmpError, QmpTimeout
 from ..spec.context import command_channel
 
@@ -302,7 +302,7 @@ class Machine:
                     f"guest kernel panicked (QMP GUEST_PANICKED, action "
                     f"{panic.get('data', {}).get('action', '?')}): {self.console_panic_line()}"
                     f"; QEMU exited with status {rc}",
-                    tail_of(self.console_log),
+                    both_tails(self.console_log),
                 )
             hint = diagnose_stderr(self.stderr_path) or describe_exit(rc)
             raise LaunchError(

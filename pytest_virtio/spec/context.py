@@ -64,6 +64,10 @@ class LaunchContext:
             object.__setattr__(self, attr, _frozen_map(getattr(self, attr)))
 
 
+#: The command channel's log file, in a guest's run directory.
+COMMAND_LOG = "command.log"
+
+
 def command_channel(console_socket: str) -> tuple[str, str]:
     """(socket, log) of a guest's command channel: beside its kernel console's.
 
@@ -73,7 +77,12 @@ def command_channel(console_socket: str) -> tuple[str, str]:
     the Machine that connects agree without another field to carry.
     """
     folder = PurePath(console_socket).parent
-    return str(folder / "cmd.sock"), str(folder / "command.log")
+    return str(folder / "cmd.sock"), str(folder / COMMAND_LOG)
+
+
+def command_channel_log(console_log: str | PurePath) -> str:
+    """The command channel's log beside a console log (the one naming rule)."""
+    return str(PurePath(console_log).parent / COMMAND_LOG)
 
 
 def _lookup(mapping: Mapping[str, str], key: str, what: str) -> str:

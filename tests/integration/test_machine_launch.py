@@ -30,9 +30,10 @@ def run_dir(short_tmp: Path) -> Path:
 
 def bare_machine(run_dir: Path, qemu: str | None = QEMU) -> Machine:
     assert qemu is not None
-    qmp, con = run_dir / "qmp.sock", run_dir / "con.sock"
+    qmp, con, cmd = run_dir / "qmp.sock", run_dir / "con.sock", run_dir / "cmd.sock"
     argv = [qemu, "-nodefaults", "-no-user-config", "-display", "none", "-machine", "none",
             "-chardev", f"socket,id=con0,path={con},server=on,wait=off",
+            "-chardev", f"socket,id=cmd0,path={cmd},server=on,wait=off",
             "-chardev", f"socket,id=qmp0,path={qmp},server=on,wait=off",
             "-mon", "chardev=qmp0,mode=control"]
     return Machine(argv, run_dir, qmp_socket=str(qmp), console_socket=str(con),

@@ -190,8 +190,8 @@ def test_hanging_command_fails_with_console_tail_and_keeps_artifacts(
     result.stdout.fnmatch_lines(["*pytest-virtio artifacts*"])
     kept = list((pytester.path / ".pytest-virtio").rglob("reproduce.sh"))
     assert kept, "no artifacts kept for the failing test"
-    console = kept[0].parent / "console.log"
-    assert "PYTEST-VIRTIO-READY" in console.read_text(errors="replace")
+    channel = kept[0].parent / "command.log"
+    assert "PYTEST-VIRTIO-READY" in channel.read_text(errors="replace")
     assert os.access(kept[0], os.X_OK)
     assert find_qemus(inner_tmp) == []
 
@@ -275,7 +275,7 @@ def test_kept_reproduce_sh_boots_after_the_session(
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
     try:
-        log = run_dir / "console.log"
+        log = run_dir / "command.log"
         deadline = time.monotonic() + 300
         while "PYTEST-VIRTIO-READY" not in (log.read_text(errors="replace")
                                             if log.exists() else ""):

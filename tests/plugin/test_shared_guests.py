@@ -67,8 +67,8 @@ def test_module_scope_shares_one_guest_and_keeps_artifacts_per_failed_test(
     failed_dirs = [p.name for p in kept.iterdir()]
     # Artifacts only for the test that failed while using the shared guest.
     assert failed_dirs == [dir_name("test_shared.py::test_fails")], failed_dirs
-    console = (kept / failed_dirs[0] / "module-guest0" / "console.log").read_text()
-    assert "failing-test-was-here" in console
+    channel = (kept / failed_dirs[0] / "module-guest0" / "command.log").read_text()
+    assert "failing-test-was-here" in channel
     assert (kept / failed_dirs[0] / "module-guest0" / "reproduce.sh").is_file()
     assert find_qemus(inner_tmp) == []
     assert not [p for p in inner_tmp.iterdir() if p.name.startswith("pv-")]

@@ -194,3 +194,13 @@ def test_command_lines_refuse_nul_and_stay_short_quoted_lines() -> None:
     assert all(len(line) <= 1010 and "\n" not in line for line in lines)
     assert lines[0].startswith("pv_a '\xc3\xa9'\\''") and lines[-1].startswith("pv_o '\\003\\032")
     assert command_lines("a\nb\tc") == ["pv_a 'a\nb\tc'"]
+
+
+def test_words_of_the_shell_inside_a_frame_are_output() -> None:
+    """A whole frame in one read: its body may say anything, READY included."""
+    nonce = "0123456789abcdef"
+    body = b"PYTEST-VIRTIO-READY 1.0\n" + nonce.encode() + b"L 3\n"
+    stream = nonce.encode() + b"S\n" + body + b"\n" + nonce.encode() + b"E 0\n\n" + \
+        nonce.encode() + b"F\n"
+    frame = FrameScan(nonce)(stream)
+    assert frame is not None and frame.stdout == body
