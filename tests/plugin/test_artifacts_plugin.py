@@ -82,6 +82,11 @@ def _kept_dirs(pytester: pytest.Pytester) -> list[Path]:
     return sorted(p for p in (pytester.path / ".pytest-virtio").iterdir())
 
 
+def _logs(guest_dir: Path) -> str:
+    """A kept guest's console and command-channel logs (a command's output is in the latter)."""
+    return "".join(p.read_text(errors="replace") for p in sorted(guest_dir.glob("*.log")))
+
+
 def test_guest_names_with_slashes_stay_inside_the_artifacts_tree(
     pytester: pytest.Pytester, inner_tmp: Path, find_qemus: FindQemus
 ) -> None:
@@ -105,7 +110,7 @@ def test_guest_names_with_slashes_stay_inside_the_artifacts_tree(
     [test_dir] = _kept_dirs(pytester)
     guests = sorted(test_dir.iterdir())
     assert len(guests) == 2, guests
-    logs = " ".join((g / "console.log").read_text(errors="replace") for g in guests)
+    logs = " ".join(_logs(g) for g in guests)
     assert "abs-name-was-here" in logs and "dotdot-name-was-here" in logs
     assert find_qemus(inner_tmp) == []
 
@@ -126,7 +131,7 @@ def test_ids_that_sanitize_alike_keep_their_own_artifacts(
     result.assert_outcomes(failed=2)
     kept = _kept_dirs(pytester)
     assert len(kept) == 2, kept
-    logs = sorted((d / "guest" / "console.log").read_text(errors="replace") for d in kept)
+    logs = sorted(_logs(d / "guest") for d in kept)
     assert "marker sp-ace" in logs[0] + logs[1] and "marker sp_ace" in logs[0] + logs[1]
     assert ("marker sp-ace" in logs[0]) != ("marker sp-ace" in logs[1])
 
@@ -149,7 +154,7 @@ def test_a_300_character_id_keeps_its_artifacts_and_closes_its_guest(
     assert "ENAMETOOLONG" not in result.stdout.str() + result.stderr.str()
     [test_dir] = _kept_dirs(pytester)
     assert len(test_dir.name) < 100
-    assert "long-id-was-here" in (test_dir / "guest" / "console.log").read_text(errors="replace")
+    assert "long-id-was-here" in _logs(test_dir / "guest")
     assert (test_dir / "guest" / "reproduce.sh").is_file()
     assert find_qemus(inner_tmp) == []
 
