@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Final
@@ -45,6 +46,13 @@ from pytest_virtio.spec.model import (
 )
 
 
+def qemu_name(name: str) -> str:
+    """A guest name as QEMU's ``-name`` takes it: QEMU parses that value as options
+    (``,`` separates them, ``=`` names one), so anything but ``[A-Za-z0-9_.-]``
+    becomes ``_``.  It only names the process; our own records keep the real name."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "guest"
+
+
 def _base_argv(spec: MachineSpec, ctx: LaunchContext) -> list[str]:
     mem = f"{spec.memory_mib}M"
     console = [("id", "con0"), ("path", ctx.console_socket), ("server", "on")]
@@ -55,7 +63,7 @@ def _base_argv(spec: MachineSpec, ctx: LaunchContext) -> list[str]:
     qmp = [("id", "qmp0"), ("path", ctx.qmp_socket), ("server", "on"), ("wait", "off")]
     return [
         ctx.qemu_binary,
-        "-name", ctx.name,
+        "-name", qemu_name(ctx.name),
         "-nodefaults",
         "-no-user-config",
         "-display", "none",

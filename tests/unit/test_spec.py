@@ -38,6 +38,7 @@ from pytest_virtio.spec import (
     spec_from_kwargs,
     to_argv,
 )
+from pytest_virtio.spec.argv import qemu_name
 
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("PYTEST_VIRTIO_UPDATE_GOLDENS") == "1"
@@ -741,3 +742,10 @@ def test_guest_modules_cover_data_disks_and_devices() -> None:
         assert name in mods
     assert len(mods) == len(set(mods))
     assert S.guest_modules(MachineSpec()) == ()
+
+
+def test_qemu_name_is_never_parsed_as_options() -> None:
+    """A guest name with ',' or '=' broke QEMU's -name (it parses the value as options)."""
+    assert qemu_name("db,debug-threads=on") == "db_debug-threads_on"
+    assert qemu_name("ok-name_1.2") == "ok-name_1.2"
+    assert qemu_name("") == "guest"
