@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import logging
 import signal
 import sys
 import threading
@@ -100,9 +101,24 @@ def _getini(config: pytest.Config, name: str) -> Any:
     return value
 
 
+def _log_trail(config: pytest.Config) -> None:
+    """Let our INFO records (QMP traffic, launches, boots) reach pytest's log capture.
+
+    pytest shows a failed test's captured log by itself, but the root logger
+    passes only WARNING and up unless ``log_level`` is set; our package logger
+    at INFO makes the trail show without it.  A level the user set wins.
+    """
+    logger = logging.getLogger("pytest_virtio")
+    user_level = any(config.getoption(name, None) or config.getini(name)
+                     for name in ("log_level", "log_cli_level"))
+    if logger.level == logging.NOTSET and not user_level:
+        logger.setLevel(logging.INFO)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     for name, text in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {text}")
+    _log_trail(config)
     try:
         settings = Settings.from_values(resolve_values(config.getoption,
                                                        lambda name: _getini(config, name)))

@@ -187,6 +187,10 @@ def test_hanging_command_fails_with_console_tail_and_keeps_artifacts(
     result.assert_outcomes(failed=1)
     out = result.stdout.str()
     assert "GuestTimeout" in out and "console tail" in out
+    # The log trail: what the plugin did to QEMU, in pytest's own captured-log section.
+    result.stdout.fnmatch_lines(["*Captured log setup*", "*launched QEMU for guest: pid*",
+                                 "*QMP guest -> cont*", "*QMP guest <- cont {}*",
+                                 "*guest ready: its command shell answered*"])
     result.stdout.fnmatch_lines(["*pytest-virtio artifacts*"])
     kept = list((pytester.path / ".pytest-virtio").rglob("reproduce.sh"))
     assert kept, "no artifacts kept for the failing test"
