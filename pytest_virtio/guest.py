@@ -44,14 +44,35 @@ if TYPE_CHECKING:
 _STILL_HELD = re.compile(r"is in use|is busy")
 
 
-#: Answers first (the framed reply must leave before systemd stops the console
-#: service: seen as exit 143 'Terminated' when it did not), then powers off:
-#: systemd's orderly way when it is PID 1, else sync and the poweroff syscall
-#: (our init has no shutdown sequence to run).
-POWEROFF_SCRIPT = (
-    "(sleep 1; if [ -d /run/systemd/system ]; then systemctl poweroff; "
-    "else sync; poweroff -f; fi) >/dev/null 2>&1 &"
-)
+#: What the guest prints on its kernel console when its power-off command failed.
+POWEROFF_FAILED = "PYTEST-VIRTIO-POWEROFF-FAILED"
+
+#: Picks the way to power off now, and fails now (rc 127, its reason on stderr)
+#: when there is none: systemd's orderly ``systemctl poweroff`` when it is PID 1,
+#: else the poweroff syscall after a sync, through busybox's applet (our init
+#: runs under busybox; the default image has no poweroff program) or a poweroff
+#: program.  Then answers (the framed reply must leave before systemd stops the
+#: console service: seen as exit 143 'Terminated' when it did not) and powers
+#: off a second later, its output and a failure (:data:`POWEROFF_FAILED`) on the
+#: kernel's console, which the host watches while it waits.  Killed by a signal,
+#: the command failed nothing: the shutdown it started stops its service.
+POWEROFF_SCRIPT = f"""\
+if [ -d /run/systemd/system ]; then off="systemctl poweroff"
+elif /bin/busybox --list 2>/dev/null | grep -qx poweroff; then off="/bin/busybox poweroff -f"
+elif command -v poweroff >/dev/null; then off="poweroff -f"
+else
+  echo "cannot power off: systemd is not running (no /run/systemd/system), /bin/busybox \
+has no poweroff applet, no poweroff program on PATH ($PATH)" >&2
+  exit 127
+fi
+command -v "${{off%% *}}" >/dev/null || {{ echo "cannot power off: ${{off%% *}} not found \
+on PATH ($PATH)" >&2; exit 127; }}
+(sleep 1; sync; $off || {{ r=$?; [ $r -gt 128 ] || echo "{POWEROFF_FAILED}: '$off' exited $r"; }}
+) >/dev/console 2>&1 &
+"""
+
+#: While it waits for QEMU to exit, poweroff() looks at the console this often.
+_POWEROFF_POLL = 0.5
 
 #: ISO 9660 §8.4: the primary volume descriptor is the 2048-byte sector 16.
 _ISO_SECTOR = 2048
@@ -544,13 +565,23 @@ class Guest:
 
         systemd images go through ``systemctl poweroff`` (units stopped, filesystems
         unmounted); our init syncs and powers off. What the guest wrote to a kept
-        root (``vm(root_disk=...)``) is then on the host for the next boot.
+        root (``vm(root_disk=...)``) is then on the host for the next boot.  A guest
+        with no way to power off is a CommandFailed at once, with the reason; a
+        power-off command that fails is a GuestError as soon as the console shows it.
         """
         t = timeout if timeout is not None else self.default_timeout() * 4
-        self.check(POWEROFF_SCRIPT)
-        if self.machine.wait_exit(t) is None:
-            raise GuestTimeout(f"guest {self.name!r} did not power off within {t:.0f}s",
-                               self.console_tail())
+        self.check(POWEROFF_SCRIPT)  # no way to power off: CommandFailed now, with why
+        end = time.monotonic() + t
+        while self.machine.wait_exit(min(_POWEROFF_POLL, max(0.0, end - time.monotonic()))) \
+                is None:
+            tail = self.console_tail()
+            failed = [line for line in tail.splitlines() if POWEROFF_FAILED in line]
+            if failed:
+                raise GuestError(f"guest {self.name!r} could not power off: "
+                                 f"{failed[-1].strip()}", tail)
+            if time.monotonic() >= end:
+                raise GuestTimeout(f"guest {self.name!r} did not power off within {t:.0f}s",
+                                   tail)
         self.close()
 
     def close(self) -> None:
