@@ -13,12 +13,12 @@ import json
 import re
 import shlex
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import ids, inventory
+from . import ids, inventory, runstate
 from .agent import GuestAgent, agent_start_script
 from .errors import (
     ConfigError,
@@ -111,6 +111,8 @@ class Guest:
     ctx: LaunchContext | None = None
     #: Host ends of the virtio-serial ports, by port name (connected at launch).
     serial_ports: dict[str, SerialPort] = field(default_factory=dict)
+    #: Disks added by :meth:`hotplug` and not yet unplugged, by name.
+    hot_disks: dict[str, Disk] = field(default_factory=dict)
 
     # -- commands ------------------------------------------------------------
     def default_timeout(self) -> float:
@@ -123,8 +125,10 @@ class Guest:
         thread) ends the wait at once with its BackendError, because the
         command could only time out.  On a timeout each backend's queue state
         is written next to the console log (see :meth:`dump_backend_state`).
+        A paused guest (:meth:`pause`) is a GuestError at once, for the same reason.
         """
         self.raise_backend_errors()
+        runstate.check_running(self.machine, self.name, "a command")
         t = timeout if timeout is not None else self.default_timeout()
         runner = self._runner(via)
         watch = self.raise_backend_errors if self.backends else None
@@ -445,9 +449,13 @@ class Guest:
         return self.check(chain).stdout.split()
 
     # -- hotplug -------------------------------------------------------------
-    def hotplug(self, disk: Disk, timeout: float | None = None) -> str:
+    def hotplug(self, disk: Disk | Mapping[str, Any] | str,
+                timeout: float | None = None) -> str:
         """Hot-add ``disk`` through QMP and return its guest device path.
 
+        ``disk`` is what a ``vm(disks=[...])`` item is: a Disk, a dict of the same
+        keys (``{"bus": "virtio-blk", "size": "8M"}``) or a bus name; unnamed, it
+        is called ``disk<i>``, the first such name the guest does not use yet.
         Waits until the guest kernel shows a block device with the disk's
         serial, because QMP's success only means QEMU added it — the test
         cares that the guest can use it. vhost-user-blk gets its in-process
@@ -455,7 +463,9 @@ class Guest:
         """
         from . import launch
         from . import spec as spec_mod
+        from .spec.parse import disk_from
 
+        disk = disk_from(disk, "guest.hotplug(disk)", self._free_disk_name())
         if disk.name in self.disk_serials or disk.name == ids.ROOT:
             raise ConfigError(f"guest.hotplug(): a disk named {disk.name!r} is already attached")
         ctx = launch.with_disk(self._launch_ctx(), disk, self.run_dir)
@@ -466,6 +476,7 @@ class Guest:
         self._run_hotplug(disk, commands)
         self.ctx = ctx
         self.disk_serials[disk.name] = disk.serial or disk.name
+        self.hot_disks[disk.name] = disk
         self.load_drivers(spec_mod.ROOT_MODULES[disk.bus])
         return self._wait_block(disk.name, present=True, timeout=timeout)
 
@@ -491,6 +502,53 @@ class Guest:
             self._qmp_once_released(t, "blockdev-del", **{"node-name": ids.drive_id(name)})
         self._wait_block(name, present=False, timeout=t)
         del self.disk_serials[name]
+        self.hot_disks.pop(name, None)
+
+    def _free_disk_name(self) -> str:
+        """``disk<i>`` for the first ``i`` no disk, NIC or device of this guest is called."""
+        spec_items = (*getattr(self.spec, "disks", ()), *getattr(self.spec, "nics", ()),
+                      *getattr(self.spec, "devices", ()))
+        taken = {*self.disk_serials, *(item.name for item in spec_items)}
+        return next(f"disk{i}" for i in range(len(taken) + 1) if f"disk{i}" not in taken)
+
+    def _data_disk(self, name: str, call: str) -> Disk:
+        """Data disk ``name`` as attached now (from the spec or hot-plugged)."""
+        booted: tuple[Disk, ...] = getattr(self.spec, "disks", ())
+        disks = {d.name: d for d in booted} | self.hot_disks
+        if name not in self.disk_serials or name not in disks:
+            raise ConfigError(f"guest.{call}({name!r}): no data disk of that name; this guest "
+                              f"has: {', '.join(sorted(self.disk_serials)) or 'none'}")
+        return disks[name]
+
+    # -- storage and run state -----------------------------------------------
+    def resize_disk(self, name: str, size: str | int, timeout: float | None = None) -> int:
+        """Grow (or shrink) data disk ``name`` to ``size`` (``"128M"`` or bytes) and wait
+        until the guest sees it; returns the size in bytes.
+
+        QMP ``block_resize`` on the disk's node ``drv-<name>`` (see
+        :mod:`pytest_virtio.storage` for which buses tell the guest themselves).
+        """
+        from . import storage
+
+        what = f"guest.resize_disk({name!r}, {size!r})"
+        disk = self._data_disk(name, "resize_disk")
+        nbytes = storage.new_size(disk, size, what)
+        self.machine.qmp("block_resize", **storage.block_resize_args(disk, nbytes))
+        dev = self.disk_path(name).removeprefix("/dev/")
+        t = timeout if timeout is not None else self.default_timeout()
+        return storage.wait_capacity(self.run, disk, dev, nbytes, t, self.console_tail)
+
+    def pause(self) -> None:
+        """Stop the guest's vCPUs (QMP ``stop``); commands refuse to run until :meth:`resume`."""
+        runstate.pause(self.machine, self.name)
+
+    def resume(self) -> None:
+        """Let a paused guest run again (QMP ``cont``)."""
+        runstate.resume(self.machine, self.name)
+
+    def is_running(self) -> bool:
+        """What QMP ``query-status`` says: False while paused."""
+        return bool(runstate.status(self.machine).get("running", False))
 
     def _launch_ctx(self) -> LaunchContext:
         if self.ctx is None:

@@ -124,7 +124,7 @@ def _disk_drive_props(disk: Disk) -> Props:
 
 
 def frontend_props(disk: Disk | None, bus: str) -> TypedProps:
-    """Per-disk device options, typed: serial, queues, ring features, transport.
+    """Per-disk device options, typed: serial, block sizes, queues, ring features, transport.
 
     The one definition for boot (rendered to ``-device`` by ``_argv_props``) and
     hotplug (``device_add`` takes them as they are). ``disk`` None is the root disk.
@@ -136,6 +136,7 @@ def frontend_props(disk: Disk | None, bus: str) -> TypedProps:
     props: TypedProps = []
     if bus != "vhost-user-blk":
         props.append(("serial", disk.serial or disk.name))
+        props += _block_size_props(disk)
     if bus == "virtio-scsi":
         return props
     if disk.num_queues is not None:
@@ -144,6 +145,22 @@ def frontend_props(disk: Disk | None, bus: str) -> TypedProps:
         props.append((_QUEUE_SIZE_PROP[bus], disk.queue_size))
     props += [(flag, False) for flag in _ring_features_off(disk)]
     return props + _typed_transport_props(disk.transport)
+
+
+def _block_size_props(disk: Disk) -> TypedProps:
+    """QEMU's ``logical_block_size``/``physical_block_size`` of a block-layer disk.
+
+    The physical block defaults to the logical one: QEMU's own default (512) is
+    refused below a larger logical block ("logical_block_size > physical_block_size").
+    """
+    logical = disk.logical_block_size
+    physical = disk.physical_block_size or logical
+    props: TypedProps = []
+    if logical is not None:
+        props.append(("logical_block_size", logical))
+    if physical is not None:
+        props.append(("physical_block_size", physical))
+    return props
 
 
 def _ring_features_off(disk: Disk) -> list[str]:

@@ -45,6 +45,42 @@ _QUEUE_SIZE_PROP: Final[Mapping[str, str]] = MappingProxyType(
 RING_FEATURE_BUSES: Final = ("virtio-blk", "vhost-user-blk")
 #: A Linux guest refuses a logical block larger than its page (blk_validate_block_size).
 LOGICAL_BLOCK_SIZES: Final = (512, 1024, 2048, 4096)
+#: Logical block sizes per bus: vhost-user-blk's is served by the in-process backend
+#: (virtio 1.2 §5.2.4 blk_size); the others are QEMU's ``logical_block_size`` device
+#: property (virtio-blk-pci, scsi-hd, ide-hd, nvme in 7.2); ide-hd refuses any but 512
+#: ("logical_block_size must be 512 for IDE").
+LOGICAL_BLOCK_SIZES_BY_BUS: Final[Mapping[str, tuple[int, ...]]] = MappingProxyType(
+    {
+        "vhost-user-blk": LOGICAL_BLOCK_SIZES,
+        "virtio-blk": LOGICAL_BLOCK_SIZES,
+        "virtio-scsi": LOGICAL_BLOCK_SIZES,
+        "lsi": LOGICAL_BLOCK_SIZES,
+        "nvme": LOGICAL_BLOCK_SIZES,
+        "ide": (512,),
+        "ahci": (512,),
+    }
+)
+#: Buses whose QEMU device takes ``physical_block_size``: a power of two in
+#: 512 B..2 MiB (QEMU 7.2's property range), never below the logical block.
+PHYSICAL_BLOCK_SIZE_BUSES: Final = ("virtio-blk", "virtio-scsi", "ide", "ahci", "lsi", "nvme")
+PHYSICAL_BLOCK_SIZES: Final = tuple(1 << n for n in range(9, 22))
+
+#: The characters of a disk serial the guest sees, per bus. QEMU 7.2 takes a serial
+#: of any length on every model and cuts it silently, so a longer one would never be
+#: found in the guest: virtio-blk's GET_ID answer is VIRTIO_BLK_ID_BYTES (virtio 1.2
+#: §5.2.6; the in-process vhost-user-blk backend answers the same), scsi-hd's VPD page
+#: 0x80 holds 36, ATA IDENTIFY words 10-19 hold 20, NVMe's Identify Controller SN 20.
+SERIAL_LIMITS: Final[Mapping[str, int]] = MappingProxyType(
+    {
+        "virtio-blk": 20,
+        "vhost-user-blk": 20,
+        "virtio-scsi": 36,
+        "lsi": 36,
+        "ide": 20,
+        "ahci": 20,
+        "nvme": 20,
+    }
+)
 
 ROOT_MODULES: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
     {

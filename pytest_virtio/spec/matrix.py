@@ -14,8 +14,10 @@ from pytest_virtio.spec.catalogue import (
     _NUM_QUEUES_PROP,
     _QUEUE_SIZE_PROP,
     DISK_BUSES,
+    LOGICAL_BLOCK_SIZES_BY_BUS,
     MATRIX_AXES,
     NIC_MODELS,
+    PHYSICAL_BLOCK_SIZE_BUSES,
     RING_FEATURE_BUSES,
     ROOT_BUSES,
     VIRTIO_DISK_BUSES,
@@ -72,9 +74,12 @@ def _rebus(disk: Disk, bus: str) -> Disk:
         changes["queue_size"] = None
     if bus not in RING_FEATURE_BUSES:
         changes.update(event_idx=True, indirect_desc=True)
+    if disk.logical_block_size not in LOGICAL_BLOCK_SIZES_BY_BUS[bus]:
+        changes["logical_block_size"] = None
+    if bus not in PHYSICAL_BLOCK_SIZE_BUSES:
+        changes["physical_block_size"] = None
     if bus != "vhost-user-blk":
         changes["reconnect"] = None
-        changes["logical_block_size"] = None
     else:
         changes.update(cache="none", discard=False, serial=None)
     return dataclasses.replace(disk, **changes)

@@ -34,14 +34,17 @@ from pytest_virtio.spec.catalogue import (
     DISK_BUSES,
     DISK_FORMATS,
     IDE_UNITS,
-    LOGICAL_BLOCK_SIZES,
+    LOGICAL_BLOCK_SIZES_BY_BUS,
     LSI_TARGETS,
     MACHINES,
     NIC_MODELS,
+    PHYSICAL_BLOCK_SIZE_BUSES,
+    PHYSICAL_BLOCK_SIZES,
     QUEUE_LIMIT,
     RING_FEATURE_BUSES,
     ROOT_BUSES,
     ROOT_MODULES,
+    SERIAL_LIMITS,
     TRANSPORTS,
     VIRTIO_DISK_BUSES,
 )
@@ -56,6 +59,8 @@ class Disk:
     in-process backend; ``image`` (raw|qcow2) replaces the blank ``size`` file.
     The guest sees ``serial`` (default: the name) so tests can find the disk by
     id; for vhost-user-blk the backend answers GET_ID, so QEMU's argv has none.
+    How long a serial the guest sees depends on the bus (``SERIAL_LIMITS``: 36
+    characters on SCSI, 20 elsewhere).
     """
 
     name: str = "disk0"
@@ -68,9 +73,13 @@ class Disk:
     serial: str | None = None
     num_queues: int | None = None
     queue_size: int | None = None
-    #: The block size the guest sees (virtio 1.2 §5.2.4 blk_size), served by the
-    #: in-process backend; requests not in whole blocks get IOERR.
+    #: The logical block size the guest sees: QEMU's ``logical_block_size`` device
+    #: property, or for vhost-user-blk virtio 1.2 §5.2.4 blk_size served by the
+    #: in-process backend (requests not in whole blocks get IOERR). None: 512.
     logical_block_size: int | None = None
+    #: The physical block size the guest sees (QEMU's ``physical_block_size``), at
+    #: least the logical one. None: the logical block size.
+    physical_block_size: int | None = None
     #: False switches the ring feature off on the device (QEMU ``event_idx=off``).
     event_idx: bool = True
     #: False switches indirect descriptors off (QEMU ``indirect_desc=off``).
@@ -168,29 +177,62 @@ class Disk:
             if not value and self.bus not in RING_FEATURE_BUSES:
                 raise ConfigError(f"{where}: {flag}=False is only supported on buses: "
                                   f"{_choices(RING_FEATURE_BUSES)}")
-        lbs = self.logical_block_size
+        self._check_block_sizes()
+
+    def _check_block_sizes(self) -> None:
+        """Powers of two the bus takes (``LOGICAL_BLOCK_SIZES_BY_BUS``,
+        ``PHYSICAL_BLOCK_SIZES``), physical never below logical (QEMU refuses it)."""
+        where = f"disk {self.name!r} (bus {self.bus!r})"
+        lbs, pbs = self.logical_block_size, self.physical_block_size
         if lbs is not None:
-            if self.bus != "vhost-user-blk" or self.external_socket is not None:
+            if self.external_socket is not None:
                 raise ConfigError(f"{where}: logical_block_size is served by the in-process "
-                                  "backend, so only bus 'vhost-user-blk' supports it")
-            if isinstance(lbs, bool) or lbs not in LOGICAL_BLOCK_SIZES:
+                                  "backend; an external_socket daemon sets its own")
+            sizes = LOGICAL_BLOCK_SIZES_BY_BUS[self.bus]
+            if isinstance(lbs, bool) or lbs not in sizes:
                 raise ConfigError(f"{where}: logical_block_size must be one of "
-                                  f"{_choices(str(n) for n in LOGICAL_BLOCK_SIZES)}, got {lbs!r}")
+                                  f"{_choices(str(n) for n in sizes)}, got {lbs!r}")
+        if pbs is None:
+            return
+        if self.bus not in PHYSICAL_BLOCK_SIZE_BUSES:
+            raise ConfigError(f"{where}: physical_block_size is only supported on buses: "
+                              f"{_choices(PHYSICAL_BLOCK_SIZE_BUSES)}")
+        if isinstance(pbs, bool) or pbs not in PHYSICAL_BLOCK_SIZES:
+            raise ConfigError(f"{where}: physical_block_size must be a power of two in "
+                              f"512..2097152 (2 MiB), got {pbs!r}")
+        if pbs < (lbs or 512):
+            raise ConfigError(f"{where}: physical_block_size {pbs} is smaller than "
+                              f"logical_block_size {lbs or 512}; give at least {lbs or 512}")
 
     def _check_serial(self) -> None:
+        limit = SERIAL_LIMITS[self.bus]
         if self.serial is None:
-            if len(self.name) > 20:
+            if len(self.name) > limit:
                 raise ConfigError(
-                    f"disk {self.name!r}: the name doubles as the disk serial, which holds "
-                    "20 characters; shorten it or give serial="
+                    f"disk {self.name!r} (bus {self.bus!r}): the name doubles as the disk "
+                    f"serial, which holds {limit} characters on bus {self.bus!r}; "
+                    "shorten it or give serial="
                 )
             return
         where = f"disk {self.name!r} (bus {self.bus!r})"
-        if not isinstance(self.serial, str) or not re.match(r"^[A-Za-z0-9_.-]{1,20}$", self.serial):
+        if not isinstance(self.serial, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", self.serial):
             raise ConfigError(
-                f"{where}: serial must be 1..20 characters of letters, digits, '_', '.', '-'"
-                f", got {self.serial!r}"
+                f"{where}: serial must be letters, digits, '_', '.', '-', got {self.serial!r}"
             )
+        if len(self.serial) > limit:
+            raise ConfigError(
+                f"{where}: serial {self.serial!r} has {len(self.serial)} characters but bus "
+                f"{self.bus!r} holds {limit} (QEMU would cut it and the guest never see it); "
+                f"shorten it{_longer_serials(limit)}"
+            )
+
+
+def _longer_serials(limit: int) -> str:
+    """Where a longer serial fits, for the error message (empty when nowhere)."""
+    longer = sorted(b for b, n in SERIAL_LIMITS.items() if n > limit)
+    if not longer:
+        return ""
+    return f" or use a bus that holds {max(SERIAL_LIMITS.values())}: {_choices(longer)}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Final
 
 from pytest_virtio.errors import ConfigError
@@ -41,23 +42,52 @@ def _build(cls: type[Any], data: Mapping[str, Any], what: str) -> Any:
     return cls(**data)
 
 
-def _listed(item: Any, index: int, where: str, cls: type[Any], axis: str, attr: str,
-            choices: tuple[str, ...]) -> Any:
-    """One ``disks=``/``nics=`` item: an instance, a bus/model name, or a dict;
-    unnamed items are called ``disk<i>``/``net<i>`` by their place in the list."""
+def _item(item: Any, what: str, default_name: str, cls: type[Any], attr: str,
+          choices: tuple[str, ...]) -> Any:
+    """One disk or NIC: an instance, a bus/model name, or a dict; ``what`` starts
+    every error message, ``default_name`` names an item that gives no name."""
     if isinstance(item, cls):
         return item
-    default = {"name": f"{'disk' if axis == 'disks' else 'net'}{index}"}
+    default = {"name": default_name}
     if isinstance(item, str):
-        _check_choice(item, choices, f"{where}: {axis}[{index}] {attr}")
+        _check_choice(item, choices, f"{what} {attr}")
         return cls(**default, **{attr: item})
     if isinstance(item, Mapping):
-        return _build(cls, {**default, **item}, f"{where}: {axis}[{index}]")
+        return _build(cls, {**default, **item}, what)
     noun = "a bus name" if attr == "bus" else "a model"
     raise ConfigError(
-        f"{where}: {axis}[{index}] must be {noun} ({_choices(choices)}), a dict or a "
+        f"{what} must be {noun} ({_choices(choices)}), a dict or a "
         f"{cls.__name__}, got {item!r}"
     )
+
+
+def _listed(item: Any, index: int, where: str, cls: type[Any], axis: str, attr: str,
+            choices: tuple[str, ...]) -> Any:
+    """One ``disks=``/``nics=`` item; unnamed items are called ``disk<i>``/``net<i>``
+    by their place in the list."""
+    name = f"{'disk' if axis == 'disks' else 'net'}{index}"
+    return _item(item, f"{where}: {axis}[{index}]", name, cls, attr, choices)
+
+
+def disk_from(item: Any, what: str, default_name: str) -> Disk:
+    """A Disk from what a marker's ``disks=`` item may be: a Disk, a bus name or a
+    dict of Disk keys (``guest.hotplug`` takes the same). Every error starts with
+    ``what``, and an error of the Disk itself is prefixed with it too."""
+    with _errors_under(what):
+        disk: Disk = _item(item, what, default_name, Disk, "bus", DISK_BUSES)
+    return disk
+
+
+@contextlib.contextmanager
+def _errors_under(label: str) -> Iterator[None]:
+    """Every ConfigError raised inside starts with ``label`` (a device's own message,
+    such as a Disk's, gets it in front), so the error points at the call or marker."""
+    try:
+        yield
+    except ConfigError as exc:
+        if str(exc).startswith(label):
+            raise
+        raise ConfigError(f"{label}: {exc}") from None
 
 
 def _disk_from(item: Any, index: int, where: str) -> Disk:
@@ -107,7 +137,7 @@ def spec_from_kwargs(marker_kwargs: Mapping[str, Any], *, where: str = "vm",
         )
     data = dict(marker_kwargs)
     label = f"@pytest.mark.{where}"
-    try:
+    with _errors_under(label):
         if "disks" in data:
             items = _as_tuple(data["disks"], "disks")
             data["disks"] = tuple(_disk_from(x, i, label) for i, x in enumerate(items))
@@ -117,8 +147,5 @@ def spec_from_kwargs(marker_kwargs: Mapping[str, Any], *, where: str = "vm",
         if "devices" in data:
             items = _as_tuple(data["devices"], "devices")
             data["devices"] = tuple(_device_from(x, i, label) for i, x in enumerate(items))
-        return MachineSpec(**data)
-    except ConfigError as exc:
-        if str(exc).startswith(label):
-            raise
-        raise ConfigError(f"{label}: {exc}") from None
+        spec = MachineSpec(**data)
+    return spec

@@ -19,15 +19,23 @@ import pytest
 from pytest_virtio.console import Console
 from pytest_virtio.errors import GuestTimeout
 from pytest_virtio.guest import Guest
+from pytest_virtio.qemu.machine import RunState
 from pytest_virtio.vhost_user import MemoryStorage, VhostUserBlkServer
 from pytest_virtio.vhost_user.virtqueue import QueueBroken
 
 
 class _Machine:
-    """The part of a Machine that Guest.run uses."""
+    """The part of a Machine that Guest.run uses: its console, and QMP events
+    with no STOP among them (runstate.check_running looks before every command)."""
+
+    state = RunState.RUNNING
 
     def __init__(self, console: Console) -> None:
         self.console = console
+        self.events: list[dict[str, object]] = []
+
+    def poll_events(self) -> list[dict[str, object]]:
+        return []
 
 
 @pytest.fixture

@@ -407,7 +407,7 @@ def test_logical_block_size_validation() -> None:
     assert Disk(logical_block_size=4096).logical_block_size == 4096
     _raises(lambda: Disk(logical_block_size=8192), "logical_block_size", "512", "4096")
     _raises(lambda: Disk(logical_block_size=True), "logical_block_size")  # type: ignore[arg-type]
-    _raises(lambda: Disk(bus="virtio-blk", logical_block_size=4096), "vhost-user-blk")
+    _raises(lambda: Disk(bus="ide", logical_block_size=4096), "logical_block_size", "512")
     _raises(lambda: Disk(external_socket="/x.sock", logical_block_size=4096), "in-process")
 
 

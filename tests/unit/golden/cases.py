@@ -77,6 +77,39 @@ def _disk_option_cases() -> dict[str, MachineSpec]:
             ),
         ),
         "disks-q35-ahci": MachineSpec(machine="q35", root_bus="ahci", disks=(Disk(bus="ahci"),)),
+        **_block_size_cases(),
+    }
+
+
+#: The longest serial a scsi-hd shows the guest (VPD page 0x80).
+SCSI_SERIAL = "SCSI-SERIAL-0123456789abcdefghijklmn"
+
+
+def _block_size_cases() -> dict[str, MachineSpec]:
+    """logical/physical_block_size on every bus whose QEMU device takes them (a
+    physical size left out follows the logical one), and a 36-character scsi serial."""
+    return {
+        "disk-virtio-blk-block-size": MachineSpec(
+            disks=(
+                Disk(name="l4k", bus="virtio-blk", logical_block_size=4096),
+                Disk(name="p4k", bus="virtio-blk", physical_block_size=4096),
+            )
+        ),
+        "disk-virtio-scsi-block-size": MachineSpec(
+            disks=(
+                Disk(name="s4k", bus="virtio-scsi", logical_block_size=4096,
+                     physical_block_size=4096),
+                Disk(name="long", bus="virtio-scsi", serial=SCSI_SERIAL),
+            )
+        ),
+        "disk-emulated-block-size": MachineSpec(
+            disks=(
+                Disk(name="i", bus="ide", physical_block_size=4096),
+                Disk(name="a", bus="ahci", logical_block_size=512, physical_block_size=4096),
+                Disk(name="l", bus="lsi", logical_block_size=1024, physical_block_size=65536),
+                Disk(name="n", bus="nvme", logical_block_size=4096),
+            )
+        ),
     }
 
 
