@@ -22,6 +22,7 @@ not at all, with a clear error.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import re
 import secrets
@@ -34,6 +35,7 @@ from pathlib import Path
 
 from .errors import (
     BackendError,
+    ChannelError,
     ChannelMode,
     ChannelRefused,
     GuestError,
@@ -76,16 +78,18 @@ SHELL_FUNCTIONS = (
     "pv_x() { pv_m=$pv_c; pv_c=; "
     "if [ \"${#pv_m}\" != \"$2\" ]; then printf '%sL %s\\n' \"$1\" \"${#pv_m}\"; return; fi; "
     "pv_f=/tmp/.pv-$1.o; pv_g=/tmp/.pv-$1.e; "
+    "if ! { : >$pv_f && : >$pv_g; } 2>/dev/null; then printf '%sN\\n' \"$1\"; return; fi; "
     "( set --; eval \"$pv_m\"\n) </dev/null >$pv_f 2>$pv_g; pv_r=$?; "
-    "printf '%sS\\n' \"$1\"; [ ! -s $pv_f ] || cat $pv_f; "
-    "printf '\\n%sE %d\\n' \"$1\" $pv_r; [ ! -s $pv_g ] || cat $pv_g; "
+    "printf '%sS\\n' \"$1\"; [ ! -s $pv_f ] || cat $pv_f; : >$pv_f; "
+    "printf '\\n%sE %d\\n' \"$1\" $pv_r; [ ! -s $pv_g ] || cat $pv_g; : >$pv_g; "
     "printf '\\n%sF\\n' \"$1\"; pv_k=$((pv_k+1)); "
     f"[ $pv_k -lt {CLEANUP_EVERY} ] || {{ pv_k=0; rm -f /tmp/.pv-*.[oe]; }}; }}"
 )
 #: The terminal mode the channel needs: raw (no canonical line limit, no CR/LF
 #: translation either way), no echo, no extended input processing (^V, ^O), but
-#: signals on so ^C interrupts a command.
-STTY = "stty raw -echo -iexten isig"
+#: signals on so ^C interrupts a command; ``sane`` first undoes whatever else a
+#: command set (istrip, inlcr, a moved intr character).
+STTY = "stty sane raw -echo -iexten isig"
 #: Bytes a terminal may act on even in that mode (signals; the rest for a
 #: terminal someone set otherwise): sent as octal escapes, never as themselves.
 _CONTROL = frozenset(set(range(0x20)) - {0x09, 0x0A} | {0x7F})
@@ -94,6 +98,11 @@ CHUNK = 1000
 #: Kernel console bytes kept in memory for line matching (the log has them all).
 _LINE_LIMIT = 65536
 _READY = re.compile(READY_RE.encode())
+#: How often a wait checks QEMU, the backends and its deadline while data flows.
+_CHECK_EVERY = 0.25
+#: The longest command the channel takes: the guest's terminal buffers about
+#: 640 KiB of unread input and drops the rest (no flow control on the line).
+MAX_COMMAND = 256 << 10
 #: How often a resync repeats its marker while the shell is being restarted.
 _RESYNC_EVERY = 1.0
 
@@ -108,7 +117,11 @@ def command_lines(cmd: str) -> list[str]:
     """
     data = cmd.encode("utf-8", "surrogateescape")
     if b"\0" in data:
-        raise ValueError(f"a shell command cannot contain a NUL byte: {cmd!r}")
+        raise ValueError(f"a shell command cannot contain a NUL byte: {cmd[:200]!r}")
+    if len(data) > MAX_COMMAND:
+        raise ValueError(f"a console command holds at most {MAX_COMMAND >> 10} KiB (this one "
+                         f"{len(data) >> 10} KiB): the guest's terminal has no flow control; "
+                         "put a long script in a file (guest.put over SSH, a disk) and run that")
     lines: list[str] = []
     for control, run in _runs(data):
         function = "pv_o" if control else "pv_a"
@@ -135,14 +148,8 @@ def _pack(tokens: list[str]) -> list[str]:
 
 def _runs(data: bytes) -> list[tuple[bool, bytes]]:
     """``data`` cut into alternating runs of control and plain bytes."""
-    runs: list[tuple[bool, bytes]] = []
-    for byte in data:
-        control = byte in _CONTROL
-        if runs and runs[-1][0] == control:
-            runs[-1] = (control, runs[-1][1] + bytes((byte,)))
-        else:
-            runs.append((control, bytes((byte,))))
-    return runs
+    runs = itertools.groupby(data, _CONTROL.__contains__)
+    return [(control, bytes(run)) for control, run in runs]
 
 
 def command_script(cmd: str, nonce: str) -> bytes:
@@ -181,6 +188,7 @@ class FrameScan:
         n = nonce.encode()
         self._n = n
         self._refused = re.compile(re.escape(n) + rb"L (\d+)\n")
+        self._no_files = re.compile(re.escape(n) + rb"N\n")
         self._tail = re.compile(rb"\n" + re.escape(n) + rb"E (\d+)\n")
         self._pos = 0
         self._body: int | None = None
@@ -210,6 +218,9 @@ class FrameScan:
         if _READY.search(buf, start, before):
             raise ShellRestarted("the guest's command shell died before the command's "
                                  "result was written (init started a new one): no exit status")
+        if self._no_files.search(buf, start, before):
+            raise ChannelError("the guest could not create the command's output files in /tmp "
+                               "(full or read-only?): the command did not run")
         refused = self._refused.search(buf, start, before)
         if refused:
             raise ChannelRefused(
@@ -387,9 +398,11 @@ class Console:
             with contextlib.suppress(OSError):
                 sock.close()
 
-    def send(self, data: bytes) -> None:
-        """Write to the command channel; a dead QEMU is reported as such, not as EPIPE."""
+    def send(self, data: bytes, timeout: float = 30.0) -> None:
+        """Write to the command channel; a dead QEMU is reported as such, not as EPIPE,
+        and a guest that stops reading as a timeout, not a hang."""
         self.alive()
+        deadline = Deadline(timeout, self.qemu_pid)
         view = memoryview(data)
         while view:
             try:
@@ -397,6 +410,11 @@ class Console:
             except BlockingIOError:
                 select.select([], [self.channel_sock], [], 0.5)
                 self.alive()
+                if deadline.expired():
+                    raise GuestTimeout(f"the guest stopped reading its command channel: "
+                                       f"{len(view)} of {len(data)} bytes not taken within "
+                                       f"{timeout:.0f}s{deadline.describe()}",
+                                       self.tail()) from None
                 continue
             except OSError as exc:
                 self.alive()
@@ -414,6 +432,7 @@ class Console:
         in-process backend) and the deadline end the wait precisely.
         """
         deadline = Deadline(timeout, self.qemu_pid)
+        checked = time.monotonic()
         while True:
             result = found(self._channel.buf)
             if result:
@@ -427,13 +446,21 @@ class Console:
                 self._wait_for_exit()
                 raise LaunchError(f"QEMU dropped the console while {what}: {exc}\n"
                                   f"{self.tail()}") from exc
-            if not ready:
-                self.alive()
-                if watch is not None:
-                    watch()
-                if deadline.expired():
-                    raise GuestTimeout(f"guest did not answer within {timeout:.0f}s while "
-                                       f"{what}{deadline.describe()}", self.tail())
+            # Also while a line keeps talking: a kernel printing faster than
+            # every slice must not hold the wait open past its deadline.
+            if not ready or time.monotonic() - checked >= _CHECK_EVERY:
+                checked = time.monotonic()
+                self._check(deadline, timeout, what, watch)
+
+    def _check(self, deadline: Deadline, timeout: float, what: str,
+               watch: Callable[[], None] | None) -> None:
+        """QEMU alive, the backends well, the deadline not passed; else raise."""
+        self.alive()
+        if watch is not None:
+            watch()
+        if deadline.expired():
+            raise GuestTimeout(f"guest did not answer within {timeout:.0f}s while "
+                               f"{what}{deadline.describe()}", self.tail())
 
     def _read(self, line: _Line, what: str) -> None:
         before = len(line.buf)
@@ -520,8 +547,9 @@ class Console:
             self._resync(timeout)
             frame = self._run_once(cmd, timeout, watch)
         except ShellRestarted as exc:
-            # The new shell set its own mode; it only lacks our functions.
-            self._dirty, self._prepared = False, False
+            # Resync before the next command: if the READY was not a real restart,
+            # the old command may still run; a real new shell needs our functions.
+            self._dirty, self._prepared = True, False
             raise ShellRestarted(f"{exc}; the command was {cmd[:200]!r}", self.tail()) from None
         except ChannelMode as exc:
             self._resync(timeout)
@@ -540,8 +568,10 @@ class Console:
             self._resync(timeout)
         prelude = b"" if self._prepared else self._prelude()
         self._dirty = True
+        if _READY.search(self._channel.buf):
+            prelude = self._prelude()  # a new shell started since: it lacks our functions
         self._channel.buf.clear()
-        self.send(prelude + script)
+        self.send(prelude + script, timeout)
         self._prepared = True
         try:
             frame = self.wait_for(FrameScan(nonce), timeout, f"running {cmd[:200]!r}", watch)

@@ -307,7 +307,7 @@ def test_artifacts_keep_dmesg_after_a_backend_failure(make_guest: Any, tmp_path:
         time.sleep(0.1)
     with pytest.raises(BackendError, match="injected backend bug"):
         g.run("true")
-    _keep_artifacts(g, tmp_path / "artifacts")
+    _keep_artifacts(g, tmp_path, tmp_path / "artifacts")
     dmesg = (tmp_path / "artifacts" / "dmesg.txt").read_text()
     assert "virtio" in dmesg.lower() and len(dmesg.splitlines()) > 20
     assert list((tmp_path / "artifacts").glob("vhost-state-disk0.json"))

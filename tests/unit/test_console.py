@@ -14,7 +14,13 @@ from pathlib import Path
 import pytest
 
 from pytest_virtio.console import Console, FrameScan, command_lines, tail_of, unframe
-from pytest_virtio.errors import CommandFailed, GuestPanic, GuestTimeout, ShellRestarted
+from pytest_virtio.errors import (
+    ChannelError,
+    CommandFailed,
+    GuestPanic,
+    GuestTimeout,
+    ShellRestarted,
+)
 from pytest_virtio.runners import Result
 
 NONCE = "0123456789abcdef"
@@ -204,3 +210,43 @@ def test_words_of_the_shell_inside_a_frame_are_output() -> None:
         nonce.encode() + b"F\n"
     frame = FrameScan(nonce)(stream)
     assert frame is not None and frame.stdout == body
+
+
+def test_a_chatty_kernel_console_does_not_hold_a_wait_past_its_deadline(
+        dash: tuple[Console, socket.socket]) -> None:
+    console, kernel_end = dash
+    stop = threading.Event()
+
+    def chatter() -> None:
+        while not stop.is_set():
+            kernel_end.sendall(b"[ 5.0] eth0: link is not ready\r\n")
+            time.sleep(0.002)
+
+    threading.Thread(target=chatter, daemon=True).start()
+    start = time.monotonic()
+    try:
+        with pytest.raises(GuestTimeout):
+            console.run("sleep 6", timeout=1)
+    finally:
+        stop.set()
+    assert time.monotonic() - start < 4
+
+
+def test_a_false_ready_line_leaves_the_next_command_working(
+        dash: tuple[Console, socket.socket]) -> None:
+    console, _ = dash
+    with pytest.raises(ShellRestarted):
+        console.run(f"echo PYTEST-VIRTIO-READY 12.5 >&{LINE_FD}; sleep 2", timeout=10)
+    assert console.run("echo back", timeout=10).stdout == "back\n"
+
+
+def test_a_command_too_long_for_the_line_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="at most 256 KiB"):
+        command_lines("x" * (257 << 10))
+    assert len(command_lines("x" * (256 << 10))) > 200  # long but fine, and fast
+
+
+def test_output_files_that_cannot_be_created_are_named() -> None:
+    nonce = "0123456789abcdef"
+    with pytest.raises(ChannelError, match="could not create the command's output files"):
+        FrameScan(nonce)(nonce.encode() + b"N\n")
