@@ -514,8 +514,7 @@ class Console:
     def wait_ready(self, timeout: float) -> float:
         """Wait for the channel shell's readiness line; returns the guest uptime it reported."""
         (uptime,) = self.expect(READY_RE, timeout, "booting")
-        self._booting = False
-        self._prepared = False
+        self.adopt_booted()
         log.info("guest ready: its command shell answered at uptime %s s", uptime)
         return float(uptime)
 
@@ -566,10 +565,10 @@ class Console:
         script = command_script(cmd, nonce)
         if self._dirty:
             self._resync(timeout)
-        prelude = b"" if self._prepared else self._prelude()
+        # A READY left over means a new shell started since: it lacks our functions.
+        fresh = not self._prepared or _READY.search(self._channel.buf) is not None
+        prelude = self._prelude() if fresh else b""
         self._dirty = True
-        if _READY.search(self._channel.buf):
-            prelude = self._prelude()  # a new shell started since: it lacks our functions
         self._channel.buf.clear()
         self.send(prelude + script, timeout)
         self._prepared = True
@@ -599,14 +598,14 @@ class Console:
         deadline = Deadline(timeout, self.qemu_pid)
         self.send(b"\x03")
         sent: list[bytes] = []
+
+        def echoed(buf: bytearray) -> int:
+            return max((buf.find(m) + len(m) for m in sent if m in buf), default=0)
+
         while True:
             nonce = secrets.token_hex(8).encode()
             sent.append(nonce + b"Z\n")
             self.send(f"\n{STTY}; {SHELL_FUNCTIONS}; printf '%sZ\\n' ".encode() + nonce + b"\n")
-
-            def echoed(buf: bytearray) -> int:
-                return max((buf.find(m) + len(m) for m in sent if m in buf), default=0)
-
             slice_ = min(_RESYNC_EVERY, max(0.05, deadline.remaining()))
             try:
                 end = self.wait_for(echoed, slice_, "resynchronising the command channel")
