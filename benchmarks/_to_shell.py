@@ -13,8 +13,8 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from pytest_virtio import spec
-from pytest_virtio.guest import Guest
-from pytest_virtio.session import VirtioSession
+from pytest_virtio.guests.guest import Guest
+from pytest_virtio.guests.session import VirtioSession
 
 T = TypeVar("T")
 

@@ -16,8 +16,8 @@ import statistics
 from _to_shell import to_shell, wall
 
 from pytest_virtio import spec
-from pytest_virtio.session import VirtioSession
-from pytest_virtio.settings import Settings
+from pytest_virtio.guests.session import VirtioSession
+from pytest_virtio.guests.settings import Settings
 
 
 def measure(session: VirtioSession, machine: spec.MachineSpec, n: int) -> list[float]:

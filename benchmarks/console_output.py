@@ -22,9 +22,9 @@ import statistics
 import time
 
 from pytest_virtio import spec
-from pytest_virtio.guest import Guest
-from pytest_virtio.session import VirtioSession
-from pytest_virtio.settings import Settings
+from pytest_virtio.guests.guest import Guest
+from pytest_virtio.guests.session import VirtioSession
+from pytest_virtio.guests.settings import Settings
 
 SIZES = (64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20)
 

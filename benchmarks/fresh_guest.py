@@ -31,9 +31,9 @@ from pathlib import Path
 from _to_shell import to_shell
 
 from pytest_virtio import spec
-from pytest_virtio.guest import Guest
-from pytest_virtio.session import VirtioSession
-from pytest_virtio.settings import Settings
+from pytest_virtio.guests.guest import Guest
+from pytest_virtio.guests.session import VirtioSession
+from pytest_virtio.guests.settings import Settings
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 

@@ -43,9 +43,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pytest_virtio.guest import Guest
-from pytest_virtio.session import VirtioSession
-from pytest_virtio.settings import Settings
+from pytest_virtio.guests.guest import Guest
+from pytest_virtio.guests.session import VirtioSession
+from pytest_virtio.guests.settings import Settings
 from pytest_virtio.spec import Disk, MachineSpec
 from pytest_virtio.workloads.fio import FioResult
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import ConfigError, VirtioError
+from pytest_virtio.errors import ConfigError, VirtioError
 
 __all__ = ["check_readable_file"]
 

@@ -37,8 +37,8 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from .interrupts import descendants
-from .tools import require_tool
+from pytest_virtio.interrupts import descendants
+from pytest_virtio.tools import require_tool
 
 __all__ = ["CONTAIN_EXEC", "DEATH_SIGNAL_EXEC", "helper_argv", "running", "spawn", "start", "stop",
            "wait_gone"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import shutil
 
-from .errors import MissingToolError
+from pytest_virtio.errors import MissingToolError
 
 __all__ = ["require_tool"]
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import ImageError
-from ..files import check_readable_file
-from .builder import GuestImage, default_cache_dir, ensure_image, verify
-from .driverdisk import driver_disk
-from .initramfs import initramfs_for, resolve
-from .recipe import Recipe, load_recipe
+from pytest_virtio.errors import ImageError
+from pytest_virtio.files import check_readable_file
+from pytest_virtio.images.builder import GuestImage, default_cache_dir, ensure_image, verify
+from pytest_virtio.images.driverdisk import driver_disk
+from pytest_virtio.images.initramfs import initramfs_for, resolve
+from pytest_virtio.images.recipe import Recipe, load_recipe
 
 __all__ = [
     "GuestImage",

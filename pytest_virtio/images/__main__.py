@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from ..errors import VirtioError
-from .builder import (
+from pytest_virtio.errors import VirtioError
+from pytest_virtio.images.builder import (
     MANIFEST,
     current_keys,
     default_cache_dir,
@@ -17,8 +17,8 @@ from .builder import (
     prune_images,
     remove_unlocked,
 )
-from .kernel import fetch_deb_kernel, stale_kernels
-from .recipe import load_recipe
+from pytest_virtio.images.kernel import fetch_deb_kernel, stale_kernels
+from pytest_virtio.images.recipe import load_recipe
 
 
 def main(argv: list[str] | None = None) -> int:

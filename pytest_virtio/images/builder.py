@@ -30,16 +30,11 @@ from typing import IO
 
 from filelock import FileLock, Timeout
 
-from .. import procs
-from ..errors import ImageError
-from ..tools import require_tool
-from .mounts import mounts_under, remove_tree
-from .recipe import (
-    DATA_DIR,
-    DISTRO_BOOT_TIMEOUT,
-    Recipe,
-    load_recipe,
-)
+from pytest_virtio import procs
+from pytest_virtio.errors import ImageError
+from pytest_virtio.images.mounts import mounts_under, remove_tree
+from pytest_virtio.images.recipe import DATA_DIR, DISTRO_BOOT_TIMEOUT, Recipe, load_recipe
+from pytest_virtio.tools import require_tool
 
 Progress = Callable[[str], None]
 

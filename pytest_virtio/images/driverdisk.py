@@ -21,10 +21,10 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from ..errors import ImageError
-from ..tools import require_tool
-from .builder import GuestImage
-from .initramfs import resolve
+from pytest_virtio.errors import ImageError
+from pytest_virtio.images.builder import GuestImage
+from pytest_virtio.images.initramfs import resolve
+from pytest_virtio.tools import require_tool
 
 __all__ = ["KERNEL_ARG", "driver_disk"]
 

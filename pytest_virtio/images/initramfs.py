@@ -19,9 +19,9 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from ..errors import ImageError, MissingToolError
-from .builder import GuestImage
-from .recipe import DATA_DIR
+from pytest_virtio.errors import ImageError, MissingToolError
+from pytest_virtio.images.builder import GuestImage
+from pytest_virtio.images.recipe import DATA_DIR
 
 #: The root filesystem's modules, loaded after the bus drivers.
 FS_MODULES = ("crc32c_generic", "ext4")

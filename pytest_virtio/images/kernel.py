@@ -28,9 +28,15 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from ..errors import ConfigError, ImageError
-from ..tools import require_tool
-from .builder import GuestImage, Progress, cache_entries, extract_vmlinux, file_sha256
+from pytest_virtio.errors import ConfigError, ImageError
+from pytest_virtio.images.builder import (
+    GuestImage,
+    Progress,
+    cache_entries,
+    extract_vmlinux,
+    file_sha256,
+)
+from pytest_virtio.tools import require_tool
 
 #: The label our initramfs looks for; also the disk's serial in the guest.
 MODULES_LABEL = "pvmods"

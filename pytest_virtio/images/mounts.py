@@ -20,7 +20,7 @@ import re
 import shutil
 from pathlib import Path
 
-from ..errors import ImageError
+from pytest_virtio.errors import ImageError
 
 __all__ = ["detach_mounts_under", "mount_points", "mounted_anywhere", "mounts_under",
            "remove_tree"]

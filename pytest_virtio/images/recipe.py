@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from pytest_virtio.errors import ConfigError
 
 __all__ = ["BOOTS", "BUILDER_VERSION", "DATA_DIR", "DISTRO_BOOT_TIMEOUT", "REQUIRED_PACKAGES",
            "Recipe", "load_recipe", "load_recipe_file"]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from ..errors import VirtioError
+from pytest_virtio.errors import VirtioError
 
 #: Guest timeouts are written for KVM; TCG runs guest code several times slower.
 TIMEOUT_SCALE = {"kvm": 1.0, "tcg": 4.0}

@@ -33,10 +33,10 @@ from typing import Any
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from .. import procs
-from ..console import PANIC_RE, Console, both_tails, tail_of
-from ..errors import GuestPanic, LaunchError, MissingToolError, QmpError, QmpTimeout
-from ..spec.context import command_channel
+from pytest_virtio import procs
+from pytest_virtio.channels.console import PANIC_RE, Console, both_tails, tail_of
+from pytest_virtio.errors import GuestPanic, LaunchError, MissingToolError, QmpError, QmpTimeout
+from pytest_virtio.spec.context import command_channel
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ class Machine:
         self.state = RunState.CREATED
         self.events: list[dict[str, Any]] = []
         #: The text of ``reproduce.sh`` when the caller can make one that runs on its
-        #: own (see :mod:`pytest_virtio.reproduce`); else the bare command line.
+        #: own (see :mod:`pytest_virtio.guests.reproduce`); else the bare command line.
         self.reproducer: str | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._qmp: QEMUMonitorProtocol | None = None

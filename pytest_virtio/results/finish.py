@@ -15,13 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pytest_virtio.errors import ConfigError, VirtioError
-from pytest_virtio.settings import Settings
-
-from . import baseline as baseline_mod
-from . import perf as perf_mod
-from . import plot as plot_mod
-from .records import Record, RelativeCheck, SessionResults, write_json
-from .render import render_table
+from pytest_virtio.guests.settings import Settings
+from pytest_virtio.results import baseline as baseline_mod
+from pytest_virtio.results import perf as perf_mod
+from pytest_virtio.results import plot as plot_mod
+from pytest_virtio.results.records import Record, RelativeCheck, SessionResults, write_json
+from pytest_virtio.results.render import render_table
 
 __all__ = ["Finish", "Judgement", "absolute_failures", "finish", "judge_relative",
            "summary_lines"]

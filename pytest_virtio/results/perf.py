@@ -28,11 +28,7 @@ from pytest_virtio.errors import ConfigError
 from pytest_virtio.results.metrics import MECHANISM, Spread, spread
 from pytest_virtio.results.metrics import METRICS as METRIC_TABLE
 from pytest_virtio.results.records import Record, RelativeCheck
-from pytest_virtio.units import (
-    parse_count,
-    parse_duration,
-    parse_rate,
-)
+from pytest_virtio.units import parse_count, parse_duration, parse_rate
 from pytest_virtio.workloads.fio import FioResult
 
 __all__ = [

@@ -72,7 +72,7 @@ def command_channel(console_socket: str) -> tuple[str, str]:
     """(socket, log) of a guest's command channel: beside its kernel console's.
 
     The kernel's console is ``ttyS0``; the shell the host's commands go to has
-    ``ttyS1`` to itself (see :mod:`pytest_virtio.console` for why).  Derived from
+    ``ttyS1`` to itself (see :mod:`pytest_virtio.channels.console` for why).  Derived from
     the console socket's folder so every launch (boot, restore, reproduce) and
     the Machine that connects agree without another field to carry.
     """

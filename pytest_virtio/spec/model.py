@@ -451,7 +451,7 @@ class MachineSpec:
         self._check_types()
         self._check_names()
         self._check_slots()
-        from pytest_virtio.spec.layout import _scsi_controller_options  # layout reads specs
+        from pytest_virtio.spec.layout import _scsi_controller_options
 
         _scsi_controller_options(self)
 
@@ -511,7 +511,7 @@ class MachineSpec:
             raise ConfigError(f"duplicate virtio-serial port names across devices: {ports!r}")
 
     def _check_slots(self) -> None:
-        from pytest_virtio.spec.layout import _controller_users  # layout reads specs
+        from pytest_virtio.spec.layout import _controller_users
 
         counts = _controller_users(self)
         if counts["ide"] and self.machine != "pc":

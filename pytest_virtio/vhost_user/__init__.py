@@ -7,13 +7,13 @@ on ``server.stats`` / ``server.trace``; provoke error paths with ``server.faults
 
 from __future__ import annotations
 
-from .blk import FileStorage, MemoryStorage, Storage
-from .faults import FaultInjector, FaultRule
-from .memory import GuestMemory, GuestMemoryError
-from .protocol import BlkStatus, BlkType
-from .server import VhostUserBlkServer
-from .stats import Stats, Trace, TraceEntry
-from .virtqueue import QueueBroken
+from pytest_virtio.vhost_user.blk import FileStorage, MemoryStorage, Storage
+from pytest_virtio.vhost_user.faults import FaultInjector, FaultRule
+from pytest_virtio.vhost_user.memory import GuestMemory, GuestMemoryError
+from pytest_virtio.vhost_user.protocol import BlkStatus, BlkType
+from pytest_virtio.vhost_user.server import VhostUserBlkServer
+from pytest_virtio.vhost_user.stats import Stats, Trace, TraceEntry
+from pytest_virtio.vhost_user.virtqueue import QueueBroken
 
 __all__ = [
     "BlkStatus",

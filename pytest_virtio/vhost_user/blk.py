@@ -19,13 +19,18 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from pytest_virtio.errors import BackendError
-
-from .protocol import MAX_CONFIG_SIZE, BlkFeature, BlkStatus, BlkType, TransportFeature
-from .virtqueue import QueueBroken
+from pytest_virtio.vhost_user.protocol import (
+    MAX_CONFIG_SIZE,
+    BlkFeature,
+    BlkStatus,
+    BlkType,
+    TransportFeature,
+)
+from pytest_virtio.vhost_user.virtqueue import QueueBroken
 
 if TYPE_CHECKING:
-    from .faults import FaultInjector
-    from .stats import Stats, Trace
+    from pytest_virtio.vhost_user.faults import FaultInjector
+    from pytest_virtio.vhost_user.stats import Stats, Trace
 
 __all__ = [
     "CONFIG",

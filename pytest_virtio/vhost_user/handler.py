@@ -19,14 +19,13 @@ from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from pytest_virtio.errors import ProtocolError
-
-from . import protocol as p
-from .blk import BlkDevice
-from .memory import GuestMemory
-from .protocol import ProtocolFeature, Request, TransportFeature
-from .ringcheck import RingCheck
-from .stats import Stats
-from .virtqueue import Virtqueue
+from pytest_virtio.vhost_user import protocol as p
+from pytest_virtio.vhost_user.blk import BlkDevice
+from pytest_virtio.vhost_user.memory import GuestMemory
+from pytest_virtio.vhost_user.protocol import ProtocolFeature, Request, TransportFeature
+from pytest_virtio.vhost_user.ringcheck import RingCheck
+from pytest_virtio.vhost_user.stats import Stats
+from pytest_virtio.vhost_user.virtqueue import Virtqueue
 
 __all__ = ["OFFERED_PROTOCOL_FEATURES", "BlkHandler", "KickWatcher", "Reply", "close_fd"]
 

@@ -27,8 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pytest_virtio.errors import ProtocolError
-
-from .protocol import MAX_REGIONS, MemRegion
+from pytest_virtio.vhost_user.protocol import MAX_REGIONS, MemRegion
 
 __all__ = ["GuestMemory", "GuestMemoryError", "MappedRegion"]
 

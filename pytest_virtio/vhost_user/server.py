@@ -33,15 +33,14 @@ import traceback
 from typing import Any
 
 from pytest_virtio.errors import BackendError, ProtocolError
-
-from . import protocol as p
-from .blk import SECTOR_SIZE, SEG_MAX, BlkDevice, Storage
-from .faults import FaultInjector
-from .handler import OFFERED_PROTOCOL_FEATURES, BlkHandler, Reply, close_fd
-from .protocol import ProtocolFeature, Request
-from .ringcheck import RingCheck
-from .stats import Stats, Trace
-from .virtqueue import QueueBroken, Virtqueue
+from pytest_virtio.vhost_user import protocol as p
+from pytest_virtio.vhost_user.blk import SECTOR_SIZE, SEG_MAX, BlkDevice, Storage
+from pytest_virtio.vhost_user.faults import FaultInjector
+from pytest_virtio.vhost_user.handler import OFFERED_PROTOCOL_FEATURES, BlkHandler, Reply, close_fd
+from pytest_virtio.vhost_user.protocol import ProtocolFeature, Request
+from pytest_virtio.vhost_user.ringcheck import RingCheck
+from pytest_virtio.vhost_user.stats import Stats, Trace
+from pytest_virtio.vhost_user.virtqueue import QueueBroken, Virtqueue
 
 __all__ = ["OFFERED_PROTOCOL_FEATURES", "VhostUserBlkServer"]
 

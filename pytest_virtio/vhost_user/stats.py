@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any, NamedTuple
 
-from .protocol import BlkStatus, BlkType
+from pytest_virtio.vhost_user.protocol import BlkStatus, BlkType
 
 __all__ = ["Stats", "Trace", "TraceEntry"]
 

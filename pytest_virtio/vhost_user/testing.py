@@ -20,9 +20,9 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .blk import OUTHDR, SEGMENT
-from .memory import GuestMemory
-from .protocol import (
+from pytest_virtio.vhost_user.blk import OUTHDR, SEGMENT
+from pytest_virtio.vhost_user.memory import GuestMemory
+from pytest_virtio.vhost_user.protocol import (
     HEADER,
     MAX_FDS,
     U64,
@@ -37,7 +37,7 @@ from .protocol import (
     encode_message,
     encode_vring_addr,
 )
-from .virtqueue import (
+from pytest_virtio.vhost_user.virtqueue import (
     DESC,
     DESC_F_INDIRECT,
     DESC_F_NEXT,

@@ -23,14 +23,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from pytest_virtio.errors import ProtocolError
-
-from .memory import GuestMemory
-from .protocol import VringAddr
-from .ringcheck import RingCheck
-from .shared import Fence, words
+from pytest_virtio.vhost_user.memory import GuestMemory
+from pytest_virtio.vhost_user.protocol import VringAddr
+from pytest_virtio.vhost_user.ringcheck import RingCheck
+from pytest_virtio.vhost_user.shared import Fence, words
 
 if TYPE_CHECKING:
-    from .stats import Stats
+    from pytest_virtio.vhost_user.stats import Stats
 
 __all__ = [
     "AVAIL_F_NO_INTERRUPT",

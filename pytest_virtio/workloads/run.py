@@ -29,9 +29,9 @@ from typing import Any, Protocol
 
 from pytest_virtio import ids
 from pytest_virtio.errors import ConfigError, WorkloadError
-from pytest_virtio.qemu.starvation import schedstat
 from pytest_virtio.results.baseline import machine_id
 from pytest_virtio.results.records import Record
+from pytest_virtio.starvation import schedstat
 from pytest_virtio.units import format_size, parse_size
 from pytest_virtio.workloads import dd as dd_mod
 from pytest_virtio.workloads import fio as fio_mod
@@ -68,7 +68,7 @@ MARKER_KEYS: Mapping[str, tuple[str, ...]] = {
 
 
 class GuestLike(Protocol):
-    """What a workload needs from :class:`pytest_virtio.guest.Guest`."""
+    """What a workload needs from :class:`pytest_virtio.guests.guest.Guest`."""
 
     spec: Any
     timeout_scale: float

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_virtio.guest import Guest
-from pytest_virtio.session import MissingDevices, VirtioSession
+from pytest_virtio.guests.guest import Guest
+from pytest_virtio.guests.session import MissingDevices, VirtioSession
 from pytest_virtio.spec import MachineSpec
 
 BootShared = Callable[[MachineSpec, str], Guest]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_virtio.agent import AgentError
+from pytest_virtio.channels.agent import AgentError
 from pytest_virtio.errors import ConfigError, GuestError, GuestTimeout
-from pytest_virtio.guest import Guest
+from pytest_virtio.guests.guest import Guest
 
 pytestmark = pytest.mark.vm(devices=["agent"])
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import pytest
 
 from pytest_virtio.errors import ConfigError, GuestError
-from pytest_virtio.guest import Guest
+from pytest_virtio.guests.guest import Guest
 from pytest_virtio.spec import Disk, MachineSpec
 
 SCSI_SERIAL = "SCSI-SERIAL-0123456789abcdefghijklmn"  # 36: all of scsi-hd's VPD 0x80

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import pytest
 
 from pytest_virtio.errors import ConfigError, GuestTimeout
-from pytest_virtio.guest import Guest
+from pytest_virtio.guests.guest import Guest
 from pytest_virtio.spec import Balloon, MachineSpec
 
 MIB = 1 << 20

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from pytest_virtio.errors import ConfigError
-from pytest_virtio.guest import Guest
+from pytest_virtio.guests.guest import Guest
 from pytest_virtio.spec import CdRom, MachineSpec
 
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import pytest
 
 from pytest_virtio.errors import ChannelMode, GuestTimeout, ShellRestarted
-from pytest_virtio.guest import Guest
+from pytest_virtio.guests.guest import Guest
 from pytest_virtio.spec import MachineSpec
 
 

@@ -14,8 +14,8 @@ from collections.abc import Callable
 
 import pytest
 
-from pytest_virtio.fixtures import check_drivers
-from pytest_virtio.guest import Guest
+from pytest_virtio.guests.guest import Guest
+from pytest_virtio.plugin.fixtures import check_drivers
 from pytest_virtio.spec import EXPECTED_DRIVER, Disk, MachineSpec, Nic
 
 VIRTIO_BUSES = ("virtio-blk", "virtio-scsi", "vhost-user-blk")

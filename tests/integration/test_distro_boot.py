@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import pytest
 
+from pytest_virtio.guests.session import VirtioSession
 from pytest_virtio.images.recipe import DATA_DIR
-from pytest_virtio.session import VirtioSession
 
 INNER = '''
 import pytest

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from pytest_virtio.errors import ConfigError
-from pytest_virtio.guest import Guest
+from pytest_virtio.guests.guest import Guest
 from pytest_virtio.spec import EXPECTED_DRIVER, Disk
 
 HOTPLUG_BUSES = ("virtio-blk", "virtio-scsi", "vhost-user-blk")

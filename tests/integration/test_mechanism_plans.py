@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_virtio.guest import Guest
+from pytest_virtio.guests.guest import Guest
 from pytest_virtio.workloads.mechanism import Mechanism
 from pytest_virtio.workloads.run import WorkloadSpec, count_mechanism
 

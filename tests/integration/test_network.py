@@ -11,8 +11,8 @@ import shlex
 
 import pytest
 
-from pytest_virtio.guest import Guest
-from pytest_virtio.netcheck import GUEST_GATEWAY, guest_iperf3, token_server
+from pytest_virtio.guests.guest import Guest
+from pytest_virtio.guests.netcheck import GUEST_GATEWAY, guest_iperf3, token_server
 from pytest_virtio.workloads.iperf import NetResult
 
 SECONDS = 2.0

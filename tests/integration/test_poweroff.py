@@ -11,7 +11,7 @@ import time
 import pytest
 
 from pytest_virtio.errors import CommandFailed, GuestError
-from pytest_virtio.guest import Guest
+from pytest_virtio.guests.guest import Guest
 
 #: These tests' own bound on the wait; the answers below come far sooner.
 WAIT = 120.0

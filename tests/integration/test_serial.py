@@ -15,7 +15,7 @@ from collections.abc import Callable
 import pytest
 
 from pytest_virtio.errors import ConfigError, GuestTimeout
-from pytest_virtio.guest import Guest
+from pytest_virtio.guests.guest import Guest
 from pytest_virtio.spec import MachineSpec, SerialPorts
 
 PORTS = ("org.test.0", "org.test.1", "com.example.log")

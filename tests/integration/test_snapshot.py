@@ -14,8 +14,8 @@ import pytest
 
 from pytest_virtio import spec as spec_mod
 from pytest_virtio.errors import GuestPanic
-from pytest_virtio.plugin import SETTINGS_KEY
-from pytest_virtio.session import VirtioSession
+from pytest_virtio.guests.session import VirtioSession
+from pytest_virtio.plugin.hooks import SETTINGS_KEY
 
 PLAIN = spec_mod.MachineSpec()
 WITH_NIC = spec_mod.spec_from_kwargs({"nics": ["virtio-net"]})

@@ -14,10 +14,10 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from pytest_virtio import ssh as ssh_mod
+from pytest_virtio.channels import ssh as ssh_mod
 from pytest_virtio.errors import GuestError, GuestTimeout
-from pytest_virtio.guest import Guest
-from pytest_virtio.session import VirtioSession
+from pytest_virtio.guests.guest import Guest
+from pytest_virtio.guests.session import VirtioSession
 
 pytestmark = pytest.mark.vm(nics=["virtio-net"])
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 
+from pytest_virtio.guests.session import VirtioSession
 from pytest_virtio.images.builder import image_dir
 from pytest_virtio.images.recipe import load_recipe
-from pytest_virtio.session import VirtioSession
 
 RECIPE = '''# a user recipe: the shipped bookworm image plus one package
 extends = "bookworm"

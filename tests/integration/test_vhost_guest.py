@@ -23,9 +23,9 @@ from typing import Any
 import pytest
 
 from pytest_virtio.errors import BackendError, ConfigError
-from pytest_virtio.guest import Guest
-from pytest_virtio.session import VirtioSession, external_sockets
-from pytest_virtio.settings import Settings
+from pytest_virtio.guests.guest import Guest
+from pytest_virtio.guests.session import VirtioSession, external_sockets
+from pytest_virtio.guests.settings import Settings
 from pytest_virtio.spec import Disk, MachineSpec
 from pytest_virtio.vhost_user import BlkStatus, BlkType, VhostUserBlkServer
 from pytest_virtio.workloads.fio import FioResult, check_fio_run
@@ -289,7 +289,7 @@ def test_backend_exception_fails_the_test(make_guest: Any) -> None:
 def test_artifacts_keep_dmesg_after_a_backend_failure(make_guest: Any, tmp_path: Path) -> None:
     """The failed backend makes every guest.run raise; the failure's artifacts must still
     carry the guest's dmesg (its view of the dead disk), read over the console."""
-    from pytest_virtio.fixtures import _keep_artifacts
+    from pytest_virtio.plugin.fixtures import _keep_artifacts
 
     g: Guest = make_guest(disks=[{"name": "disk0", "size": "16M"}])
     server: VhostUserBlkServer = g.backends["disk0"]

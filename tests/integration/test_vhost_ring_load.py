@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import pytest
 
-from pytest_virtio.guest import Guest
+from pytest_virtio.guests.guest import Guest
 from pytest_virtio.spec import Disk, MachineSpec
 from pytest_virtio.vhost_user import VhostUserBlkServer
 

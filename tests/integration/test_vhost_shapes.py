@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from pytest_virtio.guest import Guest
+from pytest_virtio.guests.guest import Guest
 from pytest_virtio.spec import Disk, MachineSpec
 from pytest_virtio.vhost_user import VhostUserBlkServer
 from pytest_virtio.vhost_user.protocol import TransportFeature

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
+from pytest_virtio.guests.session import VirtioSession
 from pytest_virtio.images.builder import extract_vmlinux
 from pytest_virtio.images.kernel import fetch_deb_kernel
-from pytest_virtio.session import VirtioSession
 
 INNER = '''
 import pytest

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_virtio.session import mem_available_mib
+from pytest_virtio.guests.session import mem_available_mib
 
 TCG = "--virtio-accel=tcg"
 
@@ -374,7 +374,7 @@ def test_stacked_vm_marks_merge_closest_key_first(pytester: pytest.Pytester) -> 
     pytester.makepyfile(
         """
         import pytest
-        from pytest_virtio.fixtures import spec_for
+        from pytest_virtio.plugin.fixtures import spec_for
 
         pytestmark = pytest.mark.vm(machine="q35", smp=4)
 

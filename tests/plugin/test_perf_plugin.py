@@ -265,7 +265,7 @@ def test_remote_workers_in_their_own_directory_home_and_cache(
 
 STARVED_TEST = """
 import pytest
-from pytest_virtio.plugin import RESULTS_KEY
+from pytest_virtio.plugin.hooks import RESULTS_KEY
 from pytest_virtio.results.records import Record
 
 @pytest.mark.workload("fio")

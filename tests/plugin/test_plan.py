@@ -19,7 +19,7 @@ TCG = "--virtio-accel=tcg"
 
 MATRIX_FILE = """
 import pytest
-from pytest_virtio.plugin import plan_of
+from pytest_virtio.plugin.hooks import plan_of
 
 @pytest.mark.vm(memory="512M")
 @pytest.mark.virtio_matrix(disk=["ide", "virtio-blk"])
@@ -70,7 +70,7 @@ def test_plan_is_frozen(pytester: pytest.Pytester) -> None:
         """
         import dataclasses
         import pytest
-        from pytest_virtio.plugin import plan_of
+        from pytest_virtio.plugin.hooks import plan_of
 
         @pytest.mark.vm(smp=2)
         def test_frozen(request):

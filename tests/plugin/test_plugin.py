@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from pytest_virtio import spec
+from pytest_virtio.guests.settings import OPTIONS
 from pytest_virtio.images import builder
 from pytest_virtio.images.recipe import load_recipe
 from pytest_virtio.results import perf
-from pytest_virtio.settings import OPTIONS
 from pytest_virtio.workloads import run as workload_run
 
 TCG = "--virtio-accel=tcg"
@@ -244,7 +244,7 @@ def test_readme_documents_every_fixture_and_marker_key(pytester: pytest.Pytester
     """Each fixture the plugin registers and each key a marker accepts is in README.md."""
     text = README.read_text()
     listed = pytester.runpytest("--fixtures").stdout.str()
-    section = listed.split("fixtures defined from pytest_virtio.fixtures", 1)[1]
+    section = listed.split("fixtures defined from pytest_virtio.plugin.fixtures", 1)[1]
     section = section.split("\n---", 1)[0]
     fixtures = re.findall(r"^(\w+)(?: \[\w+ scope\])? -- ", section, re.MULTILINE)
     assert "guest" in fixtures and "virtio_choice" in fixtures

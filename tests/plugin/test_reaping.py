@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_virtio.session import RUN_PREFIX, sweep_stale_runs
+from pytest_virtio.guests.session import RUN_PREFIX, sweep_stale_runs
 
 TCG = "--virtio-accel=tcg"
 #: Generous: under -n 2 the inner boot competes with the outer suite for CPUs.

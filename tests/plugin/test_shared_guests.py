@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_virtio.artifacts import dir_name
+from pytest_virtio.plugin.artifacts import dir_name
 
 TCG = "--virtio-accel=tcg"
 

@@ -44,7 +44,7 @@ def test_bad_snapshot_value_is_a_usage_error(pytester: pytest.Pytester) -> None:
 
 
 SEEN = """
-from pytest_virtio.plugin import SETTINGS_KEY
+from pytest_virtio.plugin.hooks import SETTINGS_KEY
 
 def test_seen(request):
     print("snapshot", request.config.stash[SETTINGS_KEY].snapshot)

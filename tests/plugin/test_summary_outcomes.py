@@ -16,7 +16,7 @@ from pytest_virtio.results.records import Record
 
 FILED = """
 import pytest
-from pytest_virtio.plugin import RESULTS_KEY
+from pytest_virtio.plugin.hooks import RESULTS_KEY
 from pytest_virtio.results.baseline import machine_id
 from pytest_virtio.results.records import Record, RelativeCheck
 

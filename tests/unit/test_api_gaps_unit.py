@@ -12,9 +12,9 @@ from typing import Any, cast
 
 import pytest
 
-from pytest_virtio import storage
 from pytest_virtio.errors import ConfigError
-from pytest_virtio.guest import Guest
+from pytest_virtio.guests import storage
+from pytest_virtio.guests.guest import Guest
 from pytest_virtio.spec import DISK_BUSES, Disk, MachineSpec, apply_matrix, spec_from_kwargs
 from pytest_virtio.spec.argv import frontend_props
 from pytest_virtio.spec.catalogue import (

@@ -11,10 +11,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pytest_virtio import artifacts
-from pytest_virtio.artifacts import dir_name
 from pytest_virtio.errors import ConfigError
-from pytest_virtio.settings import check_writable_cache
+from pytest_virtio.guests.settings import check_writable_cache
+from pytest_virtio.plugin import artifacts
+from pytest_virtio.plugin.artifacts import dir_name
 
 NAME_MAX = 255
 
@@ -122,7 +122,7 @@ def test_writable_cache_is_made(tmp_path: Path) -> None:
 
 
 def test_session_socket_check_covers_the_longest_device_name() -> None:
-    from pytest_virtio.session import LONGEST_NAME
+    from pytest_virtio.guests.session import LONGEST_NAME
     from pytest_virtio.spec.catalogue import _NAME_RE
 
     assert _NAME_RE.match("d" + LONGEST_NAME[1:])

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_virtio.console import Console, FrameScan, command_lines, tail_of, unframe
+from pytest_virtio.channels.console import Console, FrameScan, command_lines, tail_of, unframe
+from pytest_virtio.channels.runners import Result
 from pytest_virtio.errors import (
     ChannelError,
     CommandFailed,
@@ -21,7 +22,6 @@ from pytest_virtio.errors import (
     GuestTimeout,
     ShellRestarted,
 )
-from pytest_virtio.runners import Result
 
 NONCE = "0123456789abcdef"
 

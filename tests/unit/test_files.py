@@ -8,8 +8,8 @@ import pytest
 
 from pytest_virtio.errors import ConfigError, ImageError
 from pytest_virtio.files import check_readable_file
+from pytest_virtio.guests.launch import check_image_file
 from pytest_virtio.images import custom_image
-from pytest_virtio.launch import check_image_file
 
 
 def test_missing_file_names_what_and_the_fix(tmp_path: Path) -> None:

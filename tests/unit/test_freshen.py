@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_virtio import freshen
+from pytest_virtio.guests import freshen
 
 pytestmark = pytest.mark.skipif(shutil.which("perl") is None, reason="no perl on this host")
 

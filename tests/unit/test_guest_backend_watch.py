@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from pytest_virtio.console import Console
+from pytest_virtio.channels.console import Console
 from pytest_virtio.errors import GuestTimeout
-from pytest_virtio.guest import Guest
+from pytest_virtio.guests.guest import Guest
 from pytest_virtio.qemu.machine import RunState
 from pytest_virtio.vhost_user import MemoryStorage, VhostUserBlkServer
 from pytest_virtio.vhost_user.virtqueue import QueueBroken

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from pytest_virtio.errors import LaunchError, QmpError
-from pytest_virtio.guest import Guest
+from pytest_virtio.guests.guest import Guest
 
 
 class ScriptedQmp:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pytest_virtio.inventory import (
+from pytest_virtio.channels.inventory import (
     Module,
     PciDevice,
     VirtioDevice,

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from pytest_virtio.errors import ConfigError, MissingDriver
+from pytest_virtio.guests.session import check_drivers, check_honoured
+from pytest_virtio.guests.settings import Settings
 from pytest_virtio.images.builder import GuestImage, extract_vmlinux, remove_unlocked
 from pytest_virtio.images.initramfs import available_modules
 from pytest_virtio.images.kernel import (
@@ -22,8 +24,6 @@ from pytest_virtio.images.kernel import (
     stage_modules,
     stale_kernels,
 )
-from pytest_virtio.session import check_drivers, check_honoured
-from pytest_virtio.settings import Settings
 from pytest_virtio.spec import LaunchContext, MachineSpec, spec_from_kwargs, to_argv
 
 RELEASE = "6.1.0-99-test"

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from pytest_virtio.console import DISTRO_NO_ROOT_RE, distro_no_root_diagnosis
+from pytest_virtio.channels.console import DISTRO_NO_ROOT_RE, distro_no_root_diagnosis
 from pytest_virtio.errors import ConfigError, LaunchError
-from pytest_virtio.launch import prepare_root_disk, root_file
+from pytest_virtio.guests.launch import prepare_root_disk, root_file
 from pytest_virtio.spec import MachineSpec, spec_from_kwargs
 
 MKE2FS = shutil.which("mke2fs") or shutil.which("mke2fs", path="/usr/sbin:/sbin")

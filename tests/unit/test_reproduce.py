@@ -5,7 +5,7 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from pytest_virtio import reproduce
+from pytest_virtio.guests import reproduce
 from pytest_virtio.spec import Disk, LaunchContext, MachineSpec, Nic, to_argv
 
 RUN = "/run/pv/g0"

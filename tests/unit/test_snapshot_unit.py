@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from pytest_virtio import spec as spec_mod
-from pytest_virtio.settings import Settings
-from pytest_virtio.snapshot import template_shape, unsupported
+from pytest_virtio.guests.settings import Settings
+from pytest_virtio.guests.snapshot import template_shape, unsupported
 
 
 def _spec(**kw) -> spec_mod.MachineSpec:

@@ -9,7 +9,7 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from pytest_virtio import ssh as ssh_mod
+from pytest_virtio.channels import ssh as ssh_mod
 from pytest_virtio.errors import GuestError
 from pytest_virtio.spec import LaunchContext, MachineSpec, Nic, to_argv
 
@@ -128,7 +128,7 @@ def test_watchdog_fires_past_the_deadline_and_not_after_cancel() -> None:
     import threading
     import time
 
-    from pytest_virtio.qemu.starvation import Deadline
+    from pytest_virtio.starvation import Deadline
 
     fired = threading.Event()
     ssh_mod._Watchdog(Deadline(0.1, None), fired.set)

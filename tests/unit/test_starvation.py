@@ -20,13 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_virtio.qemu.starvation import (
-    Deadline,
-    WaitCredit,
-    denied,
-    schedstat,
-    thread_waits,
-)
+from pytest_virtio.starvation import Deadline, WaitCredit, denied, schedstat, thread_waits
 
 CC = shutil.which("cc") or shutil.which("gcc")
 

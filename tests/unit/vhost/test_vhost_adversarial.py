@@ -26,7 +26,7 @@ import pytest
 from vhost_rig import Rig
 
 from pytest_virtio.errors import ProtocolError
-from pytest_virtio.launch import start_backend
+from pytest_virtio.guests.launch import start_backend
 from pytest_virtio.spec import Disk
 from pytest_virtio.vhost_user import BlkType, MemoryStorage, VhostUserBlkServer
 from pytest_virtio.vhost_user import protocol as p

@@ -26,11 +26,11 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .errors import GuestError, GuestTimeout
-from .ids import AGENT_PORT
-from .qemu.starvation import Deadline
-from .runners import Result
-from .serial import SerialPort
+from pytest_virtio.channels.runners import Result
+from pytest_virtio.channels.serial import SerialPort
+from pytest_virtio.errors import GuestError, GuestTimeout
+from pytest_virtio.ids import AGENT_PORT
+from pytest_virtio.starvation import Deadline
 
 __all__ = ["AGENT_PORT", "AgentError", "GuestAgent", "agent_start_script"]
 

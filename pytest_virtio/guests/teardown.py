@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from .errors import BackendError, VirtioError
+from pytest_virtio.errors import BackendError, VirtioError
 
 if TYPE_CHECKING:
-    from .guest import Guest
+    from pytest_virtio.guests.guest import Guest
 
 __all__ = ["Teardown", "stop_backends"]
 

@@ -44,14 +44,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import freshen, ids
-from . import spec as spec_mod
-from .errors import LaunchError
-from .guest import Guest
-from .qemu.machine import Machine
+from pytest_virtio import ids
+from pytest_virtio import spec as spec_mod
+from pytest_virtio.errors import LaunchError
+from pytest_virtio.guests import freshen
+from pytest_virtio.guests.guest import Guest
+from pytest_virtio.qemu.machine import Machine
 
 if TYPE_CHECKING:
-    from .session import VirtioSession
+    from pytest_virtio.guests.session import VirtioSession
 
 #: The root overlay a template keeps (and the one its first guest runs on).
 ROOT_OVERLAY = "root.qcow2"
@@ -171,7 +172,7 @@ class Templates:
     # -- save ------------------------------------------------------------------
     def _make(self, shape: spec_mod.MachineSpec, name: str) -> Guest:
         """Boot ``shape``, save it as its template, and let the booted guest run on."""
-        from .session import closed_on_failure
+        from pytest_virtio.guests.session import closed_on_failure
 
         s = self.session
         directory = s.new_run_dir("t")
@@ -225,8 +226,8 @@ class Templates:
     # -- restore -----------------------------------------------------------------
     def restore(self, template: Template, name: str, hotplug_vhost: bool = True) -> Guest:
         """A new QEMU loaded from ``template``, over its own overlay, freshened."""
-        from .launch import prepare_disk_file
-        from .session import closed_on_failure
+        from pytest_virtio.guests.launch import prepare_disk_file
+        from pytest_virtio.guests.session import closed_on_failure
 
         s = self.session
         scale = s.timeout_scale
@@ -280,7 +281,7 @@ def _boot_reproducer(session: VirtioSession, template: Template, run_dir: Path,
                      ctx: spec_mod.LaunchContext) -> str:
     """``reproduce.sh`` of a restored guest: a *boot* of its shape (the saved state
     is gone after the session, and a restore is meant to equal a boot)."""
-    from . import reproduce
+    from pytest_virtio.guests import reproduce
 
     image = session.image_for(template.spec)
     boot_ctx = dataclasses.replace(ctx, root_image=str(image.rootfs),

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
-from .files import check_readable_file
-from .images import default_cache_dir
+from pytest_virtio.errors import ConfigError
+from pytest_virtio.files import check_readable_file
+from pytest_virtio.images import default_cache_dir
 
 ACCELS = ("auto", "kvm", "tcg")
 KEEP = ("failed", "always", "never")
@@ -149,7 +149,7 @@ class Settings:
         image = values.get("image")
         if image:
             _check_readable_file("image", image)
-            from .images import load_recipe
+            from pytest_virtio.images import load_recipe
 
             load_recipe(image)  # a bad field fails now, naming it, not at the first boot
         scale = values.get("timeout_scale")
@@ -200,7 +200,7 @@ def _check_kernel_route(values: dict[str, str | None]) -> None:
             _check_readable_file(name, values[name] or "")
         return
     if kernel:
-        from .images.kernel import check_choice
+        from pytest_virtio.images.kernel import check_choice
 
         check_choice(kernel, modules)
 
@@ -217,13 +217,13 @@ def _report_paths(values: dict[str, str | None]) -> dict[str, Path | None]:
 
 
 def _rounds(value: str | None) -> int:
-    from .results.perf import parse_rounds
+    from pytest_virtio.results.perf import parse_rounds
 
     return parse_rounds(value or "1", "--virtio-perf-rounds")
 
 
 def _compare_fail(spec: str | None) -> str:
-    from .results.baseline import parse_compare_fail
+    from pytest_virtio.results.baseline import parse_compare_fail
 
     text = spec or "iops:10%"
     try:

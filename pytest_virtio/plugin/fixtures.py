@@ -1,8 +1,8 @@
 """Fixtures: ``guest``, ``make_guest``, ``virtio_session``, ``vhost``.
 
-Thin on purpose: booting lives in :mod:`pytest_virtio.session`, marker
-parsing in :mod:`pytest_virtio.plan`, the marked workload's run in
-:mod:`pytest_virtio.marked_workload`; here we only wire them to a test's
+Thin on purpose: booting lives in :mod:`pytest_virtio.guests.session`, marker
+parsing in :mod:`pytest_virtio.plugin.plan`, the marked workload's run in
+:mod:`pytest_virtio.plugin.marked_workload`; here we only wire them to a test's
 lifetime, keep artifacts of failures and check ``expect_drivers``.
 """
 
@@ -18,18 +18,18 @@ from typing import Any
 
 import pytest
 
-from . import artifacts
-from . import spec as spec_mod
-from .errors import GuestError, VirtioError
-from .guest import Guest
-from .marked_workload import run_marked_workload
-from .session import MissingDevices, VirtioSession
-from .sharing import SharedGuests, pool_fixture_name
-from .teardown import Teardown
-from .workloads.dd import DdResult
-from .workloads.fio import FioResult
-from .workloads.iperf import NetResult
-from .workloads.run import Measurement
+from pytest_virtio import spec as spec_mod
+from pytest_virtio.errors import GuestError, VirtioError
+from pytest_virtio.guests.guest import Guest
+from pytest_virtio.guests.session import MissingDevices, VirtioSession
+from pytest_virtio.guests.sharing import SharedGuests, pool_fixture_name
+from pytest_virtio.guests.teardown import Teardown
+from pytest_virtio.plugin import artifacts
+from pytest_virtio.plugin.marked_workload import run_marked_workload
+from pytest_virtio.workloads.dd import DdResult
+from pytest_virtio.workloads.fio import FioResult
+from pytest_virtio.workloads.iperf import NetResult
+from pytest_virtio.workloads.run import Measurement
 
 MakeGuest = Callable[..., Guest]
 
@@ -37,7 +37,7 @@ MakeGuest = Callable[..., Guest]
 @pytest.fixture(scope="session")
 def virtio_session(pytestconfig: pytest.Config) -> VirtioSession:
     """The process's VirtioSession (image, accelerator, run directory)."""
-    from .plugin import SESSION_KEY
+    from pytest_virtio.plugin.hooks import SESSION_KEY
 
     return pytestconfig.stash[SESSION_KEY]
 
@@ -57,10 +57,10 @@ def make_guest(
     Every guest it made is shut down at teardown; if the test failed, each
     one's console log, QEMU stderr, QMP events, reproduce.sh and (when the
     guest still answers) dmesg are kept under ``.pytest-virtio/<test id>/<name>/``
-    (each a directory name made by :func:`pytest_virtio.artifacts.dir_name`); a
+    (each a directory name made by :func:`pytest_virtio.plugin.artifacts.dir_name`); a
     name is used once per test.
     """
-    from .plugin import USES_GUEST_KEY
+    from pytest_virtio.plugin.hooks import USES_GUEST_KEY
 
     made: list[Guest] = []
     request.node.stash[USES_GUEST_KEY] = True
@@ -129,14 +129,14 @@ def boot_for(node: Any, session: VirtioSession, spec: spec_mod.MachineSpec,
 
 
 def _test_failed(node: Any) -> bool:
-    from .plugin import REPORTS_KEY
+    from pytest_virtio.plugin.hooks import REPORTS_KEY
 
     return any(r.failed for r in node.stash.get(REPORTS_KEY, {}).values())
 
 
 def _guest_dest(node: Any, guest: Guest) -> tuple[Path, Path]:
     """(artifacts root, where ``guest``'s artifacts go: its own directory in the test's)."""
-    from .plugin import artifacts_dir, artifacts_root
+    from pytest_virtio.plugin.hooks import artifacts_dir, artifacts_root
 
     return artifacts_root(node.config), artifacts_dir(node) / artifacts.dir_name(guest.name)
 
@@ -171,7 +171,7 @@ def _keep_artifacts(guest: Guest, root: Path, dest: Path) -> None:
 
 def spec_for(node: Any, choice: Mapping[str, str] | None) -> spec_mod.MachineSpec:
     """The machine a test's plan (its ``vm`` marks) and matrix choice ask for."""
-    from .plugin import plan_of
+    from pytest_virtio.plugin.hooks import plan_of
 
     return plan_of(node).machine_for(choice)
 
@@ -209,7 +209,7 @@ def _virtio_session_guests(virtio_session: VirtioSession) -> Iterator[SharedGues
 def _shared_guest(request: pytest.FixtureRequest, scope: str,
                   spec: spec_mod.MachineSpec) -> Guest:
     """This test's guest from the ``scope`` pool; a failure keeps artifacts for this test."""
-    from .plugin import USES_GUEST_KEY
+    from pytest_virtio.plugin.hooks import USES_GUEST_KEY
 
     session: VirtioSession = request.getfixturevalue("virtio_session")
     pool: SharedGuests = request.getfixturevalue(pool_fixture_name(scope))
@@ -232,7 +232,7 @@ def guest(
 ) -> Guest:
     """A guest for this test, shaped by ``@pytest.mark.vm(...)``: fresh per test, or
     shared by the class/module/session with ``vm(scope=...)``."""
-    from .plugin import plan_of
+    from pytest_virtio.plugin.hooks import plan_of
 
     plan = plan_of(request.node)
     spec = plan.machine_for(virtio_choice)
@@ -251,7 +251,7 @@ def workload(request: pytest.FixtureRequest, guest: Guest
              ) -> FioResult | DdResult | NetResult:
     """The result of this test's ``@pytest.mark.workload`` (a FioResult for fio,
     DdResult for dd, NetResult for iperf3), measured before the test body."""
-    from .plugin import MEASURED_KEY
+    from pytest_virtio.plugin.hooks import MEASURED_KEY
 
     measured: Measurement | None = request.node.stash.get(MEASURED_KEY, None)
     if measured is None:

@@ -15,9 +15,9 @@ import contextlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from . import spec as spec_mod
-from .errors import ConfigError, VirtioError
-from .guest import Guest
+from pytest_virtio import spec as spec_mod
+from pytest_virtio.errors import ConfigError, VirtioError
+from pytest_virtio.guests.guest import Guest
 
 #: The values ``vm(scope=...)`` takes; "function" (the default) boots per test.
 SCOPES = ("function", "class", "module", "session")

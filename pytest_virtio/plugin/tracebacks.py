@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from _pytest._code.code import ExceptionRepr, ReprEntry, TracebackEntry
 
-from .errors import VirtioError
+from pytest_virtio.errors import VirtioError
 
 _HIDDEN_ROOTS = tuple(
     str(Path(mod.__file__).resolve().parent)

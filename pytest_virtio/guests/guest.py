@@ -18,26 +18,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import ids, inventory, runstate
-from .agent import GuestAgent, agent_start_script
-from .errors import (
-    ConfigError,
-    GuestError,
-    GuestTimeout,
-    QmpError,
-    VirtioError,
-)
-from .inventory import Module, PciDevice, VirtioDevice
-from .qemu.machine import Machine
-from .runners import VIAS, Result, Runner
-from .serial import SerialPort, guest_link_script
-from .teardown import stop_backends
+from pytest_virtio import ids
+from pytest_virtio.channels import inventory
+from pytest_virtio.channels.agent import GuestAgent, agent_start_script
+from pytest_virtio.channels.inventory import Module, PciDevice, VirtioDevice
+from pytest_virtio.channels.runners import VIAS, Result, Runner
+from pytest_virtio.channels.serial import SerialPort, guest_link_script
+from pytest_virtio.errors import ConfigError, GuestError, GuestTimeout, QmpError, VirtioError
+from pytest_virtio.guests import runstate
+from pytest_virtio.guests.teardown import stop_backends
+from pytest_virtio.qemu.machine import Machine
 
 if TYPE_CHECKING:
-    from .balloon import BalloonStats
-    from .spec import Disk, LaunchContext
-    from .workloads.dd import DdResult
-    from .workloads.fio import FioResult
+    from pytest_virtio.channels.balloon import BalloonStats
+    from pytest_virtio.spec import Disk, LaunchContext
+    from pytest_virtio.workloads.dd import DdResult
+    from pytest_virtio.workloads.fio import FioResult
 
 
 #: QEMU's refusals to free a backend its (unplugged, not yet finalized) device holds.
@@ -93,7 +89,7 @@ exit 1
 
 @dataclass
 class Guest:
-    """A running guest; built by :func:`pytest_virtio.session.VirtioSession.boot`."""
+    """A running guest; built by :func:`pytest_virtio.guests.session.VirtioSession.boot`."""
 
     machine: Machine
     name: str
@@ -166,7 +162,7 @@ class Guest:
         return self._agent
 
     def ssh_session(self) -> Any:
-        """The guest's :class:`pytest_virtio.ssh.SshSession` (GuestError if it has no NIC)."""
+        """The guest's :class:`~pytest_virtio.channels.ssh.SshSession`."""
         if self._ssh is None:
             raise GuestError("this guest has no SSH: give it a NIC (nics=['virtio-net'])")
         return self._ssh
@@ -236,7 +232,7 @@ class Guest:
     def fio(self, device: str | None = None, *, jobfile: str | None = None,
             timeout: float | None = None, **job: Any) -> FioResult:
         """Run fio in the guest and parse its JSON; WorkloadError carries its stderr."""
-        from .workloads import fio as fio_mod
+        from pytest_virtio.workloads import fio as fio_mod
 
         runtime = fio_mod.FioJob.UNTIMED_SECONDS
         if jobfile is not None:
@@ -258,7 +254,7 @@ class Guest:
         The console merges stderr into stdout, so the summary is parsed from both;
         the rootfs has GNU dd (busybox's prints no rate and would fail to parse).
         """
-        from .workloads import dd as dd_mod
+        from pytest_virtio.workloads import dd as dd_mod
 
         cmd = dd_mod.dd_shell(source, dest, bs=bs, count=count, iflag=iflag, oflag=oflag,
                               conv=conv)
@@ -297,7 +293,7 @@ class Guest:
         No udev runs in the guest and the initramfs loads only the root bus's
         modules, so an IDE/AHCI/SCSI/NVMe data disk has no driver until asked.
         """
-        from .spec import ROOT_MODULES
+        from pytest_virtio.spec import ROOT_MODULES
 
         disk = next((d for d in getattr(self.spec, "disks", ()) if d.name == name), None)
         mods = ROOT_MODULES.get(disk.bus, ()) if disk is not None else ()
@@ -311,7 +307,7 @@ class Guest:
         this plays udev's part once at boot and after each hotplug. A module
         that cannot load is an error here, not a disk that silently never shows.
         """
-        from .spec import guest_modules
+        from pytest_virtio.spec import guest_modules
 
         names = tuple(modules) if modules is not None else guest_modules(self.spec)
         if names:
@@ -331,7 +327,7 @@ class Guest:
 
     # -- virtio-balloon ------------------------------------------------------
     def _balloon_device(self) -> str:
-        from .spec import Balloon
+        from pytest_virtio.spec import Balloon
 
         dev = next((d for d in getattr(self.spec, "devices", ()) if isinstance(d, Balloon)), None)
         if dev is None:
@@ -344,8 +340,8 @@ class Guest:
         Returns the size reached (``query-balloon`` ``actual``, bytes); GuestTimeout
         names the size the guest did reach when it falls short.
         """
-        from . import balloon as balloon_mod
-        from .units import parse_size
+        from pytest_virtio.channels import balloon as balloon_mod
+        from pytest_virtio.units import parse_size
 
         self._balloon_device()
         size = parse_size(target, "guest.balloon(target)", positive=True)
@@ -354,14 +350,14 @@ class Guest:
 
     def balloon_stats(self, timeout: float | None = None) -> BalloonStats:
         """A statistics report from the guest's balloon driver newer than this call."""
-        from . import balloon as balloon_mod
+        from pytest_virtio.channels import balloon as balloon_mod
 
         t = timeout if timeout is not None else self.default_timeout()
         return balloon_mod.stats(self.machine.qmp, self._balloon_device(), t)
 
     # -- CD-ROM media -------------------------------------------------------
     def _cdrom(self, name: str, call: str) -> None:
-        from .spec import CdRom
+        from pytest_virtio.spec import CdRom
 
         names = [d.name for d in getattr(self.spec, "devices", ()) if isinstance(d, CdRom)]
         if name not in names:
@@ -379,7 +375,7 @@ class Guest:
         to know that. A guest holding the disc (mounted) has locked the tray: the
         change fails unless ``force=True``.
         """
-        from .launch import check_image_file
+        from pytest_virtio.guests.launch import check_image_file
 
         self._cdrom(name, "cdrom_change")
         path = Path(iso)
@@ -428,7 +424,7 @@ class Guest:
 
     def nic_interface(self, name: str) -> str:
         """The guest interface (``eth0``...) of NIC ``name``, matched by its MAC."""
-        from .spec import nic_mac
+        from pytest_virtio.spec import nic_mac
 
         nics = list(getattr(self.spec, "nics", ()))
         index = next((i for i, n in enumerate(nics) if n.name == name), None)
@@ -461,9 +457,9 @@ class Guest:
         cares that the guest can use it. vhost-user-blk gets its in-process
         backend started first (QEMU connects during device_add).
         """
-        from . import launch
-        from . import spec as spec_mod
-        from .spec.parse import disk_from
+        from pytest_virtio import spec as spec_mod
+        from pytest_virtio.guests import launch
+        from pytest_virtio.spec.parse import disk_from
 
         disk = disk_from(disk, "guest.hotplug(disk)", self._free_disk_name())
         if disk.name in self.disk_serials or disk.name == ids.ROOT:
@@ -526,9 +522,9 @@ class Guest:
         until the guest sees it; returns the size in bytes.
 
         QMP ``block_resize`` on the disk's node ``drv-<name>`` (see
-        :mod:`pytest_virtio.storage` for which buses tell the guest themselves).
+        :mod:`pytest_virtio.guests.storage` for which buses tell the guest themselves).
         """
-        from . import storage
+        from pytest_virtio.guests import storage
 
         what = f"guest.resize_disk({name!r}, {size!r})"
         disk = self._data_disk(name, "resize_disk")

@@ -18,12 +18,12 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any, Final
 
-from . import ids
-from .errors import ConfigError, GuestError
-from .runners import Result
-from .spec import DISK_BUSES, Disk
-from .spec._util import _choices
-from .units import format_size, parse_size
+from pytest_virtio import ids
+from pytest_virtio.channels.runners import Result
+from pytest_virtio.errors import ConfigError, GuestError
+from pytest_virtio.spec import DISK_BUSES, Disk
+from pytest_virtio.spec._util import _choices
+from pytest_virtio.units import format_size, parse_size
 
 __all__ = ["RESIZE_REFUSED", "block_resize_args", "new_size", "rescan_command",
            "wait_capacity"]

@@ -27,10 +27,8 @@ from typing import TYPE_CHECKING, NoReturn
 
 import paramiko
 
-from .errors import GuestError, GuestTimeout
-from .qemu.starvation import Deadline
-from .runners import Result
-from .sshtrust import (
+from pytest_virtio.channels.runners import Result
+from pytest_virtio.channels.sshtrust import (
     KeyPair,
     PinnedOnly,
     UnpinnedHostKey,
@@ -39,9 +37,11 @@ from .sshtrust import (
     parse_host_key,
     parse_hostfwd_port,
 )
+from pytest_virtio.errors import GuestError, GuestTimeout
+from pytest_virtio.starvation import Deadline
 
 if TYPE_CHECKING:
-    from .qemu.machine import Machine
+    from pytest_virtio.qemu.machine import Machine
 
 __all__ = [
     "AUTHORIZED_KEYS_FW_CFG",

@@ -20,15 +20,15 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Protocol
 
-from . import spec as spec_mod
-from .errors import ConfigError
-from .images import kernel as kernel_mod
-from .results import perf as perf_mod
-from .results.perf import PerfSpec
-from .session import check_honoured
-from .settings import Settings
-from .sharing import split_scope
-from .workloads.run import WorkloadSpec
+from pytest_virtio import spec as spec_mod
+from pytest_virtio.errors import ConfigError
+from pytest_virtio.guests.session import check_honoured
+from pytest_virtio.guests.settings import Settings
+from pytest_virtio.guests.sharing import split_scope
+from pytest_virtio.images import kernel as kernel_mod
+from pytest_virtio.results import perf as perf_mod
+from pytest_virtio.results.perf import PerfSpec
+from pytest_virtio.workloads.run import WorkloadSpec
 
 __all__ = ["Expectation", "MarkedNode", "MatrixItem", "TestPlan", "build_plan", "vm_kwargs"]
 

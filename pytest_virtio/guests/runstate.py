@@ -12,8 +12,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from .errors import GuestError
-from .qemu.machine import Machine, RunState
+from pytest_virtio.errors import GuestError
+from pytest_virtio.qemu.machine import Machine, RunState
 
 __all__ = ["check_running", "pause", "resume", "status"]
 

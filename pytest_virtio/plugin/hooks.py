@@ -20,19 +20,20 @@ from typing import Any
 
 import pytest
 
-from . import interrupts, tracebacks
-from . import spec as spec_mod
-from .artifacts import dir_name
-from .errors import BackendError, ConfigError, VirtioError
-from .plan import TestPlan, build_plan
-from .results import finish as results_mod
-from .results import perf as perf_mod
-from .results.records import SessionResults
-from .session import VirtioSession
-from .settings import OPTIONS, Settings, resolve_values
-from .sharing import SCOPES
-from .workloads import run as workload_mod
-from .workloads.run import Measurement
+from pytest_virtio import interrupts
+from pytest_virtio import spec as spec_mod
+from pytest_virtio.errors import BackendError, ConfigError, VirtioError
+from pytest_virtio.guests.session import VirtioSession
+from pytest_virtio.guests.settings import OPTIONS, Settings, resolve_values
+from pytest_virtio.guests.sharing import SCOPES
+from pytest_virtio.plugin import tracebacks
+from pytest_virtio.plugin.artifacts import dir_name
+from pytest_virtio.plugin.plan import TestPlan, build_plan
+from pytest_virtio.results import finish as results_mod
+from pytest_virtio.results import perf as perf_mod
+from pytest_virtio.results.records import SessionResults
+from pytest_virtio.workloads import run as workload_mod
+from pytest_virtio.workloads.run import Measurement
 
 SETTINGS_KEY = pytest.StashKey[Settings]()
 SESSION_KEY = pytest.StashKey[VirtioSession]()
@@ -80,7 +81,7 @@ def _marker_docs() -> dict[str, str]:
 
 MARKERS = _marker_docs()
 
-pytest_plugins = ["pytest_virtio.fixtures"]
+pytest_plugins = ["pytest_virtio.plugin.fixtures"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

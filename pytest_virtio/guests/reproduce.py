@@ -17,7 +17,7 @@ import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
-from .spec import Disk, LaunchContext, MachineSpec
+from pytest_virtio.spec import Disk, LaunchContext, MachineSpec
 
 __all__ = ["script"]
 

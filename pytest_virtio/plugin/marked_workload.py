@@ -13,12 +13,12 @@ from collections.abc import Callable, Mapping
 
 import pytest
 
-from .guest import Guest
-from .results.metrics import MECHANISM
-from .results.records import Record, RelativeCheck
-from .results.render import junit_properties
-from .workloads.mechanism import Mechanism
-from .workloads.run import Measurement, count_mechanism, device_of, measure
+from pytest_virtio.guests.guest import Guest
+from pytest_virtio.results.metrics import MECHANISM
+from pytest_virtio.results.records import Record, RelativeCheck
+from pytest_virtio.results.render import junit_properties
+from pytest_virtio.workloads.mechanism import Mechanism
+from pytest_virtio.workloads.run import Measurement, count_mechanism, device_of, measure
 
 __all__ = ["record_measurement", "record_of", "run_marked_workload", "with_mechanism"]
 
@@ -39,7 +39,7 @@ def run_marked_workload(node: pytest.Item, g: Guest, choice: Mapping[str, str] |
     alternates rounds between the two (A, ref, A, ref, ...): both devices see
     the same host load, so a load swing moves both samples, not the ratio.
     """
-    from .plugin import MEASURED_KEY, RESULTS_KEY, SETTINGS_KEY, plan_of
+    from pytest_virtio.plugin.hooks import MEASURED_KEY, RESULTS_KEY, SETTINGS_KEY, plan_of
 
     plan = plan_of(node)
     spec, perfs = plan.workload, plan.perfs
@@ -102,7 +102,7 @@ def record_measurement(node: pytest.Item, accel: str, measured: Measurement
     """The report Record and the relative perf checks (one per ``perf`` mark with a
     ``faster_than`` for this device) of a measurement; the record's figures also
     become junit properties of the test."""
-    from .plugin import plan_of
+    from pytest_virtio.plugin.hooks import plan_of
 
     record = record_of(node, accel, measured)
     node.user_properties.extend(junit_properties(record))

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from .errors import CommandFailed
+from pytest_virtio.errors import CommandFailed
 
 __all__ = ["VIAS", "Result", "Runner"]
 

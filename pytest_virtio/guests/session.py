@@ -20,15 +20,20 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import ids, reproduce
-from . import spec as spec_mod
-from . import ssh as ssh_mod
-from .errors import BackendError, ConfigError, GuestError, LaunchError, MissingDriver, VirtioError
-from .guest import Guest
-from .images import GuestImage, custom_image, ensure_image, initramfs_for, load_recipe
-from .images import kernel as kernel_mod
-from .images.initramfs import available_modules
-from .launch import (
+from pytest_virtio import ids
+from pytest_virtio import spec as spec_mod
+from pytest_virtio.channels import ssh as ssh_mod
+from pytest_virtio.errors import (
+    BackendError,
+    ConfigError,
+    GuestError,
+    LaunchError,
+    MissingDriver,
+    VirtioError,
+)
+from pytest_virtio.guests import reproduce
+from pytest_virtio.guests.guest import Guest
+from pytest_virtio.guests.launch import (
     backend_socket,
     check_cdrom_isos,
     connect_serial_ports,
@@ -40,14 +45,17 @@ from .launch import (
     serial_sockets,
     start_backend,
 )
-from .qemu import capabilities
-from .qemu.accel import TIMEOUT_SCALE, AccelChoice, choose_accel
-from .qemu.machine import Machine, reap_all
-from .settings import Settings
-from .teardown import Teardown, stop_backends
+from pytest_virtio.guests.settings import Settings
+from pytest_virtio.guests.teardown import Teardown, stop_backends
+from pytest_virtio.images import GuestImage, custom_image, ensure_image, initramfs_for, load_recipe
+from pytest_virtio.images import kernel as kernel_mod
+from pytest_virtio.images.initramfs import available_modules
+from pytest_virtio.qemu import capabilities
+from pytest_virtio.qemu.accel import TIMEOUT_SCALE, AccelChoice, choose_accel
+from pytest_virtio.qemu.machine import Machine, reap_all
 
 if TYPE_CHECKING:
-    from .snapshot import Templates
+    from pytest_virtio.guests.snapshot import Templates
 
 Progress = Callable[[str], None]
 #: Kernel command line shared by every guest: quiet console, fast boot.
@@ -291,8 +299,8 @@ class VirtioSession:
 
     @property
     def templates(self) -> Templates:
-        """The process's snapshot templates (:class:`pytest_virtio.snapshot.Templates`)."""
-        from .snapshot import Templates
+        """The process's snapshot templates (:class:`pytest_virtio.guests.snapshot.Templates`)."""
+        from pytest_virtio.guests.snapshot import Templates
 
         with self._lock:
             if self._templates is None:

@@ -33,7 +33,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import (
+from pytest_virtio.channels.runners import Result
+from pytest_virtio.errors import (
     BackendError,
     ChannelError,
     ChannelMode,
@@ -44,9 +45,8 @@ from .errors import (
     LaunchError,
     ShellRestarted,
 )
-from .qemu.starvation import Deadline
-from .runners import Result
-from .spec.context import command_channel_log
+from pytest_virtio.spec.context import command_channel_log
+from pytest_virtio.starvation import Deadline
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from .console import HOSTKEY_RE
-from .errors import GuestError
+from pytest_virtio.channels.console import HOSTKEY_RE
+from pytest_virtio.errors import GuestError
 
 __all__ = ["KeyPair", "PinnedOnly", "UnpinnedHostKey", "generate_keypair", "host_key_object",
            "parse_host_key", "parse_hostfwd_port"]

@@ -18,7 +18,7 @@ import socket
 import time
 from pathlib import Path
 
-from .errors import GuestError, GuestTimeout
+from pytest_virtio.errors import GuestError, GuestTimeout
 
 __all__ = ["SerialPort", "guest_link_script"]
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from .errors import GuestTimeout, QmpError
+from pytest_virtio.errors import GuestTimeout, QmpError
 
 __all__ = ["BalloonStats", "resize", "stats"]
 

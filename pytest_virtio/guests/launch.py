@@ -15,12 +15,12 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from . import ids
-from . import serial as serial_mod
-from . import spec as spec_mod
-from .errors import LaunchError
-from .files import check_readable_file
-from .tools import require_tool
+from pytest_virtio import ids
+from pytest_virtio import spec as spec_mod
+from pytest_virtio.channels import serial as serial_mod
+from pytest_virtio.errors import LaunchError
+from pytest_virtio.files import check_readable_file
+from pytest_virtio.tools import require_tool
 
 __all__ = ["backend_socket", "check_cdrom_isos", "check_image_file", "connect_serial_ports",
            "create_overlay", "external_sockets", "prepare_disk_file", "prepare_root_disk",
@@ -142,7 +142,7 @@ def backend_socket(run_dir: Path, name: str) -> str:
 
 def start_backend(disk: spec_mod.Disk, path: str, run_dir: Path, smp: int) -> Any:
     """Start the in-process vhost-user-blk server for ``disk`` (before QEMU connects)."""
-    from .vhost_user import FileStorage, VhostUserBlkServer
+    from pytest_virtio.vhost_user import FileStorage, VhostUserBlkServer
 
     storage = FileStorage(path, readonly=disk.readonly)
     try:

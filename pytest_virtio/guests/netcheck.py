@@ -15,10 +15,15 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .errors import WorkloadError
-from .guest import Guest
-from .workloads.iperf import GUEST_GATEWAY, NetResult, iperf3_client_shell, parse_iperf3_json
-from .workloads.iperf_server import LOOPBACK, host_iperf3_server
+from pytest_virtio.errors import WorkloadError
+from pytest_virtio.guests.guest import Guest
+from pytest_virtio.workloads.iperf import (
+    GUEST_GATEWAY,
+    NetResult,
+    iperf3_client_shell,
+    parse_iperf3_json,
+)
+from pytest_virtio.workloads.iperf_server import LOOPBACK, host_iperf3_server
 
 __all__ = [
     "GUEST_GATEWAY",
