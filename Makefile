@@ -16,6 +16,7 @@ image: setup
 lint: setup
 	$(VENV)/bin/ruff check pytest_virtio tests benchmarks examples
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 unit: setup
 	$(PYTEST) tests/unit tests/plugin -q

@@ -22,8 +22,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import NoReturn
 
 import paramiko
 
@@ -40,9 +39,6 @@ from pytest_virtio.channels.sshtrust import (
 from pytest_virtio.errors import GuestError, GuestTimeout
 from pytest_virtio.starvation import Deadline
 
-if TYPE_CHECKING:
-    from pytest_virtio.qemu.machine import Machine
-
 __all__ = [
     "AUTHORIZED_KEYS_FW_CFG",
     "KeyPair",
@@ -50,7 +46,6 @@ __all__ = [
     "generate_keypair",
     "parse_host_key",
     "parse_hostfwd_port",
-    "session_for",
 ]
 
 #: fw_cfg blob pvinit reads the authorized key from (``opt/`` is QEMU's user space).
@@ -463,28 +458,3 @@ def _link_dead(channel: paramiko.Channel) -> bool:
 
 def _text(data: bytearray) -> str:
     return data.decode("utf-8", "replace")
-
-
-# --------------------------------------------------------------------------- wiring
-
-
-def session_for(machine: Machine, key: KeyPair, netdev: str, connect_timeout: float
-                ) -> SshSession:
-    """The SSH session of a guest that just announced readiness.
-
-    The host key is read once, now: init prints it before the readiness line,
-    and QEMU runs with ``-no-reboot``, so it cannot change while this machine
-    lives and a later console line cannot replace it.
-    """
-    port = parse_hostfwd_port(machine.hmp("info usernet"), 22, netdev)
-    announced = parse_host_key(_read_log(machine.console_log))
-    return SshSession(port, key, lambda: announced, connect_timeout=connect_timeout,
-                      console_tail=machine.console.tail, alive=machine.check_alive,
-                      qemu_pid=machine.pid)
-
-
-def _read_log(path: Path) -> str:
-    try:
-        return path.read_text(errors="replace")
-    except OSError:
-        return ""

@@ -419,7 +419,7 @@ class VirtioSession:
 
     def attach_ssh(self, guest: Guest, netdev: str, scale: float) -> None:
         """Give the guest its (lazily connecting) SSH session and pinned host key."""
-        session = ssh_mod.session_for(guest.machine, self.ssh_key(), netdev,
+        session = _ssh_session_for(guest.machine, self.ssh_key(), netdev,
                                       SSH_CONNECT_TIMEOUT * scale)
         guest._ssh = session
         guest.host_key = session.host_key_line()
@@ -560,3 +560,25 @@ def booted(spec: spec_mod.MachineSpec | None = None, settings: Settings | None =
 
 __all__ = ["MissingDevices", "VirtioSession", "booted", "check_drivers", "check_honoured",
            "sweep_stale_runs"]
+
+
+def _ssh_session_for(machine: Machine, key: ssh_mod.KeyPair, netdev: str, connect_timeout: float
+                     ) -> ssh_mod.SshSession:
+    """The SSH session of a guest that just announced readiness.
+
+    The host key is read once, now: init prints it before the readiness line,
+    and QEMU runs with ``-no-reboot``, so it cannot change while this machine
+    lives and a later console line cannot replace it.
+    """
+    port = ssh_mod.parse_hostfwd_port(machine.hmp("info usernet"), 22, netdev)
+    announced = ssh_mod.parse_host_key(_read_log(machine.console_log))
+    return ssh_mod.SshSession(port, key, lambda: announced, connect_timeout=connect_timeout,
+                              console_tail=machine.console.tail,
+                              alive=machine.check_alive, qemu_pid=machine.pid)
+
+
+def _read_log(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""

@@ -21,6 +21,7 @@ import pytest
 from pytest_virtio import spec as spec_mod
 from pytest_virtio.errors import GuestError, VirtioError
 from pytest_virtio.guests.guest import Guest
+from pytest_virtio.guests.measure import Measurement
 from pytest_virtio.guests.session import MissingDevices, VirtioSession
 from pytest_virtio.guests.sharing import SharedGuests, pool_fixture_name
 from pytest_virtio.guests.teardown import Teardown
@@ -29,7 +30,6 @@ from pytest_virtio.plugin.marked_workload import run_marked_workload
 from pytest_virtio.workloads.dd import DdResult
 from pytest_virtio.workloads.fio import FioResult
 from pytest_virtio.workloads.iperf import NetResult
-from pytest_virtio.workloads.run import Measurement
 
 MakeGuest = Callable[..., Guest]
 

@@ -23,6 +23,8 @@ import pytest
 from pytest_virtio import interrupts
 from pytest_virtio import spec as spec_mod
 from pytest_virtio.errors import BackendError, ConfigError, VirtioError
+from pytest_virtio.guests import measure as workload_mod
+from pytest_virtio.guests.measure import Measurement
 from pytest_virtio.guests.session import VirtioSession
 from pytest_virtio.guests.settings import OPTIONS, Settings, resolve_values
 from pytest_virtio.guests.sharing import SCOPES
@@ -32,8 +34,6 @@ from pytest_virtio.plugin.plan import TestPlan, build_plan
 from pytest_virtio.results import finish as results_mod
 from pytest_virtio.results import perf as perf_mod
 from pytest_virtio.results.records import SessionResults
-from pytest_virtio.workloads import run as workload_mod
-from pytest_virtio.workloads.run import Measurement
 
 SETTINGS_KEY = pytest.StashKey[Settings]()
 SESSION_KEY = pytest.StashKey[VirtioSession]()

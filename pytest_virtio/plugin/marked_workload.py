@@ -14,11 +14,11 @@ from collections.abc import Callable, Mapping
 import pytest
 
 from pytest_virtio.guests.guest import Guest
+from pytest_virtio.guests.measure import Measurement, count_mechanism, device_of, measure
 from pytest_virtio.results.metrics import MECHANISM
 from pytest_virtio.results.records import Record, RelativeCheck
 from pytest_virtio.results.render import junit_properties
 from pytest_virtio.workloads.mechanism import Mechanism
-from pytest_virtio.workloads.run import Measurement, count_mechanism, device_of, measure
 
 __all__ = ["record_measurement", "record_of", "run_marked_workload", "with_mechanism"]
 

@@ -22,13 +22,13 @@ from typing import Any, Protocol
 
 from pytest_virtio import spec as spec_mod
 from pytest_virtio.errors import ConfigError
+from pytest_virtio.guests.measure import WorkloadSpec
 from pytest_virtio.guests.session import check_honoured
 from pytest_virtio.guests.settings import Settings
 from pytest_virtio.guests.sharing import split_scope
 from pytest_virtio.images import kernel as kernel_mod
 from pytest_virtio.results import perf as perf_mod
 from pytest_virtio.results.perf import PerfSpec
-from pytest_virtio.workloads.run import WorkloadSpec
 
 __all__ = ["Expectation", "MarkedNode", "MatrixItem", "TestPlan", "build_plan", "vm_kwargs"]
 

@@ -13,17 +13,39 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from pytest_virtio.errors import ConfigError, VirtioError
-from pytest_virtio.guests.settings import Settings
 from pytest_virtio.results import baseline as baseline_mod
 from pytest_virtio.results import perf as perf_mod
 from pytest_virtio.results import plot as plot_mod
 from pytest_virtio.results.records import Record, RelativeCheck, SessionResults, write_json
 from pytest_virtio.results.render import render_table
 
-__all__ = ["Finish", "Judgement", "absolute_failures", "finish", "judge_relative",
+__all__ = ["Finish", "FinishOptions", "Judgement", "absolute_failures", "finish", "judge_relative",
            "summary_lines"]
+
+
+
+class FinishOptions(Protocol):
+    """What the session's end reads from the run's options.
+
+    :class:`pytest_virtio.guests.settings.Settings` is one; a Protocol keeps
+    ``results`` below the guests wing (import-linter's layers in pyproject).
+    """
+
+    @property
+    def json(self) -> Path | None: ...
+    @property
+    def plot(self) -> Path | None: ...
+    @property
+    def save(self) -> Path | None: ...
+    @property
+    def compare(self) -> Path | None: ...
+    @property
+    def compare_fail(self) -> str: ...
+    @property
+    def perf_inconclusive(self) -> str: ...
 
 
 def absolute_failures(spec: perf_mod.PerfSpec, records: Sequence[Record]) -> list[str]:
@@ -90,7 +112,7 @@ def judge_relative(results: SessionResults) -> Judgement:
     return Judgement(tuple(lines), failed, inconclusive)
 
 
-def _compare_lines(records: Sequence[Record], settings: Settings) -> tuple[list[str], bool]:
+def _compare_lines(records: Sequence[Record], settings: FinishOptions) -> tuple[list[str], bool]:
     if settings.compare is None:
         return [], False
     try:
@@ -108,7 +130,7 @@ def _compare_lines(records: Sequence[Record], settings: Settings) -> tuple[list[
     return lines, bool(regressions)
 
 
-def _write_outputs(records: Sequence[Record], settings: Settings,
+def _write_outputs(records: Sequence[Record], settings: FinishOptions,
                    verdicts: Sequence[str] = (),
                    checks: Sequence[RelativeCheck] = ()) -> list[str]:
     """Write JSON, baseline and chart; a failed write is reported, never a traceback."""
@@ -175,7 +197,7 @@ class Finish:
         return {k: v for k, v in counts.items() if v}
 
 
-def finish(results: SessionResults, settings: Settings) -> Finish:
+def finish(results: SessionResults, settings: FinishOptions) -> Finish:
     """Judge and write; the summary lines and whether (and why) the session must fail."""
     judgement = judge_relative(results)
     cmp_lines, cmp_failed = _compare_lines(results.records, settings)

@@ -19,7 +19,7 @@ from pytest_virtio.workloads.fio import extract_json_object
 __all__ = ["GUEST_GATEWAY", "NetResult", "iperf3_client_shell", "parse_iperf3_json"]
 
 #: The host as the guest sees it on QEMU user-mode networking (slirp forwards it
-#: to the host's loopback); the one definition netcheck and workloads.run use.
+#: to the host's loopback); the one definition netcheck and guests.measure use.
 GUEST_GATEWAY = "10.0.2.2"
 
 _HOST_RE = re.compile(r"^[A-Za-z0-9.:_-]+$")

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 
 from pytest_virtio.guests.guest import Guest
+from pytest_virtio.guests.measure import WorkloadSpec, count_mechanism
 from pytest_virtio.workloads.mechanism import Mechanism
-from pytest_virtio.workloads.run import WorkloadSpec, count_mechanism
 
 DISKS = [{"name": "nv", "bus": "nvme", "size": "64M"}, {"name": "sc", "bus": "lsi", "size": "64M"},
          {"name": "vb", "bus": "virtio-blk", "size": "64M"}]

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from pytest_virtio import spec as spec_mod
+from pytest_virtio.guests.measure import WorkloadSpec
 from pytest_virtio.results.perf import PerfSpec
-from pytest_virtio.workloads.run import WorkloadSpec
 
 TCG = "--virtio-accel=tcg"
 

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from pytest_virtio import spec
+from pytest_virtio.guests import measure as workload_run
 from pytest_virtio.guests.settings import OPTIONS
 from pytest_virtio.images import builder
 from pytest_virtio.images.recipe import load_recipe
 from pytest_virtio.results import perf
-from pytest_virtio.workloads import run as workload_run
 
 TCG = "--virtio-accel=tcg"
 

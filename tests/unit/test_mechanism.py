@@ -95,7 +95,7 @@ def test_backend_window_takes_deltas() -> None:
 
 
 def test_counting_pass_is_short_and_the_same_job() -> None:
-    from pytest_virtio.workloads.run import WorkloadSpec
+    from pytest_virtio.guests.measure import WorkloadSpec
 
     long = WorkloadSpec.from_marker(("fio",), {"rw": "randread", "runtime": "5s"})
     short = long.counting()

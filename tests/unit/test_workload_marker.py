@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 
 from pytest_virtio.errors import ConfigError, WorkloadError
+from pytest_virtio.guests.measure import WorkloadSpec, run_workload
 from pytest_virtio.results.perf import PerfSpec, check_applicable, relative_outcomes
 from pytest_virtio.results.plot import build_panels
 from pytest_virtio.results.records import Record, RelativeCheck, SessionResults
 from pytest_virtio.workloads.fio import FioResult, check_fio_run
-from pytest_virtio.workloads.run import WorkloadSpec, run_workload
 
 DATA = Path(__file__).parent / "data" / "fio"
 
