@@ -11,9 +11,8 @@ import threading
 
 import pytest
 
+from pytest_virtio import Guest, MakeGuest
 from pytest_virtio.errors import GuestError
-from pytest_virtio.guests.guest import Guest
-from pytest_virtio.plugin.fixtures import MakeGuest
 from pytest_virtio.spec import EXPECTED_DRIVER
 
 VIRTIO_MODULES = (

@@ -15,11 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from pytest_virtio import Guest, MakeGuest, VirtioSession
 from pytest_virtio.errors import GuestError
-from pytest_virtio.guests.guest import Guest
-from pytest_virtio.guests.session import VirtioSession
 from pytest_virtio.images import driverdisk
-from pytest_virtio.plugin.fixtures import MakeGuest
 
 DISTRO = "bookworm-distro"
 #: update-initramfs compresses a few MiB of modules: minutes under TCG on a busy host.

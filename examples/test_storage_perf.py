@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_virtio.guests.guest import Guest
+from pytest_virtio import Guest
 from pytest_virtio.spec import EXPECTED_DRIVER
 from pytest_virtio.workloads.fio import FioResult
 

@@ -1,1 +1,35 @@
-__version__ = '0.1.0'
+"""pytest-virtio: QEMU guests, virtio devices and workloads for pytest.
+
+The names a test file writes are importable from here (``from pytest_virtio
+import Guest, MakeGuest``), whatever wing they live in. They load on first use
+(PEP 562): importing ``pytest_virtio.errors`` or the spec alone must not pull in
+the guest runtime and pytest.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pytest_virtio.guests.guest import Guest
+    from pytest_virtio.guests.session import VirtioSession
+    from pytest_virtio.plugin.fixtures import MakeGuest
+
+#: public name -> the module that defines it
+_PUBLIC = {
+    "Guest": "pytest_virtio.guests.guest",
+    "VirtioSession": "pytest_virtio.guests.session",
+    "MakeGuest": "pytest_virtio.plugin.fixtures",
+}
+
+__version__ = "0.1.0"
+
+__all__ = ["Guest", "MakeGuest", "VirtioSession", "__version__"]
+
+
+def __getattr__(name: str) -> object:
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pytest_virtio' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
