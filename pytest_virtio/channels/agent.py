@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import secrets
 import time
 from collections.abc import Callable, Mapping
@@ -31,6 +32,8 @@ from pytest_virtio.channels.serial import SerialPort
 from pytest_virtio.errors import GuestError, GuestTimeout
 from pytest_virtio.ids import AGENT_PORT
 from pytest_virtio.starvation import Deadline
+
+log = logging.getLogger(__name__)
 
 __all__ = ["AGENT_PORT", "AgentError", "GuestAgent", "agent_start_script"]
 
@@ -95,6 +98,7 @@ class GuestAgent:
                                timeout=max(0.5, deadline.remaining()))
                 if self._await_sync(ident, min(2.0, max(0.2, deadline.remaining()))):
                     self._synced = True
+                    log.info("agent: synchronised with qemu-ga (id %d)", ident)
                     return
             except GuestTimeout as exc:
                 last = str(exc)
@@ -125,12 +129,14 @@ class GuestAgent:
         """Send one command and return its ``return`` value; AgentError on an error."""
         if not self._synced:
             self.sync(timeout)
+        log.debug("agent: -> %s %s", command, arguments or {})
         self.port.send(_encode(command, arguments), timeout=timeout)
         deadline = Deadline(timeout, self.qemu_pid)
         while not deadline.expired():
             reply = self._reply(max(0.05, deadline.remaining()))
             if "error" in reply:
                 error = reply["error"]
+                log.info("agent: %s failed: %s", command, error)
                 raise AgentError(command, str(error.get("class", "?")),
                                  str(error.get("desc", reply)), self.console_tail())
             if "return" in reply:

@@ -18,6 +18,7 @@ Trust is set up without anything secret in the shared image:
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -47,6 +48,8 @@ __all__ = [
     "parse_host_key",
     "parse_hostfwd_port",
 ]
+
+log = logging.getLogger(__name__)
 
 #: fw_cfg blob pvinit reads the authorized key from (``opt/`` is QEMU's user space).
 AUTHORIZED_KEYS_FW_CFG = "opt/pytest-virtio/authorized_keys"
@@ -129,8 +132,10 @@ class SshSession:
             self.alive()
             try:
                 self._client = self._connect_once(max(1.0, deadline - time.monotonic()))
+                log.info("ssh: connected to %s:%d (host key pinned)", HOST, self.port)
                 return self._client
             except (OSError, EOFError, paramiko.SSHException) as exc:
+                log.debug("ssh: connect to %s:%d failed, retrying: %r", HOST, self.port, exc)
                 last = exc
                 time.sleep(RETRY_PAUSE)
         raise GuestError(

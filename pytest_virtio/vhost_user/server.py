@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import logging
 import os
 import select
 import selectors
@@ -51,6 +52,8 @@ IDLE_CHECK_INTERVAL = 1.0  # seconds between Virtqueue.idle_check passes
 class _Stopping(ConnectionError):
     """stop() was called while a message was half read or written: drop the connection."""
 
+
+log = logging.getLogger(__name__)
 
 def _where(thread: threading.Thread, depth: int = 4) -> str:
     """A live thread's innermost frames, ``func (file:line) < caller ...``, for a
@@ -147,6 +150,8 @@ class VhostUserBlkServer:
             daemon=True,
         )
         self._thread.start()
+        log.info("vhost-user-blk %r: listening on %s (%d queue(s))", self.name, self.socket_path,
+                 self.num_queues)
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -328,6 +333,7 @@ class VhostUserBlkServer:
                     next_idle_check = now + IDLE_CHECK_INTERVAL
                     self._dispatch_event("idle")
         except BaseException as exc:
+            log.error("vhost-user-blk %r: backend thread failed: %r", self.name, exc)
             self.errors.append(exc)
         finally:
             self._disconnect()
@@ -345,11 +351,14 @@ class VhostUserBlkServer:
             elif tag == "idle":
                 self.session.idle_check()
         except ProtocolError as exc:
+            log.warning("vhost-user-blk %r: protocol error, disconnecting: %s", self.name, exc)
             self.errors.append(exc)
             self._disconnect()
-        except (ConnectionError, TimeoutError, EOFError):
+        except (ConnectionError, TimeoutError, EOFError) as exc:
+            log.info("vhost-user-blk %r: front-end lost: %r", self.name, exc)
             self._disconnect()
         except Exception as exc:
+            log.error("vhost-user-blk %r: error, disconnecting: %r", self.name, exc)
             self.errors.append(exc)
             self._disconnect()
 
@@ -363,6 +372,7 @@ class VhostUserBlkServer:
             self._disconnect()  # its EOF was still queued behind this reconnect
         if self._conn is not None:
             conn.close()  # one front-end at a time
+            log.warning("vhost-user-blk %r: refused a second front-end", self.name)
             return
         conn.setblocking(True)
         conn.settimeout(_SOCKET_TIMEOUT)
@@ -370,6 +380,8 @@ class VhostUserBlkServer:
         self.connections += 1
         self._sel.register(conn, selectors.EVENT_READ, "conn")
         self._connected.set()
+        log.info("vhost-user-blk %r: front-end connected (connection %d)", self.name,
+                 self.connections)
 
     @staticmethod
     def _peer_gone(conn: socket.socket) -> bool:
@@ -386,6 +398,7 @@ class VhostUserBlkServer:
         """EOF or a broken front-end: drop everything it gave us, await the next one."""
         conn, self._conn = self._conn, None
         if conn is not None:
+            log.info("vhost-user-blk %r: front-end disconnected", self.name)
             if self._sel is not None:
                 with contextlib.suppress(KeyError, ValueError):
                     self._sel.unregister(conn)
@@ -403,6 +416,7 @@ class VhostUserBlkServer:
 
     def _queue_broken(self, vq: Virtqueue, reason: str) -> None:
         """A ring broke the rules: the guest's I/O on it can never finish, so say why."""
+        log.error("vhost-user-blk %r: queue %d broken: %s", self.name, vq.index, reason)
         self.errors.append(QueueBroken(
             f"vhost-user-blk disk {self.name!r}: queue {vq.index} is broken: {reason}"
         ))
@@ -476,10 +490,13 @@ class VhostUserBlkServer:
             request = p.request_of(header)
             self.messages_seen[request.name] += 1
             self.message_log.append(request.name)
+            log.debug("vhost-user-blk %r: <- %s (%d bytes, %d fd(s))", self.name, request.name,
+                      len(payload), len(fds))
             p.check_payload_size(request, payload)
             p.check_fd_count(request, payload, len(fds))
             reply = self.session.handle(request, header, payload, fds)
         except ProtocolError as exc:
+            log.warning("vhost-user-blk %r: refused a message: %s", self.name, exc)
             # Record before answering so a test that saw the NAK also sees the error.
             self.errors.append(exc)
             self._maybe_ack(header, failed=True)
