@@ -417,3 +417,18 @@ def test_stop_timing_out_names_the_place_and_closes_its_fds(sock_path: str) -> N
         fe.close()
         server.stop(timeout=5)
         mem.close()
+
+
+def test_backend_logs_its_trail(server: VhostUserBlkServer,
+                                caplog: pytest.LogCaptureFixture) -> None:
+    """Connects, messages and disconnects land in pytest's captured log (the backend thread's
+    records too), so a failed test's report shows what the front-end did."""
+    caplog.set_level("DEBUG", logger="pytest_virtio.vhost_user.server")
+    with MockFrontend(server.socket_path) as fe:
+        fe.realize()
+        _wait_for(lambda: server.connected)
+    _wait_for(lambda: not server.connected)
+    text = caplog.text
+    assert f"vhost-user-blk {server.name!r}: front-end connected (connection 1)" in text
+    assert "<- GET_FEATURES" in text
+    _wait_for(lambda: "front-end disconnected" in caplog.text)
