@@ -1,17 +1,51 @@
-"""Where devices go: controller units, SCSI controllers and the placement of each disk."""
+"""Where devices go: controller units, SCSI controllers and the placement of each disk.
+
+Below ``model``: it reads a machine through the :class:`Units` protocol (a
+``MachineSpec`` is one), so ``MachineSpec.__post_init__`` can check its slots
+here without an import circle.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Protocol
+
 from pytest_virtio.errors import ConfigError
 from pytest_virtio.spec._util import Props, _transport_props
-from pytest_virtio.spec.model import CdRom, MachineSpec
 
 
-def _cdroms(spec: MachineSpec) -> list[CdRom]:
-    return [d for d in spec.devices if isinstance(d, CdRom)]
+class Unit(Protocol):
+    """A disk or CD-ROM as placement sees it."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def bus(self) -> str: ...
 
 
-def _unit_buses(spec: MachineSpec) -> list[tuple[str, str]]:
+class DiskUnit(Unit, Protocol):
+    """A data disk: also the options a shared virtio-scsi controller takes from it."""
+
+    @property
+    def transport(self) -> str: ...
+    @property
+    def num_queues(self) -> int | None: ...
+    @property
+    def queue_size(self) -> int | None: ...
+
+
+class Units(Protocol):
+    """What placement reads of a machine: its root bus, data disks and CD-ROMs."""
+
+    @property
+    def root_bus(self) -> str: ...
+    @property
+    def disks(self) -> Sequence[DiskUnit]: ...
+    @property
+    def cdroms(self) -> Sequence[Unit]: ...
+
+
+def _unit_buses(spec: Units) -> list[tuple[str, str]]:
     """(name, controller) for every unit in placement order: root, disks, CD-ROMs.
 
     Controller is ide/ahci/lsi/scsi (virtio-scsi) or '' for one-device-per-PCI buses.
@@ -19,18 +53,18 @@ def _unit_buses(spec: MachineSpec) -> list[tuple[str, str]]:
     controller = {"ide": "ide", "ahci": "ahci", "lsi": "lsi", "virtio-scsi": "scsi"}
     units = [("root", controller.get(spec.root_bus, ""))]
     units += [(d.name, controller.get(d.bus, "")) for d in spec.disks]
-    units += [(c.name, c.bus) for c in _cdroms(spec)]
+    units += [(c.name, c.bus) for c in spec.cdroms]
     return units
 
 
-def _controller_users(spec: MachineSpec) -> dict[str, int]:
+def _controller_users(spec: Units) -> dict[str, int]:
     counts = dict.fromkeys(("ide", "ahci", "lsi", "scsi", ""), 0)
     for _, ctrl in _unit_buses(spec):
         counts[ctrl] += 1
     return counts
 
 
-def _placements(spec: MachineSpec) -> dict[str, Props]:
+def _placements(spec: Units) -> dict[str, Props]:
     """Deterministic bus/unit for every unit on a shared controller."""
     next_index = dict.fromkeys(("ide", "ahci", "lsi", "scsi"), 0)
     placed: dict[str, Props] = {}
@@ -53,7 +87,7 @@ def _placement(ctrl: str, index: int) -> Props:
     return [("bus", "scsi0.0"), ("scsi-id", str(index)), ("lun", "0")]
 
 
-def _scsi_controller_options(spec: MachineSpec) -> Props:
+def _scsi_controller_options(spec: Units) -> Props:
     """virtio-scsi-pci options: one controller is shared, so disks must agree."""
     scsi = [d for d in spec.disks if d.bus == "virtio-scsi"]
     chosen: dict[str, tuple[str, str]] = {}

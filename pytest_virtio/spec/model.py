@@ -48,6 +48,7 @@ from pytest_virtio.spec.catalogue import (
     TRANSPORTS,
     VIRTIO_DISK_BUSES,
 )
+from pytest_virtio.spec.layout import _controller_users, _scsi_controller_options
 from pytest_virtio.units import parse_size
 
 
@@ -386,6 +387,30 @@ _DEVICE_CLASS: Final[Mapping[str, type[Any]]] = MappingProxyType(
 
 
 
+#: Guest RAM bounds in MiB: QEMU takes whole MiB; 64 MiB still boots our initramfs.
+MEMORY_MIB_MIN: Final = 64
+MEMORY_MIB_MAX: Final = 64 << 10
+
+
+def memory_mib(value: int | str) -> int:
+    """Guest RAM in MiB from what ``memory=`` takes: a size (``"1G"``, ``"1024M"``,
+    ``"1.5G"``), a bare number of MiB as QEMU's ``-m`` reads it (64..65536), or a
+    byte count (the size grammar's bare number, ``1 << 30``).
+
+    The two readings of a bare number cannot meet: the largest MiB count (65536) is
+    far below the smallest byte count (64 MiB), so every valid number means one thing,
+    and a MiB count read again (``replace``, ``merge``) stays what it was.
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MEMORY_MIB_MAX:
+        mib, exact = value, True
+    else:
+        size = parse_size(value, "memory", positive=True)
+        mib, exact = size >> 20, not size % (1 << 20)
+    if not exact or not MEMORY_MIB_MIN <= mib <= MEMORY_MIB_MAX:
+        raise ConfigError(f"memory must be a whole number of MiB in 64M..64G, got {value!r}")
+    return mib
+
+
 @dataclass(frozen=True, slots=True)
 class MachineSpec:
     """One guest: memory, CPUs, root disk bus, data disks, NICs, other devices.
@@ -395,7 +420,9 @@ class MachineSpec:
     appended last by ``to_argv`` (the escape hatch).
     """
 
-    memory: str | int = "512M"
+    #: Guest RAM in MiB. Given as a size (``"1G"``, ``"1024M"``) or a number (see
+    #: :func:`memory_mib`), parsed once here: equal machines are equal and hash equal.
+    memory: int = 512
     smp: int = 1
     machine: str = "pc"
     root_bus: str = "virtio-blk"
@@ -440,24 +467,24 @@ class MachineSpec:
         if self.image is not None and self.kernel is not None:
             raise ConfigError("image and kernel: a vm(kernel=...) boots on the session's image; "
                               "give one of them")
-        mem = parse_size(self.memory, "memory", positive=True)
-        if mem % (1 << 20) or not 64 << 20 <= mem <= 64 << 30:
-            raise ConfigError(
-                f"memory must be a whole number of MiB in 64M..64G, got {self.memory!r}"
-            )
+        object.__setattr__(self, "memory", memory_mib(self.memory))
         _check_count(self.smp, "smp", 1, 8)
         _check_choice(self.machine, MACHINES, "machine")
         _check_choice(self.root_bus, ROOT_BUSES, "root_bus")
         self._check_types()
         self._check_names()
         self._check_slots()
-        from pytest_virtio.spec.layout import _scsi_controller_options
-
         _scsi_controller_options(self)
 
     @property
     def memory_mib(self) -> int:
-        return parse_size(self.memory) >> 20
+        """``memory`` by the name of its unit (parsed once, in ``__post_init__``)."""
+        return self.memory
+
+    @property
+    def cdroms(self) -> tuple[CdRom, ...]:
+        """The CD-ROMs among ``devices``, in order (placement gives them units after the disks)."""
+        return tuple(d for d in self.devices if isinstance(d, CdRom))
 
     @property
     def root_modules(self) -> tuple[str, ...]:
@@ -511,8 +538,6 @@ class MachineSpec:
             raise ConfigError(f"duplicate virtio-serial port names across devices: {ports!r}")
 
     def _check_slots(self) -> None:
-        from pytest_virtio.spec.layout import _controller_users
-
         counts = _controller_users(self)
         if counts["ide"] and self.machine != "pc":
             raise ConfigError(

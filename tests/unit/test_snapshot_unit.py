@@ -22,6 +22,15 @@ def test_vhost_user_data_disks_are_plugged_after_the_restore() -> None:
     assert template_shape(_spec(disks=["virtio-blk"]))[0] == _spec(disks=["virtio-blk"])
 
 
+def test_one_template_per_machine_however_its_memory_is_spelled() -> None:
+    """Templates are keyed on the shape: vm(memory="1G") and vm(memory="1024M") are one
+    machine, so the second restores the first one's template instead of booting again."""
+    one, _ = template_shape(_spec(memory="1G", disks=["virtio-blk", "vhost-user-blk"]))
+    two, _ = template_shape(_spec(memory="1024M", disks=["virtio-blk", "vhost-user-blk"]))
+    templates = {one: "saved"}
+    assert templates.get(two) == "saved"
+
+
 @pytest.mark.parametrize(("kwargs", "why"), [
     ({"root_bus": "vhost-user-blk"}, "vhost-user-blk root"),
     ({"disks": [{"bus": "vhost-user-blk", "external_socket": "/x.sock"}]}, "another process"),

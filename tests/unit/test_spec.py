@@ -463,17 +463,37 @@ def test_bad_names() -> None:
 
 
 def test_memory_and_smp() -> None:
-    assert MachineSpec(memory=256 << 20).memory_mib == 256
+    assert MachineSpec(memory=256 << 20).memory == 256
     _raises(lambda: MachineSpec(memory="lots"), "64M")
     _raises(lambda: MachineSpec(memory="32M"), "64M..64G")
     _raises(lambda: MachineSpec(memory="1000K"), "MiB")
     # One size grammar (units.parse_size): a fraction QEMU's -m takes is taken when
     # it comes out in whole MiB, as memory needs; one that does not is refused.
-    assert MachineSpec(memory="1.5G").memory_mib == 1536
-    assert MachineSpec(memory="2GiB").memory_mib == 2048
+    assert MachineSpec(memory="1.5G").memory == 1536
+    assert MachineSpec(memory="2GiB").memory == 2048
     _raises(lambda: MachineSpec(memory="64.3M"), "whole number of MiB", "64.3M")
     _raises(lambda: MachineSpec(memory="0"), "memory must be positive")
     _raises(lambda: MachineSpec(memory=True), "memory must be like", "True")  # type: ignore[arg-type]
+
+
+def test_memory_is_parsed_once_into_mib() -> None:
+    """Equal machines are equal and hash equal however their memory was spelled, so a
+    shared-guest pool or a snapshot template keyed on the spec boots one guest, not two."""
+    spellings = ("1G", "1024M", "1GiB", 1 << 30, 1024)
+    specs = [MachineSpec(memory=m) for m in spellings]  # type: ignore[arg-type]
+    assert {s.memory for s in specs} == {1024}
+    assert all(s == specs[0] for s in specs)
+    assert len({hash(s) for s in specs}) == 1
+    assert len({specs[0]: "template", specs[1]: "template"}) == 1
+    assert MachineSpec().memory == 512 == MachineSpec(memory="512M").memory
+    # Read again by replace/merge (re-validation), the MiB count stays what it was.
+    assert specs[0].replace(smp=2).memory == 1024
+    assert specs[0].merge(nics=(Nic(),)) == MachineSpec(memory="1G", nics=(Nic(),))
+    # A bare number is MiB up to 64G (as QEMU's -m reads it), else bytes: never both.
+    assert MachineSpec(memory=64).memory == 64 and MachineSpec(memory=64 << 20).memory == 64
+    _raises(lambda: MachineSpec(memory=63), "64M..64G", "63")
+    _raises(lambda: MachineSpec(memory=(64 << 10) + 1), "whole number of MiB", "65537")
+    _raises(lambda: MachineSpec(memory=0), "memory must be positive")
 
 
 def test_disk_size_uses_the_one_size_grammar() -> None:
@@ -517,7 +537,7 @@ def test_replace_and_merge() -> None:
     assert spec.replace(smp=2).smp == 2
     merged = spec.merge(disks=(Disk(),), nics=(Nic(name="net1"),), memory="1G")
     assert [n.name for n in merged.nics] == ["net0", "net1"]
-    assert merged.disks == (Disk(),) and merged.memory == "1G"
+    assert merged.disks == (Disk(),) and merged.memory == 1024
     _raises(lambda: spec.replace(smp=99), "1..8")
 
 
