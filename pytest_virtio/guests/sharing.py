@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from pytest_virtio import spec as spec_mod
 from pytest_virtio.errors import ConfigError, VirtioError
+from pytest_virtio.guests import provision
 from pytest_virtio.guests.guest import Guest
 
 #: The values ``vm(scope=...)`` takes; "function" (the default) boots per test.
@@ -75,8 +77,20 @@ class SharedGuests:
         return closed
 
 
+@dataclass(frozen=True, slots=True)
+class Shared:
+    """Strategy: ``pool``'s live guest of the shape, else one ``inner`` reaches (named
+    by the pool, kept in it for the next test of the scope)."""
+
+    pool: SharedGuests
+    inner: provision.Strategy
+
+    def provide(self, spec: spec_mod.MachineSpec, name: str) -> Guest:
+        return self.pool.get(spec, lambda s, n: provision.reach(self.inner, s, n))
+
+
 def _alive(guest: Guest) -> bool:
     return guest.machine.state.value == "running" and guest.machine.exitcode() is None
 
 
-__all__ = ["SCOPES", "SharedGuests", "pool_fixture_name", "split_scope"]
+__all__ = ["SCOPES", "Shared", "SharedGuests", "pool_fixture_name", "split_scope"]

@@ -42,17 +42,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from pytest_virtio import ids
 from pytest_virtio import spec as spec_mod
 from pytest_virtio.errors import LaunchError
-from pytest_virtio.guests import freshen
+from pytest_virtio.guests import freshen, provision, reproduce
+from pytest_virtio.guests.boot import Boot
 from pytest_virtio.guests.guest import Guest
+from pytest_virtio.guests.launch import prepare_disk_file
 from pytest_virtio.qemu.machine import Machine
-
-if TYPE_CHECKING:
-    from pytest_virtio.guests.session import VirtioSession
 
 #: The root overlay a template keeps (and the one its first guest runs on).
 ROOT_OVERLAY = "root.qcow2"
@@ -124,10 +122,12 @@ def template_shape(spec: spec_mod.MachineSpec) -> tuple[spec_mod.MachineSpec,
 
 
 class Templates:
-    """The templates of one VirtioSession (one process), by machine shape."""
+    """Strategy: a guest restored from its shape's template (the templates of one
+    VirtioSession, one process, by machine shape); None for a shape that boots."""
 
-    def __init__(self, session: VirtioSession, progress: Progress) -> None:
-        self.session = session
+    def __init__(self, host: provision.Host, boot: Boot, progress: Progress) -> None:
+        self.host = host
+        self.boot = boot
         self.progress = progress
         self._lock = threading.Lock()
         self._templates: dict[spec_mod.MachineSpec, Template] = {}
@@ -138,13 +138,14 @@ class Templates:
     def templates(self) -> list[Template]:
         return list(self._templates.values())
 
-    def guest(self, spec: spec_mod.MachineSpec, name: str) -> Guest | None:
+    def provide(self, spec: spec_mod.MachineSpec, name: str) -> Guest | None:
         """A restored guest for ``spec``, or None when it must boot (said once).
 
         The first guest of a shape is booted, saved as the template and then
         handed to the test itself (on an overlay of its own), so a shape used
         once costs a boot plus a save, not a boot, a save and a restore.
         """
+        self.boot.check_can_launch(spec)
         shape, hotplugged = template_shape(spec)
         reason = unsupported(spec) or self._failed.get(shape)
         if reason is not None:
@@ -172,12 +173,10 @@ class Templates:
     # -- save ------------------------------------------------------------------
     def _make(self, shape: spec_mod.MachineSpec, name: str) -> Guest:
         """Boot ``shape``, save it as its template, and let the booted guest run on."""
-        from pytest_virtio.guests.session import closed_on_failure
-
-        s = self.session
+        s = self.host
         directory = s.new_run_dir("t")
         start = time.monotonic()
-        booted = s.boot_fresh(shape, name, own_root=directory / ROOT_OVERLAY)
+        booted = self.boot.fresh(shape, name, own_root=directory / ROOT_OVERLAY)
         boot_seconds = time.monotonic() - start
         # Start the freshening helper and serve it one request before the
         # save, so its pages are in the saved RAM.  A rootfs that cannot run
@@ -208,7 +207,7 @@ class Templates:
         except BaseException:
             booted.close()
             raise
-        with closed_on_failure(booted):
+        with provision.closed_on_failure(booted):
             # Its clock stood still while it was saved; and the helper goes.
             booted.check(freshen.request_command(freshen.request_line()))
         assert booted.ctx is not None
@@ -226,10 +225,7 @@ class Templates:
     # -- restore -----------------------------------------------------------------
     def restore(self, template: Template, name: str, hotplug_vhost: bool = True) -> Guest:
         """A new QEMU loaded from ``template``, over its own overlay, freshened."""
-        from pytest_virtio.guests.launch import prepare_disk_file
-        from pytest_virtio.guests.session import closed_on_failure
-
-        s = self.session
+        s = self.host
         scale = s.timeout_scale
         run_dir = s.new_run_dir()
         disk_files = {d.name: prepare_disk_file(d, run_dir) for d in template.spec.disks}
@@ -238,52 +234,47 @@ class Templates:
         # belongs to this guest too: artifacts show it, SSH pins the key from it.
         shutil.copyfile(template.console_log, console_log)
         state = os.open(template.state, os.O_RDONLY | os.O_CLOEXEC)
-        # snapshot=on over the template's overlay: QEMU writes a temporary
-        # overlay of its own, the template's stays as saved.
-        ctx = dataclasses.replace(
-            template.ctx, root_image=str(template.overlay), root_snapshot=True,
-            qmp_socket=str(run_dir / "qmp.sock"), console_socket=str(run_dir / "con.sock"),
-            console_log=str(console_log), disk_files=disk_files, name=name,
-            shared_memory=hotplug_vhost,
-        )
-        # fd:N, not exec:cat: QEMU reads the file itself instead of waking up
-        # for every 64 KiB a pipe holds (measured 2.5-4 s for 77 MiB that way
-        # on a loaded host).
-        argv = [*spec_mod.to_argv(template.spec, ctx), "-incoming", f"fd:{state}"]
-        machine = Machine(argv, run_dir, qmp_socket=ctx.qmp_socket,
-                          console_socket=ctx.console_socket, console_log=console_log,
-                          pass_fds=(state,))
-        machine.reproducer = _boot_reproducer(s, template, run_dir, ctx)
-        guest = Guest(machine=machine, name=name, accel=template.ctx.accel,
-                      timeout_scale=scale, run_dir=run_dir, spec=template.spec,
-                      disk_serials={d.name: d.serial or d.name for d in template.spec.disks},
-                      boot_uptime=template.boot_uptime, ctx=ctx)
-        with closed_on_failure(guest):
-            try:
-                machine.launch(incoming_timeout=MIGRATE_TIMEOUT * scale)
-            finally:
-                os.close(state)
-            # Its command shell was set up before the save: no prelude to send.
-            machine.console.adopt_restored()
-            guest.check(freshen.request_command(freshen.request_line()),
-                        timeout=guest.default_timeout())
-            ssh_nic = next((n for n in template.spec.nics if n.hostfwd_ssh), None)
-            if ssh_nic is not None:
-                s.attach_ssh(guest, ssh_nic.name, scale)
-        s.guests.append(guest)
-        return guest
+        try:
+            # snapshot=on over the template's overlay: QEMU writes a temporary
+            # overlay of its own, the template's stays as saved.
+            ctx = dataclasses.replace(
+                template.ctx, root_image=str(template.overlay), root_snapshot=True,
+                qmp_socket=str(run_dir / "qmp.sock"), console_socket=str(run_dir / "con.sock"),
+                console_log=str(console_log), disk_files=disk_files, name=name,
+                shared_memory=hotplug_vhost,
+            )
+            # fd:N, not exec:cat: QEMU reads the file itself instead of waking up
+            # for every 64 KiB a pipe holds (measured 2.5-4 s for 77 MiB that way
+            # on a loaded host).
+            argv = [*spec_mod.to_argv(template.spec, ctx), "-incoming", f"fd:{state}"]
+            machine = Machine(argv, run_dir, qmp_socket=ctx.qmp_socket,
+                              console_socket=ctx.console_socket, console_log=console_log,
+                              pass_fds=(state,))
+            machine.reproducer = _boot_reproducer(s, template, run_dir, ctx)
+            launch = provision.Launch(spec=template.spec, name=name, machine=machine, ctx=ctx,
+                                      run_dir=run_dir, accel=template.ctx.accel, scale=scale,
+                                      boot_uptime=template.boot_uptime)
+            return provision.start(s, launch, _adopt_restored,
+                                   incoming_timeout=MIGRATE_TIMEOUT * scale)
+        finally:
+            os.close(state)
 
     def close(self) -> None:
         self._templates.clear()
 
 
-def _boot_reproducer(session: VirtioSession, template: Template, run_dir: Path,
+def _adopt_restored(guest: Guest) -> None:
+    """A restored guest is ready once freshened: its command shell was set up before
+    the save (no prelude to send)."""
+    guest.machine.console.adopt_restored()
+    guest.check(freshen.request_command(freshen.request_line()), timeout=guest.default_timeout())
+
+
+def _boot_reproducer(host: provision.Host, template: Template, run_dir: Path,
                      ctx: spec_mod.LaunchContext) -> str:
     """``reproduce.sh`` of a restored guest: a *boot* of its shape (the saved state
     is gone after the session, and a restore is meant to equal a boot)."""
-    from pytest_virtio.guests import reproduce
-
-    image = session.image_for(template.spec)
+    image = host.image_for(template.spec)
     boot_ctx = dataclasses.replace(ctx, root_image=str(image.rootfs),
                                    root_format=image.rootfs_format, root_snapshot=True,
                                    shared_memory=True)

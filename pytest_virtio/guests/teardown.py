@@ -8,14 +8,17 @@ guest means QEMU was already gone, and its shutdown escalated to a kill.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from pytest_virtio.errors import BackendError, VirtioError
 
-if TYPE_CHECKING:
-    from pytest_virtio.guests.guest import Guest
+__all__ = ["Closable", "Teardown", "stop_backends"]
 
-__all__ = ["Teardown", "stop_backends"]
+
+class Closable(Protocol):
+    """What teardown closes: a guest (:class:`.guest.Guest`), or anything closed like one."""
+
+    def close(self) -> None: ...
 
 
 def stop_backends(backends: Mapping[str, Any], owner: str) -> None:
@@ -48,7 +51,7 @@ class Teardown:
     def __init__(self) -> None:
         self.stuck: list[BackendError] = []
 
-    def close(self, guest: Guest) -> None:
+    def close(self, guest: Closable) -> None:
         try:
             guest.close()
         except BackendError as exc:

@@ -23,9 +23,9 @@ from typing import Any
 import pytest
 
 from pytest_virtio.errors import BackendError, ConfigError
+from pytest_virtio.guests.boot import start_backends
 from pytest_virtio.guests.guest import Guest
-from pytest_virtio.guests.session import VirtioSession, external_sockets
-from pytest_virtio.guests.settings import Settings
+from pytest_virtio.guests.launch import external_sockets
 from pytest_virtio.spec import Disk, MachineSpec
 from pytest_virtio.vhost_user import BlkStatus, BlkType, VhostUserBlkServer
 from pytest_virtio.workloads.fio import FioResult, check_fio_run
@@ -322,8 +322,7 @@ def test_external_socket_disk_gets_no_in_process_backend(tmp_path: Path) -> None
     assert external_sockets(spec) == {"ext": "/s.sock"}
     img = tmp_path / "own.img"
     img.write_bytes(bytes(1 << 20))
-    session = VirtioSession(Settings.from_values({}))
-    servers = session._start_backends(spec, tmp_path, {"ext": "/x.img", "own": str(img)})
+    servers = start_backends(spec, tmp_path, {"ext": "/x.img", "own": str(img)})
     try:
         assert set(servers) == {"own"}
     finally:
