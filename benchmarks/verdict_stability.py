@@ -74,7 +74,7 @@ def verdict(records: list[Record], metric: str, by: float) -> tuple[str, float |
     if len(items) != 1 or not any(r.device == "ide" for r in records):
         return "no result", None
     [mine] = items
-    group = str(next(r.extra["group"] for r in records))
+    group = next(r.group for r in records)
     check = RelativeCheck(mine, group, "virtio-blk", records[0].workload, records[0].accel,
                           "ide", by, metric, records[0].machine)
     [outcome] = relative_outcomes(records, [check])
@@ -83,8 +83,7 @@ def verdict(records: list[Record], metric: str, by: float) -> tuple[str, float |
 
 def starvation(records: list[Record]) -> float:
     """The worst share of runnable time a QEMU spent waiting for a CPU in a timed round."""
-    return max((float(v) for r in records if isinstance(v := r.extra.get("cpu_starved"),
-                                                        int | float)), default=0.0)
+    return max((r.cpu_starved for r in records if r.cpu_starved is not None), default=0.0)
 
 
 def main() -> None:

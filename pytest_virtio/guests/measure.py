@@ -28,9 +28,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pytest_virtio import ids
+from pytest_virtio.channels.runners import Result
 from pytest_virtio.errors import ConfigError, WorkloadError
 from pytest_virtio.results.baseline import machine_id
 from pytest_virtio.results.records import Record
+from pytest_virtio.spec.model import MachineSpec
 from pytest_virtio.starvation import schedstat
 from pytest_virtio.units import format_size, parse_size
 from pytest_virtio.workloads import dd as dd_mod
@@ -39,15 +41,17 @@ from pytest_virtio.workloads import iperf as iperf_mod
 from pytest_virtio.workloads.iperf_server import host_iperf3_server
 from pytest_virtio.workloads.mechanism import (
     PLANS,
+    BackendLike,
     BackendWindow,
+    MachineLike,
     Mechanism,
     TraceWindow,
     with_pins,
 )
 
 __all__ = [
-    "KINDS", "MARKER_KEYS", "Measurement", "WorkloadSpec", "count_mechanism", "device_of",
-    "measure", "run_workload",
+    "KINDS", "MARKER_KEYS", "CountableGuest", "GuestLike", "Measurement", "WorkloadSpec",
+    "count_mechanism", "device_of", "measure", "run_workload",
 ]
 
 MARKER = "workload"
@@ -70,7 +74,7 @@ MARKER_KEYS: Mapping[str, tuple[str, ...]] = {
 class GuestLike(Protocol):
     """What a workload needs from :class:`pytest_virtio.guests.guest.Guest`."""
 
-    spec: Any
+    spec: MachineSpec
     timeout_scale: float
 
     def default_timeout(self) -> float: ...
@@ -80,7 +84,28 @@ class GuestLike(Protocol):
     def dd(self, source: str, dest: str, *, bs: str | int = ..., count: int | None = ...,
            iflag: str | None = ..., oflag: str | None = ..., conv: str | None = ...,
            timeout: float | None = ...) -> dd_mod.DdResult: ...
-    def run(self, cmd: str, timeout: float | None = None, via: str = ...) -> Any: ...
+    def run(self, cmd: str, timeout: float | None = None, via: str = ...) -> Result: ...
+    def nic_interface(self, name: str) -> str: ...
+
+
+class QemuLike(MachineLike, Protocol):
+    """The QEMU of a guest, as counting and timing a workload use it: QMP and HMP for
+    trace events, the process id for schedstat (None: not running)."""
+
+    @property
+    def pid(self) -> int | None: ...
+
+
+class CountableGuest(GuestLike, Protocol):
+    """A guest whose workload can be timed and counted: its QEMU, the vhost-user
+    backends we serve in-process (by disk name) and its run directory (trace log)."""
+
+    @property
+    def machine(self) -> QemuLike: ...
+    @property
+    def backends(self) -> Mapping[str, BackendLike]: ...
+    @property
+    def run_dir(self) -> Path: ...
 
 
 def _where(key: str | None = None) -> str:
@@ -223,21 +248,17 @@ class Measurement:
     extra: Mapping[str, str | int | float | bool | None] = field(default_factory=dict)
     #: The workload's own count of I/Os (fio ios, dd blocks, packets for iperf3).
     ios: int = 0
-    #: Traps, interrupts and backend CPU over the run (None: not counted).
-    mechanism: Mechanism | None = None
+    #: How starved QEMU was while it ran (see :func:`measure`; None: not measured).
+    cpu_starved: float | None = None
 
     def to_record(self, test_id: str, accel: str, group: str) -> Record:
         """The report's view: ``group`` (the test function) lets relative perf checks
-        find the other matrix items of the same test; ``kind`` picks the chart panel."""
-        mech = self.mechanism
-        counts = mech.counts() if mech is not None else {}
+        find the other matrix items of the same test; ``kind`` picks the chart panel.
+        Mechanism counts come from a separate traced run (see marked_workload)."""
         return Record(test_id, self.device, self.workload, accel, machine_id(),
                       iops=self.iops, bw=self.bw, lat_p99_ns=self.lat_p99_ns,
-                      extra={**self.extra, **counts, "group": group},
-                      kind=self.kind, sequential=self.sequential,
-                      traps_per_io=mech.traps_per_io if mech else None,
-                      irqs_per_io=mech.irqs_per_io if mech else None,
-                      cpu_us_per_io=mech.cpu_us_per_io if mech else None)
+                      extra=dict(self.extra), kind=self.kind, sequential=self.sequential,
+                      group=group, cpu_starved=self.cpu_starved)
 
     @property
     def sequential(self) -> bool:
@@ -252,12 +273,12 @@ class Measurement:
 
 def device_of(guest: GuestLike, spec: WorkloadSpec) -> str:
     """The bus of the named disk / model of the named NIC: the report's device column."""
-    items = getattr(guest.spec, "nics" if spec.kind == "iperf3" else "disks", ())
-    for item in items:
-        if item.name == spec.target:
-            return str(item.model if spec.kind == "iperf3" else item.bus)
+    devices = ({n.name: n.model for n in guest.spec.nics} if spec.kind == "iperf3"
+               else {d.name: d.bus for d in guest.spec.disks})
+    if spec.target in devices:
+        return str(devices[spec.target])
     what = "nic" if spec.kind == "iperf3" else "disk"
-    have = ", ".join(i.name for i in items) or "none"
+    have = ", ".join(devices) or "none"
     raise ConfigError(
         f"{_where(what)}: this guest has no {what} named {spec.target!r} (it has: {have}); "
         "name one from @pytest.mark.vm"
@@ -288,19 +309,19 @@ class _QemuWindow(TraceWindow):
         return Mechanism(ios, traps, irqs, source="qemu-trace")
 
 
-def mechanism_window(guest: Any, spec: WorkloadSpec, device: str) -> _Window | None:
+def mechanism_window(guest: CountableGuest, spec: WorkloadSpec, device: str
+                     ) -> _Window | None:
     """Where the traps of ``device`` are counted: our backend's counters for a disk we
     serve, else QEMU's trace events for a device with a plan (None: not countable)."""
-    backend = getattr(guest, "backends", {}).get(spec.target)
+    backend = guest.backends.get(spec.target)
     if backend is not None and spec.kind != "iperf3":
         return BackendWindow(backend)
     plan = PLANS.get(device)
-    machine = getattr(guest, "machine", None)
-    if plan is None or machine is None:
+    if plan is None:
         return None
     if plan.intx:
-        plan = with_pins(plan, _pci_irqs(machine, _pci_function(spec, device)))
-    return _QemuWindow(machine, plan, Path(guest.run_dir) / "trace.log")
+        plan = with_pins(plan, _pci_irqs(guest.machine, _pci_function(spec, device)))
+    return _QemuWindow(guest.machine, plan, guest.run_dir / "trace.log")
 
 
 def _pci_function(spec: WorkloadSpec, device: str) -> str:
@@ -313,17 +334,22 @@ def _pci_function(spec: WorkloadSpec, device: str) -> str:
     raise ConfigError(f"no PCI function known for the interrupts of a {device} disk")
 
 
-def _pci_irqs(machine: Any, qdev_id: str) -> set[int]:
+def _pci_irqs(machine: MachineLike, qdev_id: str) -> set[int]:
     """The legacy interrupt line QEMU routes a PCI device's INTx to (``query-pci``)."""
     pins: set[int] = set()
-    for bus in machine.qmp("query-pci"):
-        for dev in bus.get("devices", ()):
-            if dev.get("qdev_id") == qdev_id and isinstance(dev.get("irq"), int):
-                pins.add(dev["irq"])
+    for bus in _objects(machine.qmp("query-pci")):
+        for dev in _objects(bus.get("devices")):
+            if dev.get("qdev_id") == qdev_id and isinstance(irq := dev.get("irq"), int):
+                pins.add(irq)
     return pins
 
 
-def count_mechanism(guest: Any, spec: WorkloadSpec) -> Mechanism | None:
+def _objects(value: object) -> list[Mapping[str, object]]:
+    """The JSON objects of a QMP reply's list (anything else in it is skipped)."""
+    return [v for v in value if isinstance(v, Mapping)] if isinstance(value, list) else []
+
+
+def count_mechanism(guest: CountableGuest, spec: WorkloadSpec) -> Mechanism | None:
     """Traps, interrupts and backend CPU per I/O of ``spec`` on ``guest``, from one short
     traced run (:meth:`WorkloadSpec.counting`); None when the device is not countable."""
     window = mechanism_window(guest, spec, device_of(guest, spec))
@@ -334,22 +360,22 @@ def count_mechanism(guest: Any, spec: WorkloadSpec) -> Mechanism | None:
     return window.mechanism(measured.ios)
 
 
-def measure(guest: Any, spec: WorkloadSpec, mechanism: Mechanism | None = None) -> Measurement:
-    """:func:`run_workload`, untraced, with ``mechanism`` (from :func:`count_mechanism`).
+def measure(guest: CountableGuest, spec: WorkloadSpec) -> Measurement:
+    """:func:`run_workload`, untraced (mechanism counts: :func:`count_mechanism`).
 
     Also records how starved QEMU was: the share of its runnable time spent waiting
-    for a CPU (``extra["cpu_starved"]``).  A timed comparison of two guests that the
-    host could not run is about the host, not the devices (see perf.STARVED_LIMIT).
+    for a CPU (:attr:`Measurement.cpu_starved`).  A timed comparison of two guests that
+    the host could not run is about the host, not the devices (see perf.STARVED_LIMIT).
     """
-    pid = getattr(getattr(guest, "machine", None), "pid", None)
-    before = schedstat(pid) if isinstance(pid, int) else None
+    pid = guest.machine.pid
+    before = schedstat(pid) if pid is not None else None
     measured = run_workload(guest, spec)
-    extra = dict(measured.extra)
-    if before is not None and isinstance(pid, int):
-        ran, waited = (b - a for a, b in zip(before, schedstat(pid), strict=True))
-        if ran + waited > 0:
-            extra["cpu_starved"] = round(waited / (ran + waited), 3)
-    return dataclasses.replace(measured, mechanism=mechanism, extra=extra)
+    if before is None or pid is None:
+        return measured
+    ran, waited = (b - a for a, b in zip(before, schedstat(pid), strict=True))
+    if ran + waited <= 0:
+        return measured
+    return dataclasses.replace(measured, cpu_starved=round(waited / (ran + waited), 3))
 
 
 def _run_fio(guest: GuestLike, spec: WorkloadSpec, device: str, opts: dict[str, Any],
@@ -409,19 +435,14 @@ def _run_iperf3(guest: GuestLike, spec: WorkloadSpec, device: str, opts: dict[st
     )
 
 
-def _packets_shell(guest: GuestLike, nic: str) -> str | None:
+def _packets_shell(guest: GuestLike, nic: str) -> str:
     """The guest command printing the NIC's rx+tx packet counters: a network "I/O" is
-    a packet (None for a guest that cannot name its interface, e.g. a test double)."""
-    interface = getattr(guest, "nic_interface", None)
-    if interface is None:
-        return None
-    stats = f"/sys/class/net/{interface(nic)}/statistics"
+    a packet."""
+    stats = f"/sys/class/net/{guest.nic_interface(nic)}/statistics"
     return f"echo $(( $(cat {stats}/rx_packets) + $(cat {stats}/tx_packets) ))"
 
 
-def _packets(guest: GuestLike, cmd: str | None) -> int:
-    if cmd is None:
-        return 0
+def _packets(guest: GuestLike, cmd: str) -> int:
     out = guest.run(cmd).stdout.strip()
     return int(out) if out.isdigit() else 0
 

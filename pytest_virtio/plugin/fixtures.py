@@ -27,6 +27,15 @@ from pytest_virtio.guests.sharing import SharedGuests, pool_fixture_name
 from pytest_virtio.guests.teardown import Teardown
 from pytest_virtio.plugin import artifacts
 from pytest_virtio.plugin.marked_workload import run_marked_workload
+from pytest_virtio.plugin.state import (
+    MEASURED_KEY,
+    REPORTS_KEY,
+    SESSION_KEY,
+    USES_GUEST_KEY,
+    artifacts_dir,
+    artifacts_root,
+    plan_of,
+)
 from pytest_virtio.workloads.dd import DdResult
 from pytest_virtio.workloads.fio import FioResult
 from pytest_virtio.workloads.iperf import NetResult
@@ -37,8 +46,6 @@ MakeGuest = Callable[..., Guest]
 @pytest.fixture(scope="session")
 def virtio_session(pytestconfig: pytest.Config) -> VirtioSession:
     """The process's VirtioSession (image, accelerator, run directory)."""
-    from pytest_virtio.plugin.hooks import SESSION_KEY
-
     return pytestconfig.stash[SESSION_KEY]
 
 
@@ -60,8 +67,6 @@ def make_guest(
     (each a directory name made by :func:`pytest_virtio.plugin.artifacts.dir_name`); a
     name is used once per test.
     """
-    from pytest_virtio.plugin.hooks import USES_GUEST_KEY
-
     made: list[Guest] = []
     request.node.stash[USES_GUEST_KEY] = True
 
@@ -106,12 +111,11 @@ def _new_name(name: str | None, made: list[Guest]) -> str:
 
 
 def boot_for(node: Any, session: VirtioSession, spec: spec_mod.MachineSpec,
-             name: str, pool: SharedGuests | None = None) -> Guest:
-    """Boot ``spec`` for the test ``node`` (or take ``pool``'s live guest of it): a QEMU
-    without the model skips the test, a failed boot keeps its artifacts under the
-    test's directory."""
+             name: str) -> Guest:
+    """Boot ``spec`` for the test ``node``: a QEMU without the model skips the test,
+    a failed boot keeps its artifacts under the test's directory."""
     try:
-        return session.boot(spec, name, pool=pool)
+        return session.boot(spec, name)
     except MissingDevices as exc:
         # A QEMU build without the model cannot run this test: skip, naming it.
         pytest.skip(f"QEMU lacks device model(s) {', '.join(sorted(exc.missing))} "
@@ -130,15 +134,11 @@ def boot_for(node: Any, session: VirtioSession, spec: spec_mod.MachineSpec,
 
 
 def _test_failed(node: Any) -> bool:
-    from pytest_virtio.plugin.hooks import REPORTS_KEY
-
     return any(r.failed for r in node.stash.get(REPORTS_KEY, {}).values())
 
 
 def _guest_dest(node: Any, guest: Guest) -> tuple[Path, Path]:
     """(artifacts root, where ``guest``'s artifacts go: its own directory in the test's)."""
-    from pytest_virtio.plugin.hooks import artifacts_dir, artifacts_root
-
     return artifacts_root(node.config), artifacts_dir(node) / artifacts.dir_name(guest.name)
 
 
@@ -172,8 +172,6 @@ def _keep_artifacts(guest: Guest, root: Path, dest: Path) -> None:
 
 def spec_for(node: Any, choice: Mapping[str, str] | None) -> spec_mod.MachineSpec:
     """The machine a test's plan (its ``vm`` marks) and matrix choice ask for."""
-    from pytest_virtio.plugin.hooks import plan_of
-
     return plan_of(node).machine_for(choice)
 
 
@@ -210,12 +208,10 @@ def _virtio_session_guests(virtio_session: VirtioSession) -> Iterator[SharedGues
 def _shared_guest(request: pytest.FixtureRequest, scope: str,
                   spec: spec_mod.MachineSpec) -> Guest:
     """This test's guest from the ``scope`` pool; a failure keeps artifacts for this test."""
-    from pytest_virtio.plugin.hooks import USES_GUEST_KEY
-
     session: VirtioSession = request.getfixturevalue("virtio_session")
     pool: SharedGuests = request.getfixturevalue(pool_fixture_name(scope))
     request.node.stash[USES_GUEST_KEY] = True
-    g = boot_for(request.node, session, spec, "guest", pool)
+    g = pool.get(spec, lambda s, name: boot_for(request.node, session, s, name))
 
     def keep_if_failed() -> None:
         keep = session.settings.keep
@@ -233,8 +229,6 @@ def guest(
 ) -> Guest:
     """A guest for this test, shaped by ``@pytest.mark.vm(...)``: fresh per test, or
     shared by the class/module/session with ``vm(scope=...)``."""
-    from pytest_virtio.plugin.hooks import plan_of
-
     plan = plan_of(request.node)
     spec = plan.machine_for(virtio_choice)
     if plan.scope == "function":
@@ -252,8 +246,6 @@ def workload(request: pytest.FixtureRequest, guest: Guest
              ) -> FioResult | DdResult | NetResult:
     """The result of this test's ``@pytest.mark.workload`` (a FioResult for fio,
     DdResult for dd, NetResult for iperf3), measured before the test body."""
-    from pytest_virtio.plugin.hooks import MEASURED_KEY
-
     measured: Measurement | None = request.node.stash.get(MEASURED_KEY, None)
     if measured is None:
         raise VirtioError("the `workload` fixture needs @pytest.mark.workload('fio', ...)")

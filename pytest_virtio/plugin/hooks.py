@@ -24,27 +24,28 @@ from pytest_virtio import interrupts
 from pytest_virtio import spec as spec_mod
 from pytest_virtio.errors import BackendError, ConfigError, VirtioError
 from pytest_virtio.guests import measure as workload_mod
-from pytest_virtio.guests.measure import Measurement
 from pytest_virtio.guests.session import VirtioSession
 from pytest_virtio.guests.settings import OPTIONS, Settings, resolve_values
 from pytest_virtio.guests.sharing import SCOPES
 from pytest_virtio.plugin import tracebacks
-from pytest_virtio.plugin.artifacts import dir_name
-from pytest_virtio.plugin.plan import TestPlan, build_plan
+from pytest_virtio.plugin.plan import build_plan
+from pytest_virtio.plugin.state import (
+    FINISH_KEY,
+    OUTCOME_KEY,
+    PLANS_KEY,
+    REPORTS_KEY,
+    RESULTS_KEY,
+    SESSION_KEY,
+    SETTINGS_KEY,
+    SIGTERM_KEY,
+    USES_GUEST_KEY,
+    artifacts_dir,
+    plan_of,
+)
 from pytest_virtio.results import finish as results_mod
 from pytest_virtio.results import perf as perf_mod
-from pytest_virtio.results.records import SessionResults
+from pytest_virtio.results.records import Role, SessionResults
 
-SETTINGS_KEY = pytest.StashKey[Settings]()
-SESSION_KEY = pytest.StashKey[VirtioSession]()
-REPORTS_KEY = pytest.StashKey[dict[str, pytest.TestReport]]()
-RESULTS_KEY = pytest.StashKey[SessionResults]()
-MEASURED_KEY = pytest.StashKey[Measurement]()
-OUTCOME_KEY = pytest.StashKey[list[str]]()
-FINISH_KEY = pytest.StashKey[results_mod.Finish]()
-PLAN_KEY = pytest.StashKey[TestPlan]()
-#: Plans by test-function node id, filled at collection, read by :func:`plan_of`.
-PLANS_KEY = pytest.StashKey[dict[str, TestPlan]]()
 
 def _keys(keys: tuple[str, ...] | list[str], fmt: str = "{}=") -> str:
     return ", ".join(fmt.format(k) for k in keys)
@@ -179,9 +180,6 @@ def pytest_unconfigure(config: pytest.Config) -> None:
             signal.signal(signal.SIGTERM, previous)
 
 
-SIGTERM_KEY = pytest.StashKey[Any]()
-
-
 def install_signal_handling(config: pytest.Config) -> None:
     """Turn SIGTERM into a clean teardown; make an xdist worker die with its controller."""
     if threading.current_thread() is not threading.main_thread():
@@ -223,24 +221,6 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         ]
     except VirtioError as exc:
         return [f"virtio: guests unavailable: {str(exc).splitlines()[0]}"]
-
-
-def plan_of(item: pytest.Item) -> TestPlan:
-    """The test's plan, built at collection (``pytest_generate_tests``).
-
-    Why a lookup by definition id: the plan is built once per test function,
-    before pytest splits it into matrix items, and an item keeps no link to
-    its definition.  A node collected some other way (no generate hook ran)
-    gets its plan built here, once, and kept.
-    """
-    plan = item.stash.get(PLAN_KEY, None)
-    if plan is None:
-        plans = item.config.stash.get(PLANS_KEY, {})
-        plan = plans.get(item.nodeid.partition("[")[0])
-        if plan is None:
-            plan = build_plan(item, item.config.stash[SETTINGS_KEY])
-        item.stash[PLAN_KEY] = plan
-    return plan
 
 
 class BadMarkers(pytest.Collector):
@@ -317,25 +297,12 @@ def pytest_runtest_makereport(
     return report
 
 
-USES_GUEST_KEY = pytest.StashKey[bool]()
-
-
-def artifacts_root(config: pytest.Config) -> Path:
-    """The resolved ``--virtio-artifacts`` directory (relative to the rootdir)."""
-    return (Path(config.rootpath) / config.stash[SETTINGS_KEY].artifacts).resolve()
-
-
-def artifacts_dir(item: pytest.Item) -> Path:
-    """The test's own directory in the artifacts tree (one per test id, see artifacts.py)."""
-    return artifacts_root(item.config) / dir_name(item.nodeid)
-
-
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
     """After a passing body, the absolute ``perf`` thresholds fail the test's call phase."""
     result = yield
     records = [r for r in item.config.stash[RESULTS_KEY].records
-               if r.test_id == item.nodeid and r.extra.get("role") != "reference"]
+               if r.test_id == item.nodeid and r.role is not Role.REFERENCE]
     failures = [line for perf in plan_of(item).perfs if records
                 for line in results_mod.absolute_failures(perf, records)]
     policy = item.config.stash[SETTINGS_KEY].perf_inconclusive

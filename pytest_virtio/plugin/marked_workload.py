@@ -15,8 +15,9 @@ import pytest
 
 from pytest_virtio.guests.guest import Guest
 from pytest_virtio.guests.measure import Measurement, count_mechanism, device_of, measure
+from pytest_virtio.plugin.state import MEASURED_KEY, RESULTS_KEY, SETTINGS_KEY, plan_of
 from pytest_virtio.results.metrics import MECHANISM
-from pytest_virtio.results.records import Record, RelativeCheck
+from pytest_virtio.results.records import Record, RelativeCheck, Role
 from pytest_virtio.results.render import junit_properties
 from pytest_virtio.workloads.mechanism import Mechanism
 
@@ -39,8 +40,6 @@ def run_marked_workload(node: pytest.Item, g: Guest, choice: Mapping[str, str] |
     alternates rounds between the two (A, ref, A, ref, ...): both devices see
     the same host load, so a load swing moves both samples, not the ratio.
     """
-    from pytest_virtio.plugin.hooks import MEASURED_KEY, RESULTS_KEY, SETTINGS_KEY, plan_of
-
     plan = plan_of(node)
     spec, perfs = plan.workload, plan.perfs
     if spec is None:
@@ -56,11 +55,10 @@ def run_marked_workload(node: pytest.Item, g: Guest, choice: Mapping[str, str] |
         partners = [make_guest(plan.machine_for({**choice, axis: ref}), name=f"ref-{ref}")
                     for ref in references]
     results = node.config.stash[RESULTS_KEY]
-    tags: dict[str, str | int | float | bool | None] = {}
+    pair = node.nodeid if partners else None
+    tags: dict[str, int] = {}
     if rounds > 1:
         tags["rounds"] = rounds
-    if partners:
-        tags["pair"] = node.nodeid
     records: list[tuple[int, Record]] = []  # (guest index, record) in the order measured
     for index in range(rounds):
         if rounds > 1:
@@ -68,13 +66,14 @@ def run_marked_workload(node: pytest.Item, g: Guest, choice: Mapping[str, str] |
         measured = measure(g, spec)
         node.stash[MEASURED_KEY] = measured
         record, checks = record_measurement(node, g.accel, measured)
-        records.append((0, dataclasses.replace(record, extra={**record.extra, **tags})))
+        records.append((0, dataclasses.replace(
+            record, extra={**record.extra, **tags}, pair=pair)))
         if index == 0:
             results.checks.extend(checks)
         for number, partner in enumerate(partners, start=1):
             paired = record_of(node, partner.accel, measure(partner, spec))
             records.append((number, dataclasses.replace(
-                paired, extra={**paired.extra, **tags, "role": "reference"})))
+                paired, extra={**paired.extra, **tags}, pair=pair, role=Role.REFERENCE)))
     # Counted after the timed rounds: untraced rounds stay unbiased, and fio's binary
     # is already in the page cache, so the root disk is quiet while traps are counted.
     counted = [count_mechanism(guest, spec) for guest in (g, *partners)]
@@ -102,15 +101,13 @@ def record_measurement(node: pytest.Item, accel: str, measured: Measurement
     """The report Record and the relative perf checks (one per ``perf`` mark with a
     ``faster_than`` for this device) of a measurement; the record's figures also
     become junit properties of the test."""
-    from pytest_virtio.plugin.hooks import plan_of
-
     record = record_of(node, accel, measured)
     node.user_properties.extend(junit_properties(record))
     checks = []
     for spec in plan_of(node).perfs:
         reference, by = spec.reference_for(record.device), spec.by_for(accel)
         if reference is not None and by is not None:
-            checks.append(RelativeCheck(node.nodeid, str(record.extra["group"]), record.device,
+            checks.append(RelativeCheck(node.nodeid, record.group, record.device,
                                         record.workload, accel, reference, by, spec.metric,
                                         record.machine))
     return record, checks

@@ -46,13 +46,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(render_table(merged.records))
     for line in judgement.lines:
         print(line)
-    verdicts = [line for line in judgement.lines[1:] if not line.startswith(" ")]
     if args.json:
         write_json(merged.records, args.json, merged.checks)
         print(f"results JSON written to {Path(args.json).resolve()}")
     if args.plot and merged.records:
         try:
-            write_chart(merged.records, args.plot, verdicts)
+            write_chart(merged.records, args.plot, judgement.verdicts)
         except (ConfigError, OSError) as exc:
             print(f"chart NOT written to {args.plot}: {exc}", file=sys.stderr)
             return 2

@@ -19,6 +19,7 @@ from pytest_virtio.errors import ConfigError, VirtioError
 from pytest_virtio.results import baseline as baseline_mod
 from pytest_virtio.results import perf as perf_mod
 from pytest_virtio.results import plot as plot_mod
+from pytest_virtio.results.plot import VerdictLine
 from pytest_virtio.results.records import Record, RelativeCheck, SessionResults, write_json
 from pytest_virtio.results.render import render_table
 
@@ -65,8 +66,7 @@ def absolute_failures(spec: perf_mod.PerfSpec, records: Sequence[Record]) -> lis
 def starvation(records: Sequence[Record]) -> float | None:
     """How starved QEMU was in the least starved round, when over perf.STARVED_LIMIT
     in every round (None: at least one round was timed on a host that let it run)."""
-    shares = [float(v) for r in records if isinstance(v := r.extra.get("cpu_starved"),
-                                                      int | float)]
+    shares = [r.cpu_starved for r in records if r.cpu_starved is not None]
     if shares and min(shares) > perf_mod.STARVED_LIMIT:
         return min(shares)
     return None
@@ -74,11 +74,13 @@ def starvation(records: Sequence[Record]) -> float | None:
 
 @dataclass(frozen=True)
 class Judgement:
-    """The session-end relative verdicts: lines to print and what they add up to."""
+    """The session-end relative verdicts: lines to print, what they add up to, and
+    one typed verdict per check for the chart."""
 
     lines: tuple[str, ...] = ()
     failed: int = 0
     inconclusive: int = 0
+    verdicts: tuple[VerdictLine, ...] = ()
 
     def fails_session(self, inconclusive_policy: str) -> bool:
         return bool(self.failed or (self.inconclusive and inconclusive_policy == "fail"))
@@ -96,20 +98,21 @@ def _ratio_text(verdict: perf_mod.Verdict) -> str:
 def judge_relative(results: SessionResults) -> Judgement:
     """Judge every ``faster_than`` check of the session (also used by ``report merge``)."""
     lines: list[str] = []
+    verdicts: list[VerdictLine] = []
     failed = inconclusive = 0
     for outcome in perf_mod.relative_outcomes(results.records, results.checks):
         check, verdict = outcome.check, outcome.verdict
-        label = {"ok": "ok", "FAILED": "FAILED", "inconclusive": "INCONCLUSIVE"}[verdict.outcome]
         failed += verdict.outcome == perf_mod.FAILED
         inconclusive += verdict.outcome == perf_mod.INCONCLUSIVE
-        lines.append(
-            f"{label:12} {check.device} vs {check.faster_than} ({check.workload}, "
-            f"{check.metric}, {check.accel}): {_ratio_text(verdict)}, required {check.by:g}x"
-        )
+        line = (f"{verdict.outcome.label:12} {check.device} vs {check.faster_than} "
+                f"({check.workload}, {check.metric}, {check.accel}): {_ratio_text(verdict)}, "
+                f"required {check.by:g}x")
+        verdicts.append(VerdictLine(verdict.outcome, line))
+        lines.append(line)
         lines.extend(f"             {check.test_id}: {failure}" for failure in outcome.failures)
     if lines:
         lines.insert(0, "relative performance (perf faster_than, judged at session end):")
-    return Judgement(tuple(lines), failed, inconclusive)
+    return Judgement(tuple(lines), failed, inconclusive, tuple(verdicts))
 
 
 def _compare_lines(records: Sequence[Record], settings: FinishOptions) -> tuple[list[str], bool]:
@@ -131,7 +134,7 @@ def _compare_lines(records: Sequence[Record], settings: FinishOptions) -> tuple[
 
 
 def _write_outputs(records: Sequence[Record], settings: FinishOptions,
-                   verdicts: Sequence[str] = (),
+                   verdicts: Sequence[VerdictLine] = (),
                    checks: Sequence[RelativeCheck] = ()) -> list[str]:
     """Write JSON, baseline and chart; a failed write is reported, never a traceback."""
     lines: list[str] = []
@@ -201,8 +204,7 @@ def finish(results: SessionResults, settings: FinishOptions) -> Finish:
     """Judge and write; the summary lines and whether (and why) the session must fail."""
     judgement = judge_relative(results)
     cmp_lines, cmp_failed = _compare_lines(results.records, settings)
-    verdicts = [line for line in judgement.lines[1:] if not line.startswith(" ")]
-    out_lines = _write_outputs(results.records, settings, verdicts, results.checks)
+    out_lines = _write_outputs(results.records, settings, judgement.verdicts, results.checks)
     return Finish((*judgement.lines, *cmp_lines, *out_lines), judgement, cmp_failed,
                   settings.perf_inconclusive)
 

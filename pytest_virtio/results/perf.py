@@ -20,6 +20,7 @@ bare latency number is nanoseconds (write ``"2ms"``).
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ __all__ = [
     "METRICS",
     "PERF_KEYS",
     "PerfSpec",
+    "Status",
     "check_absolute",
     "check_applicable",
     "check_relative",
@@ -55,7 +57,7 @@ THRESHOLD_KEYS = ("min_iops", "min_bw", "max_lat_p99", "max_lat_mean")
 PERF_KEYS = (*THRESHOLD_KEYS, "faster_than", "by", "metric", "rounds")
 #: A timed sample whose QEMU spent more than this share of its runnable time waiting
 #: for a CPU measured the host's load, not the device: relative verdicts on such
-#: samples are inconclusive (recorded as ``extra["cpu_starved"]`` by the runner).
+#: samples are inconclusive (recorded as :attr:`Record.cpu_starved` by the runner).
 STARVED_LIMIT = 0.5
 #: Most rounds a marker may ask for (each is a full workload run on the guest).
 MAX_ROUNDS = 50
@@ -302,6 +304,20 @@ def check_absolute(
     return failures
 
 
+class Status(enum.StrEnum):
+    """A relative check's outcome, decided by :func:`judge` (and starvation)."""
+
+    OK = "ok"
+    FAILED = "FAILED"
+    INCONCLUSIVE = "inconclusive"
+
+    @property
+    def label(self) -> str:
+        """How the session's summary and the chart name it (``ok``, ``FAILED``,
+        ``INCONCLUSIVE``)."""
+        return self.value if self is Status.OK else self.value.upper()
+
+
 @dataclass(frozen=True)
 class Verdict:
     """One relative check judged on every sample of both devices.
@@ -314,7 +330,7 @@ class Verdict:
     noise is larger than the difference the test asks about.
     """
 
-    outcome: str
+    outcome: Status
     ratio: float | None = None
     low: float | None = None
     high: float | None = None
@@ -322,7 +338,7 @@ class Verdict:
     reason: str = ""
 
 
-OK, FAILED, INCONCLUSIVE = "ok", "FAILED", "inconclusive"
+OK, FAILED, INCONCLUSIVE = Status.OK, Status.FAILED, Status.INCONCLUSIVE
 
 
 def _div(a: float, b: float) -> float:
@@ -423,12 +439,12 @@ def _peers(records: Iterable[Record], check: RelativeCheck) -> dict[str, list[Re
     and machine (shards of other hosts are judged apart).  When the check's own item
     measured its reference alongside (paired, interleaved rounds), only those pairs."""
     pool = list(records)
-    paired = [r for r in pool if r.extra.get("pair") == check.test_id]
+    paired = [r for r in pool if r.pair == check.test_id]
     if not any(r.device == check.faster_than for r in paired):
         paired = []  # this reference was not measured alongside: every sample of it
     peers: dict[str, list[Record]] = {}
     for r in paired or pool:
-        if (r.extra.get("group"), r.workload, r.accel, r.machine) == (
+        if (r.group, r.workload, r.accel, r.machine) == (
                 check.group, check.workload, check.accel, check.machine or r.machine):
             peers.setdefault(r.device, []).append(r)
     return peers
@@ -476,8 +492,8 @@ def _starved(by_device: Mapping[str, list[Record]], check: RelativeCheck) -> flo
     """The worst starvation among the compared samples of a timed metric, if over the limit."""
     if check.metric in MECHANISM:
         return None
-    shares = [float(v) for d in (check.device, check.faster_than) for r in by_device.get(d, ())
-              if isinstance(v := r.extra.get("cpu_starved"), int | float)]
+    shares = [r.cpu_starved for d in (check.device, check.faster_than)
+              for r in by_device.get(d, ()) if r.cpu_starved is not None]
     worst = max(shares, default=0.0)
     return worst if worst > STARVED_LIMIT else None
 

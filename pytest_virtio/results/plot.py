@@ -30,12 +30,14 @@ from pathlib import Path
 
 from pytest_virtio.errors import ConfigError, MissingToolError
 from pytest_virtio.results.metrics import Spread, spread
+from pytest_virtio.results.perf import Status
 from pytest_virtio.results.records import Record
 from pytest_virtio.units import format_count
 
 __all__ = [
     "Bar",
     "Panel",
+    "VerdictLine",
     "build_panels",
     "is_network",
     "is_virtio",
@@ -331,17 +333,29 @@ def _draw_legend(
 VERDICT_LINE = 18
 
 
+@dataclass(frozen=True)
+class VerdictLine:
+    """One relative check under the chart: its judged status (which picks the colour)
+    and its line (verdict, measured and required ratio) as the summary prints it."""
+
+    status: Status
+    text: str
+
+
+VERDICT_FILLS = {Status.FAILED: "#c1121f", Status.INCONCLUSIVE: "#9c6644", Status.OK: "#1b7f3b"}
+
+
 def render_svg(records: Sequence[Record], title: str = "pytest-virtio: I/O by device",
-               verdicts: Sequence[str] = ()) -> str:
-    """The whole chart as an SVG document; ``verdicts`` are the relative checks'
-    lines (verdict, measured and required ratio), listed under the panels."""
+               verdicts: Sequence[VerdictLine] = ()) -> str:
+    """The whole chart as an SVG document; ``verdicts`` are the relative checks,
+    listed under the panels in their status's colour."""
     if not records:
         raise ConfigError("no I/O results to chart (did any test run a workload?)")
     panels = build_panels(records)
     devices = _device_order(r.device for r in records)
     colours = _colours(devices)
     plot_width = max(_panel_width(p) for p in panels)
-    longest = max((len(v) for v in verdicts), default=0) * 6.6
+    longest = max((len(v.text) for v in verdicts), default=0) * 6.6
     width = max(MARGIN_LEFT + plot_width + MARGIN_RIGHT, MARGIN_LEFT + longest + 20)
     verdict_height = (len(verdicts) + 2) * VERDICT_LINE if verdicts else 0
     height = (TITLE_HEIGHT + len(panels) * (PANEL_HEIGHT + PANEL_GAP + 30) + 10
@@ -361,10 +375,8 @@ def render_svg(records: Sequence[Record], title: str = "pytest-virtio: I/O by de
         svg.text(MARGIN_LEFT, top, "Relative checks (verdict, measured vs required ratio)",
                  size=15, anchor="start", weight="bold")
         for index, verdict in enumerate(verdicts, start=1):
-            fill = ("#c1121f" if verdict.startswith("FAILED") else
-                    "#9c6644" if verdict.startswith("INCONCLUSIVE") else "#1b7f3b")
-            svg.text(MARGIN_LEFT, top + index * VERDICT_LINE + 4, verdict, size=12,
-                     anchor="start", fill=fill)
+            svg.text(MARGIN_LEFT, top + index * VERDICT_LINE + 4, verdict.text, size=12,
+                     anchor="start", fill=VERDICT_FILLS[verdict.status])
     body = "\n  ".join(svg.parts)
     return (
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
@@ -395,7 +407,7 @@ def svg_to_png(svg: str, target: Path) -> None:
 
 
 def write_chart(records: Sequence[Record], path: str | os.PathLike[str],
-                verdicts: Sequence[str] = ()) -> None:
+                verdicts: Sequence[VerdictLine] = ()) -> None:
     """Write the chart to ``path``; the suffix picks the format: ``.svg`` or ``.png``."""
     target = Path(path)
     suffix = target.suffix.lower()

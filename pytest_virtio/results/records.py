@@ -9,6 +9,7 @@ builtins); the controller then renders one table for the whole session.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import os
 import tempfile
@@ -24,6 +25,7 @@ from pytest_virtio.workloads.fio import FioResult
 __all__ = [
     "Record",
     "RelativeCheck",
+    "Role",
     "SessionResults",
     "load_json",
     "records_from_json",
@@ -31,13 +33,27 @@ __all__ = [
     "write_json",
 ]
 
-FORMAT_VERSION = 1
+#: 2: ``group``, ``pair``, ``role`` and ``cpu_starved`` are fields of a record; version 1
+#: files carried them in ``extra`` and are still read.
+FORMAT_VERSION = 2
 
 _T = TypeVar("_T")
 
 JsonScalar = str | int | float | bool | None
 
 Key = tuple[str, str, str, str]
+
+
+class Role(enum.StrEnum):
+    """Why a record was measured: for its own test, or as the reference device of a
+    paired run (rounds alternated with another item's, :attr:`Record.pair`)."""
+
+    MEASURED = "measured"
+    REFERENCE = "reference"
+
+
+#: Record fields that version 1 files (and hand-built records) kept in ``extra``.
+_TYPED_EXTRAS = ("group", "pair", "role", "cpu_starved")
 
 
 @dataclass(frozen=True)
@@ -62,6 +78,22 @@ class Record:
     kind: str = "fio"
     #: Streaming I/O, judged by bandwidth in the chart: what the job ran, not its label.
     sequential: bool = False
+    #: The test function (node id without the matrix part): relative checks compare
+    #: only records of one group.  Empty for a record measured outside a test.
+    group: str = ""
+    #: The node id of the test whose rounds this record alternated with (paired
+    #: rounds, see plugin/marked_workload.py); None when it was measured on its own.
+    pair: str | None = None
+    role: Role = Role.MEASURED
+    #: Share of QEMU's runnable time it spent waiting for a CPU while timed (None:
+    #: not measured); over perf.STARVED_LIMIT the timed verdict is inconclusive.
+    cpu_starved: float | None = None
+
+    def __post_init__(self) -> None:
+        typed = [key for key in _TYPED_EXTRAS if key in self.extra]
+        if typed:
+            raise ConfigError(f"Record(extra={{{typed[0]!r}: ...}}): {typed[0]} is a field of "
+                              f"Record; pass {typed[0]}=... instead")
 
     @classmethod
     def best_of(cls, records: Sequence[Record]) -> Record:
@@ -133,6 +165,10 @@ class Record:
             **{name: getattr(self, name) for name in _MECHANISM_FIELDS},
             "kind": self.kind,
             "sequential": self.sequential,
+            "group": self.group,
+            "pair": self.pair,
+            "role": self.role.value,
+            "cpu_starved": self.cpu_starved,
         }
 
     @classmethod
@@ -152,10 +188,14 @@ class Record:
                 iops=float(data["iops"]),
                 bw=float(data["bw"]),
                 lat_p99_ns=None if lat is None else float(lat),
-                extra=dict(extra),
+                extra={k: v for k, v in extra.items() if k not in _TYPED_EXTRAS},
                 **{name: _optional_float(data, name) for name in _MECHANISM_FIELDS},
                 kind=_carried(data, extra, "kind", str, "fio"),
                 sequential=_carried(data, extra, "sequential", bool, False),
+                group=_carried(data, extra, "group", str, ""),
+                pair=_carried_optional(data, extra, "pair", str),
+                role=Role(_carried(data, extra, "role", str, Role.MEASURED.value)),
+                cpu_starved=_share(data.get("cpu_starved", extra.get("cpu_starved"))),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"malformed result record {dict(data)!r}: {exc}") from None
@@ -186,6 +226,22 @@ def _carried(data: Mapping[str, Any], extra: Mapping[str, Any], key: str,
     if not isinstance(value, kind):
         raise TypeError(f"{key} must be a {kind.__name__}, got {value!r}")
     return value
+
+
+def _carried_optional(data: Mapping[str, Any], extra: Mapping[str, Any], key: str,
+                      kind: type[_T]) -> _T | None:
+    """As :func:`_carried`, for a field that may be null (absent: null)."""
+    value = data.get(key, extra.get(key))
+    return None if value is None else _carried({key: value}, {}, key, kind, value)
+
+
+def _share(value: object) -> float | None:
+    """A fraction from 0 to 1 (None stays None)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise TypeError(f"cpu_starved must be a number from 0 to 1, got {value!r}")
+    return float(value)
 
 
 def _str_field(data: Mapping[str, Any], key: str) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from pytest_virtio.results.metrics import MECHANISM, METRICS, spread
-from pytest_virtio.results.records import Record
+from pytest_virtio.results.records import JsonScalar, Record, Role
 
 __all__ = ["group_samples", "junit_properties", "render_table"]
 
@@ -87,5 +87,15 @@ def junit_properties(record: Record) -> list[tuple[str, str]]:
     ]
     if record.lat_p99_ns is not None:
         props.append(("virtio_lat_p99_ns", _number(record.lat_p99_ns)))
-    props.extend((f"virtio_{key}", str(value)) for key, value in sorted(record.extra.items()))
+    extras = {**record.extra, **_set_labels(record)}
+    props.extend((f"virtio_{key}", str(value)) for key, value in sorted(extras.items()))
     return props
+
+
+def _set_labels(record: Record) -> dict[str, JsonScalar]:
+    """The record's group, pairing and starvation, where set, under the property names
+    they had when they travelled in ``extra``."""
+    labels: dict[str, JsonScalar] = {
+        "group": record.group or None, "pair": record.pair, "cpu_starved": record.cpu_starved,
+        "role": Role.REFERENCE.value if record.role is Role.REFERENCE else None}
+    return {key: value for key, value in labels.items() if value is not None}

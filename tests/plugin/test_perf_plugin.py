@@ -151,7 +151,8 @@ def test_table_json_plot_baseline_and_compare_fail(
     ])
     [record] = json.loads(out_json.read_text())["records"]
     assert record["device"] == "virtio-blk" and record["iops"] > 0
-    assert record["extra"]["group"].endswith("::test_measured")
+    assert record["group"].endswith("::test_measured") and "group" not in record["extra"]
+    assert record["role"] == "measured" and record["pair"] is None
     assert "<svg" in chart.read_text() and "virtio-blk" in chart.read_text()
     assert json.loads(saved.read_text())["machine_id"] == machine_id()
     assert find_qemus(inner_tmp) == []
@@ -209,7 +210,7 @@ def test_two_workers_one_report_and_relative_check(
     traps = {r["device"]: r["traps_per_io"] for r in records}
     assert traps["ide"] > 10 * traps["virtio-blk"] > 0
     # How starved each QEMU was while timed (its threads' run-queue wait share).
-    assert all(0 <= r["extra"]["cpu_starved"] <= 1 for r in records)
+    assert all(0 <= r["cpu_starved"] <= 1 for r in records)
     assert find_qemus(inner_tmp) == []
 
 
@@ -265,17 +266,17 @@ def test_remote_workers_in_their_own_directory_home_and_cache(
 
 STARVED_TEST = """
 import pytest
-from pytest_virtio.plugin.hooks import RESULTS_KEY
+from pytest_virtio.plugin.state import RESULTS_KEY
 from pytest_virtio.results.records import Record
 
 @pytest.mark.workload("fio")
 @pytest.mark.perf(min_iops=10_000)
 def test_starved(request):
     # What the runner files for a round timed while QEMU waited for a CPU 90% of the
-    # time it was runnable (extra["cpu_starved"], from /proc/PID/task/*/schedstat).
+    # time it was runnable (Record.cpu_starved, from /proc/PID/task/*/schedstat).
     request.config.stash[RESULTS_KEY].records.append(Record(
         request.node.nodeid, "ide", "randread 4K qd16", "tcg", "m", iops=500, bw=0.0,
-        extra={"cpu_starved": {share}}))
+        cpu_starved={share}))
 """
 
 

@@ -16,7 +16,7 @@ from pytest_virtio.results.records import Record
 
 FILED = """
 import pytest
-from pytest_virtio.plugin.hooks import RESULTS_KEY
+from pytest_virtio.plugin.state import RESULTS_KEY
 from pytest_virtio.results.baseline import machine_id
 from pytest_virtio.results.records import Record, RelativeCheck
 
@@ -26,10 +26,10 @@ WORKLOAD = "randread 4K qd16"
 def _file(request, group, starved=None):
     # virtio-blk at 100 IOPS promised 2x an IDE at 1000: FAILED; starved: INCONCLUSIVE.
     results = request.config.stash[RESULTS_KEY]
-    extra = {"group": group} | ({} if starved is None else {"cpu_starved": starved})
     for device, iops in (("virtio-blk", 100.0), ("ide", 1000.0)):
         results.records.append(Record(request.node.nodeid, device, WORKLOAD, "tcg",
-                                      machine_id(), iops=iops, bw=0.0, extra=extra))
+                                      machine_id(), iops=iops, bw=0.0, group=group,
+                                      cpu_starved=starved))
     results.checks.append(RelativeCheck(request.node.nodeid, group, "virtio-blk", WORKLOAD,
                                         "tcg", "ide", by=2.0, machine=machine_id()))
 

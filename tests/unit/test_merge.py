@@ -18,9 +18,9 @@ GROUP = "t.py::test_rr"
 def shard(path: Path, machine: str, ide: float, virtio: float, checks: bool) -> Path:
     records = [
         Record(f"{GROUP}[disk=ide]", "ide", "randread", "tcg", machine, ide, 0.0,
-               traps_per_io=26.0, extra={"group": GROUP}),
+               traps_per_io=26.0, group=GROUP),
         Record(f"{GROUP}[disk=virtio-blk]", "virtio-blk", "randread", "tcg", machine, virtio,
-               0.0, traps_per_io=0.5, extra={"group": GROUP}),
+               0.0, traps_per_io=0.5, group=GROUP),
     ]
     check = RelativeCheck(f"{GROUP}[disk=virtio-blk]", GROUP, "virtio-blk", "randread", "tcg",
                           "ide", 1.2, "iops", machine)
@@ -55,6 +55,21 @@ def test_merge_a_check_finds_its_reference_in_another_shard(tmp_path: Path) -> N
     data["records"] = [r for r in data["records"] if r["device"] != "ide"]
     b.write_text(json.dumps(data))
     assert main(["merge", str(a), str(b)]) == 0
+
+
+def test_merge_reads_version_1_shards_that_carried_the_group_in_extra(tmp_path: Path) -> None:
+    """A shard written before group/pair/role/cpu_starved were record fields is judged
+    as before: its records still find their group (and the check its reference)."""
+    old = shard(tmp_path / "old.json", "host", ide=1000, virtio=900, checks=True)
+    data = json.loads(old.read_text())
+    data["version"] = 1
+    for record in data["records"]:
+        for key in ("group", "pair", "role", "cpu_starved"):
+            value = record.pop(key)
+            if value not in (None, "measured"):
+                record["extra"][key] = value
+    old.write_text(json.dumps(data))
+    assert main(["merge", str(old)]) == 1  # 0.90x < 1.2x: FAILED, not "no result for ide"
 
 
 def test_merge_bad_input_names_the_file(tmp_path: Path) -> None:

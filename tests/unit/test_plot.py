@@ -9,16 +9,20 @@ from pathlib import Path
 import pytest
 
 from pytest_virtio.errors import ConfigError
+from pytest_virtio.results.finish import judge_relative
+from pytest_virtio.results.perf import Status
 from pytest_virtio.results.plot import (
     EMULATED_COLOURS,
+    VERDICT_FILLS,
     VIRTIO_COLOURS,
+    VerdictLine,
     build_panels,
     is_virtio,
     nice_ticks,
     render_svg,
     write_chart,
 )
-from pytest_virtio.results.records import Record
+from pytest_virtio.results.records import Record, RelativeCheck, SessionResults
 
 SVG = "{http://www.w3.org/2000/svg}"
 
@@ -78,12 +82,47 @@ def test_mechanism_panels_error_bars_and_verdicts() -> None:
     [irq] = dict(panels["Interrupts per I/O"].groups)["randread"]  # only IDE counted them
     assert irq.device == "ide"
     verdict = "ok           virtio-blk vs ide (randread, traps_per_io, tcg): 52.00x, required 10x"
-    root = ET.fromstring(render_svg(counted, verdicts=[verdict]))
+    root = ET.fromstring(render_svg(counted, verdicts=[VerdictLine(Status.OK, verdict)]))
     texts = [t.text for t in root.iter(f"{SVG}text")]
     assert verdict in texts
     # The spread is drawn: an error bar from 3,000 to 5,000 IOPS with two caps.
     lines = list(root.iter(f"{SVG}line"))
     assert sum(1 for ln in lines if ln.get("stroke") == "#222") >= 3
+
+
+def _verdict_fills(svg: str, lines: list[VerdictLine] | tuple[VerdictLine, ...]
+                   ) -> dict[str, str | None]:
+    """The colours the chart drew ``lines`` in (by their text)."""
+    texts = {line.text for line in lines}
+    return {t.text: t.get("fill") for t in ET.fromstring(svg).iter(f"{SVG}text")
+            if t.text in texts}
+
+
+def test_chart_colours_verdicts_by_the_judgement_not_by_their_wording() -> None:
+    """The chart's colour is the check's judged status: a line that does not start with
+    the summary's word for it (say, a reworded summary) is coloured all the same."""
+    counted = [Record("t[vb]", "virtio-blk", "randread", "tcg", "m", 3000, 0, group="t")]
+    lines = [VerdictLine(Status.FAILED, "virtio-blk vs ide: 0.50x, required 2x (missed)"),
+             VerdictLine(Status.INCONCLUSIVE, "ok? virtio-blk vs ahci: spreads overlap"),
+             VerdictLine(Status.OK, "FAILED-looking text, virtio-blk vs nvme: 3.00x")]
+    fills = _verdict_fills(render_svg(counted, verdicts=lines), lines)
+    assert fills == {line.text: VERDICT_FILLS[line.status] for line in lines}
+    assert len(set(fills.values())) == 3
+
+
+def test_session_judgement_hands_the_chart_one_typed_verdict_per_check() -> None:
+    """judge_relative's verdicts are the outcomes perf judged, with the lines the summary
+    prints: the chart no longer picks them out of the printed text."""
+    records = [Record(f"t[{d}]", d, "randread", "tcg", "m", iops, 0, group="t")
+               for d, iops in (("ide", 1000), ("virtio-blk", 3000), ("ahci", 2000))]
+    checks = [RelativeCheck("t[virtio-blk]", "t", "virtio-blk", "randread", "tcg", ref, by, "iops",
+                            "m") for ref, by in (("ide", 2.0), ("ahci", 2.0))]
+    judgement = judge_relative(SessionResults(records, checks))
+    assert [v.status for v in judgement.verdicts] == [Status.OK, Status.FAILED]
+    assert [v.text for v in judgement.verdicts] == [
+        line for line in judgement.lines if line.startswith(("ok ", "FAILED "))]
+    fills = _verdict_fills(render_svg(records, verdicts=judgement.verdicts), judgement.verdicts)
+    assert list(fills.values()) == [VERDICT_FILLS[Status.OK], VERDICT_FILLS[Status.FAILED]]
 
 
 @pytest.mark.parametrize(

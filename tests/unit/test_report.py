@@ -22,6 +22,7 @@ from pytest_virtio.results.baseline import (
 )
 from pytest_virtio.results.records import (
     Record,
+    Role,
     load_json,
     records_from_json,
     records_to_json,
@@ -80,13 +81,53 @@ _num = st.floats(min_value=0, max_value=1e12, allow_nan=False)
         iops=_num,
         bw=_num,
         lat_p99_ns=st.none() | _num,
-        extra=st.dictionaries(_text, st.none() | st.integers() | _text | st.booleans()),
+        extra=st.dictionaries(_text.filter(lambda k: k not in TYPED),
+                              st.none() | st.integers() | _text | st.booleans()),
         kind=st.sampled_from(("fio", "dd", "net")),
         sequential=st.booleans(),
+        group=_text,
+        pair=st.none() | _text,
+        role=st.sampled_from(Role),
+        cpu_starved=st.none() | st.floats(min_value=0, max_value=1),
     )
 )
 def test_json_roundtrip_property(record: Record) -> None:
     assert Record.from_json(record.to_json()) == record
+
+
+TYPED = ("group", "pair", "role", "cpu_starved")
+
+
+def test_group_pair_role_and_starvation_are_typed_fields_of_the_json() -> None:
+    """They travel (xdist, --virtio-json, merge) as fields of their own type, not as
+    ``extra`` entries that every reader had to fish out and convert."""
+    record = rec(extra={"iodepth": 16}, group="t.py::test_rr", pair="t.py::test_rr[disk=vb]",
+                 role=Role.REFERENCE, cpu_starved=0.25)
+    data = json.loads(record.to_json())
+    assert {k: data[k] for k in TYPED} == {
+        "group": "t.py::test_rr", "pair": "t.py::test_rr[disk=vb]", "role": "reference",
+        "cpu_starved": 0.25}
+    assert data["extra"] == {"iodepth": 16}
+    back = Record.from_json(record.to_json())
+    assert back == record and back.role is Role.REFERENCE and back.cpu_starved == 0.25
+    plain = Record.from_dict(rec().to_dict())
+    assert (plain.group, plain.pair, plain.role, plain.cpu_starved) == (
+        "", None, Role.MEASURED, None)
+
+
+def test_version_1_records_with_the_fields_in_extra_still_load() -> None:
+    data = rec().to_dict()
+    for key in TYPED:
+        del data[key]
+    old = Record.from_dict({**data, "extra": {"group": "g", "pair": "t", "role": "reference",
+                                              "cpu_starved": 1, "rounds": 3}})
+    assert (old.group, old.pair, old.role, old.cpu_starved) == ("g", "t", Role.REFERENCE, 1.0)
+    assert old.extra == {"rounds": 3}
+
+
+def test_a_typed_field_in_extra_is_refused_naming_the_field() -> None:
+    with pytest.raises(ConfigError, match=r"group is a field of Record; pass group=\.\.\."):
+        rec(extra={"group": "g"})
 
 
 def test_kind_and_sequential_are_fields_older_files_had_them_in_extra() -> None:
@@ -107,6 +148,9 @@ def test_kind_and_sequential_are_fields_older_files_had_them_in_extra() -> None:
         json.dumps({**rec().to_dict(), "device": 3}),
         json.dumps({**rec().to_dict(), "extra": [1]}),
         json.dumps({**rec().to_dict(), "sequential": "yes"}),
+        json.dumps({**rec().to_dict(), "role": "bystander"}),
+        json.dumps({**rec().to_dict(), "cpu_starved": 2}),
+        json.dumps({**rec().to_dict(), "group": None}),
     ],
 )
 def test_bad_record_json(text: str) -> None:
@@ -119,7 +163,7 @@ def test_session_file_roundtrip(tmp_path: Path) -> None:
     path = tmp_path / "sub" / "results.json"
     write_json(records, path)
     assert load_json(path) == records
-    assert json.loads(path.read_text())["version"] == 1
+    assert json.loads(path.read_text())["version"] == 2
     assert records_from_json(json.dumps([r.to_dict() for r in records])) == records
     assert [p.name for p in path.parent.iterdir()] == ["results.json"]  # no temp left
     with pytest.raises(ConfigError, match="records"):
@@ -172,6 +216,10 @@ def test_junit_properties() -> None:
         ("virtio_iodepth", "16"),
     ]
     assert all(isinstance(v, str) for _, v in props)
+    # The typed fields keep the property names they had as extra entries.
+    typed = junit_properties(rec(extra={"lat_mean_ns": 9.5}, group="g", cpu_starved=0.5))
+    assert typed[-3:] == [("virtio_cpu_starved", "0.5"), ("virtio_group", "g"),
+                          ("virtio_lat_mean_ns", "9.5")]
     assert ("virtio_lat_p99_ns", "1500000") not in junit_properties(rec(lat_p99_ns=None))
 
 

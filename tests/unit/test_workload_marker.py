@@ -13,7 +13,7 @@ from pytest_virtio.errors import ConfigError, WorkloadError
 from pytest_virtio.guests.measure import WorkloadSpec, run_workload
 from pytest_virtio.results.perf import PerfSpec, check_applicable, relative_outcomes
 from pytest_virtio.results.plot import build_panels
-from pytest_virtio.results.records import Record, RelativeCheck, SessionResults
+from pytest_virtio.results.records import Record, RelativeCheck, Role, SessionResults
 from pytest_virtio.workloads.fio import FioResult, check_fio_run
 
 DATA = Path(__file__).parent / "data" / "fio"
@@ -82,7 +82,8 @@ def test_runner_files_result_under_the_disk_bus() -> None:
     assert measured.device == "ahci" and measured.workload == "randread 4K qd16"
     assert guest.fio_calls[0]["device"] == "/dev/sda" and guest.fio_calls[0]["runtime"] == "2s"
     record = measured.to_record("t.py::test_x[disk=ahci]", "tcg", "t.py::test_x")
-    assert record.extra["group"] == "t.py::test_x" and record.iops == measured.iops
+    assert record.group == "t.py::test_x" and record.iops == measured.iops
+    assert record.cpu_starved is None and "group" not in record.extra
 
 
 def test_runner_fio_failure_carries_stderr() -> None:
@@ -114,7 +115,7 @@ def test_check_applicable_refuses_unmeasurable() -> None:
 
 def _rec(device: str, iops: float, group: str = "g", test: str = "t") -> Record:
     return Record(test, device, "randread", "tcg", "m", iops=iops, bw=iops * 4096,
-                  extra={"group": group})
+                  group=group)
 
 
 def test_relative_outcomes_compare_medians_and_stay_in_group() -> None:
@@ -158,9 +159,8 @@ def test_stacked_promises_on_one_item_are_all_judged() -> None:
     """Two trap promises of one item (vs IDE and vs AHCI) stay two checks, and a
     reference measured alongside (paired rounds) does not hide the other one."""
     records = [_rec("ide", 1000), _rec("ahci", 1000),
-               dataclasses.replace(_rec("virtio-blk", 3000), extra={"group": "g", "pair": "t"}),
-               dataclasses.replace(_rec("ide", 1000),
-                                   extra={"group": "g", "pair": "t", "role": "reference"})]
+               dataclasses.replace(_rec("virtio-blk", 3000), pair="t"),
+               dataclasses.replace(_rec("ide", 1000), pair="t", role=Role.REFERENCE)]
     checks = [RelativeCheck("t", "g", "virtio-blk", "randread", "tcg", "ide", by=2.0),
               RelativeCheck("t", "g", "virtio-blk", "randread", "tcg", "ahci", by=2.0)]
     outcomes = relative_outcomes(records, checks)
@@ -172,7 +172,7 @@ def test_timed_verdict_on_starved_samples_is_inconclusive() -> None:
     """A QEMU that waited for a CPU most of the time it was runnable measured the
     host's load: the timed verdict says so instead of failing (or passing)."""
     def starved(device: str, iops: float, share: float) -> Record:
-        return dataclasses.replace(_rec(device, iops), extra={"group": "g", "cpu_starved": share})
+        return dataclasses.replace(_rec(device, iops), cpu_starved=share)
 
     check = RelativeCheck("t", "g", "virtio-blk", "randread", "tcg", "ide", by=1.2)
     calm = [starved("ide", 1000, 0.2), starved("virtio-blk", 500, 0.3)]
@@ -195,8 +195,8 @@ def test_absolute_failure_on_a_starved_guest_says_the_host_was_busy() -> None:
     from pytest_virtio.results.perf import PerfSpec
 
     marker = PerfSpec.from_marker((), {"min_iops": 10_000})
-    busy = [dataclasses.replace(_rec("ide", 500), extra={"cpu_starved": 0.9})]
+    busy = [dataclasses.replace(_rec("ide", 500), cpu_starved=0.9)]
     assert "QEMU waited for a CPU 90%" in absolute_failures(marker, busy)[-1]
-    calm = [dataclasses.replace(_rec("ide", 500), extra={"cpu_starved": 0.1})]
+    calm = [dataclasses.replace(_rec("ide", 500), cpu_starved=0.1)]
     [line] = absolute_failures(marker, calm)
     assert "IOPS 500 < required 10,000" in line
