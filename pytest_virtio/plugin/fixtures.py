@@ -111,11 +111,12 @@ def _new_name(name: str | None, made: list[Guest]) -> str:
 
 
 def boot_for(node: Any, session: VirtioSession, spec: spec_mod.MachineSpec,
-             name: str) -> Guest:
-    """Boot ``spec`` for the test ``node``: a QEMU without the model skips the test,
-    a failed boot keeps its artifacts under the test's directory."""
+             name: str, pool: SharedGuests | None = None) -> Guest:
+    """Boot ``spec`` for the test ``node`` (or take ``pool``'s live guest of it): a QEMU
+    without the model skips the test, a failed boot keeps its artifacts under the
+    test's directory."""
     try:
-        return session.boot(spec, name)
+        return session.boot(spec, name, pool=pool)
     except MissingDevices as exc:
         # A QEMU build without the model cannot run this test: skip, naming it.
         pytest.skip(f"QEMU lacks device model(s) {', '.join(sorted(exc.missing))} "
@@ -211,7 +212,7 @@ def _shared_guest(request: pytest.FixtureRequest, scope: str,
     session: VirtioSession = request.getfixturevalue("virtio_session")
     pool: SharedGuests = request.getfixturevalue(pool_fixture_name(scope))
     request.node.stash[USES_GUEST_KEY] = True
-    g = pool.get(spec, lambda s, name: boot_for(request.node, session, s, name))
+    g = boot_for(request.node, session, spec, "guest", pool)
 
     def keep_if_failed() -> None:
         keep = session.settings.keep
