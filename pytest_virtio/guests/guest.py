@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from pytest_virtio.channels.balloon import BalloonStats
     from pytest_virtio.spec import Disk, LaunchContext
     from pytest_virtio.workloads.dd import DdResult
-    from pytest_virtio.workloads.fio import FioResult
+    from pytest_virtio.workloads.fio import FioJob, FioResult
 
 
 #: QEMU's refusals to free a backend its (unplugged, not yet finalized) device holds.
@@ -229,9 +229,11 @@ class Guest:
         return names
 
     # -- workloads -----------------------------------------------------------
-    def fio(self, device: str | None = None, *, jobfile: str | None = None,
+    def fio(self, device: str | FioJob | None = None, *, jobfile: str | None = None,
             timeout: float | None = None, **job: Any) -> FioResult:
-        """Run fio in the guest and parse its JSON; WorkloadError carries its stderr."""
+        """Run fio in the guest and parse its JSON; WorkloadError carries its stderr.
+
+        ``device`` is the guest path with FioJob options in ``job``, or a whole FioJob."""
         from pytest_virtio.workloads import fio as fio_mod
 
         runtime = fio_mod.FioJob.UNTIMED_SECONDS
@@ -240,7 +242,10 @@ class Guest:
         else:
             if device is None:
                 raise ConfigError("guest.fio(): give device= (e.g. '/dev/vdb') or jobfile=")
-            fio_job = fio_mod.FioJob(filename=device, **job)
+            if isinstance(device, fio_mod.FioJob) and job:
+                raise ConfigError("guest.fio(): give a FioJob or FioJob options, not both")
+            fio_job = (device if isinstance(device, fio_mod.FioJob)
+                       else fio_mod.FioJob(filename=device, **job))
             cmd, runtime = fio_mod.fio_shell(fio_job), fio_job.runtime_seconds
         t = timeout if timeout is not None else self.default_timeout() + runtime * 3
         res = self.run(cmd, timeout=t)

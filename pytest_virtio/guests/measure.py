@@ -21,8 +21,9 @@ the rows of a ``virtio_matrix`` line up by device in the table and the chart.
 from __future__ import annotations
 
 import dataclasses
+import math
 import shlex
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,6 +31,7 @@ from typing import Any, Protocol
 from pytest_virtio import ids
 from pytest_virtio.channels.runners import Result
 from pytest_virtio.errors import ConfigError, WorkloadError
+from pytest_virtio.keywords import check_keys
 from pytest_virtio.results.baseline import machine_id
 from pytest_virtio.results.records import Record
 from pytest_virtio.spec.model import MachineSpec
@@ -60,15 +62,18 @@ KINDS = ("fio", "dd", "iperf3")
 FIO_DEFAULTS: Mapping[str, Any] = {
     "rw": "randread", "bs": "4k", "iodepth": 16, "runtime": "5s", "time_based": True,
 }
-DD_KEYS = ("disk", "direction", "bs", "count", "timeout")
-IPERF_KEYS = ("nic", "seconds", "reverse", "timeout")
 _FIO_FIELDS = tuple(f for f in fio_mod.FioJob.__dataclass_fields__ if f != "filename")
 #: Every key the marker takes, per kind (``pytest --markers`` lists these).
 MARKER_KEYS: Mapping[str, tuple[str, ...]] = {
     "fio": ("disk", *_FIO_FIELDS, "jobfile", "label", "timeout"),
-    "dd": DD_KEYS,
-    "iperf3": IPERF_KEYS,
+    "dd": ("disk", *dd_mod.DdJob.__dataclass_fields__, "timeout"),
+    "iperf3": ("nic", *iperf_mod.IperfJob.__dataclass_fields__, "timeout"),
 }
+#: The keys of ``workload("fio", jobfile=...)``: the job file says everything else.
+JOBFILE_KEYS = ("disk", "jobfile", "label", "timeout")
+#: The filename of a marked fio job until it runs: the marked disk's device is known
+#: only in the guest (:func:`_run_fio` puts it in), as ``${DISK}`` in a job file.
+MARKED_DISK = "${DISK}"
 
 
 class GuestLike(Protocol):
@@ -79,7 +84,7 @@ class GuestLike(Protocol):
 
     def default_timeout(self) -> float: ...
     def disk_path(self, name: str) -> str: ...
-    def fio(self, device: str | None = None, *, jobfile: str | None = None,
+    def fio(self, device: str | fio_mod.FioJob | None = None, *, jobfile: str | None = None,
             timeout: float | None = None, **job: Any) -> fio_mod.FioResult: ...
     def dd(self, source: str, dest: str, *, bs: str | int = ..., count: int | None = ...,
            iflag: str | None = ..., oflag: str | None = ..., conv: str | None = ...,
@@ -113,12 +118,44 @@ def _where(key: str | None = None) -> str:
 
 
 @dataclass(frozen=True)
-class WorkloadSpec:
-    """A validated ``workload`` marker: which program, on what, with which options."""
+class FioJobfile:
+    """``workload("fio", jobfile=...)``: a fio job file (``${DISK}`` in it is the marked
+    disk's device) and its report name; the command is built, and so checked, once."""
 
-    kind: str
+    text: str
+    label: str | None = None
+    command: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.text, str):
+            raise ConfigError(f"jobfile must be the text of a fio job file, got {self.text!r}")
+        if self.label is not None:
+            object.__setattr__(self, "label", str(self.label))
+        object.__setattr__(self, "command", fio_mod.fio_jobfile_shell(self.text))
+
+
+#: A marked workload's job, typed: what ran is what was validated at collection.
+Job = fio_mod.FioJob | FioJobfile | dd_mod.DdJob | iperf_mod.IperfJob
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    """A validated ``workload`` marker: the job, what it runs on, its time limit."""
+
+    #: The disk (fio, dd) or NIC (iperf3) named in ``@pytest.mark.vm``.
     target: str
-    options: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    job: Job
+    #: Seconds the guest command may take (None: the runner's default for the job).
+    timeout: float | None = None
+
+    @property
+    def kind(self) -> str:
+        """The marker's first argument: ``fio``, ``dd`` or ``iperf3``."""
+        if isinstance(self.job, dd_mod.DdJob):
+            return "dd"
+        if isinstance(self.job, iperf_mod.IperfJob):
+            return "iperf3"
+        return "fio"
 
     @classmethod
     def from_marker(cls, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> WorkloadSpec:
@@ -130,13 +167,19 @@ class WorkloadSpec:
             )
         kind = str(args[0])
         opts = dict(kwargs)
-        if kind == "fio":
-            return cls(kind, _name(opts.pop("disk", "disk0"), "disk"), _fio_options(opts))
-        if kind == "dd":
-            _only(opts, DD_KEYS, kind)
-            return cls(kind, _name(opts.pop("disk", "disk0"), "disk"), _dd_options(opts))
-        _only(opts, IPERF_KEYS, kind)
-        return cls(kind, _name(opts.pop("nic", "net0"), "nic"), _iperf_options(opts))
+        jobfile = kind == "fio" and "jobfile" in opts
+        check_keys(f'{_where()}("{kind}")', opts, JOBFILE_KEYS if jobfile else MARKER_KEYS[kind])
+        axis = "nic" if kind == "iperf3" else "disk"
+        target = _name(opts.pop(axis, f"{'net' if axis == 'nic' else axis}0"), axis)
+        timeout = _timeout(opts.pop("timeout", None))
+        where = _where("jobfile" if jobfile else None)
+        try:
+            job = _JOBS[kind](opts)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        except TypeError as exc:  # a wrongly typed value (e.g. extra=3)
+            raise ConfigError(f"{where}: {exc}") from None
+        return cls(target, job, timeout)
 
     def counting(self) -> WorkloadSpec:
         """The same job, at most ~1 s long: the pass that counts traps and interrupts.
@@ -146,13 +189,13 @@ class WorkloadSpec:
         traps it counts: traced rounds would slow IDE more than virtio and bias the
         throughput comparison.  Counts per I/O do not depend on the run's length.
         """
-        o = dict(self.options)
-        if self.kind == "fio" and "jobfile" not in o and o.get("time_based"):
-            if fio_mod.runtime_ns(o["runtime"]) > 1_000_000_000:
-                o["runtime"] = "1s"
-        elif self.kind == "iperf3":
-            o["seconds"] = min(float(o["seconds"]), 1.0)
-        return WorkloadSpec(self.kind, self.target, o)
+        job = self.job
+        if isinstance(job, fio_mod.FioJob) and job.time_based and job.runtime is not None:
+            if fio_mod.runtime_ns(job.runtime) > 1_000_000_000:
+                job = dataclasses.replace(job, runtime="1s")
+        elif isinstance(job, iperf_mod.IperfJob):
+            job = dataclasses.replace(job, seconds=min(job.seconds, 1.0))
+        return dataclasses.replace(self, job=job)
 
     @property
     def name(self) -> str:
@@ -161,16 +204,18 @@ class WorkloadSpec:
         Short and made of the options that change the numbers, so two tests
         running the same job share a row label (and a chart group).
         """
-        o = self.options
-        if self.kind == "fio":
-            if "jobfile" in o:
-                return str(o.get("label") or "fio jobfile")
-            bs = format_size(parse_size(o["bs"])).replace(" ", "").replace("iB", "")
-            return f"{o['rw']} {bs} qd{o['iodepth']}"
-        if self.kind == "dd":
-            bs = format_size(parse_size(o["bs"])).replace(" ", "").replace("iB", "")
-            return f"dd {o['direction']} {bs}"
-        return f"iperf3 tcp {'host→guest' if o['reverse'] else 'guest→host'}"
+        job = self.job
+        if isinstance(job, FioJobfile):
+            return job.label or "fio jobfile"
+        if isinstance(job, fio_mod.FioJob):
+            return f"{job.rw} {_short_size(parse_size(job.bs))} qd{job.iodepth}"
+        if isinstance(job, dd_mod.DdJob):
+            return f"dd {job.direction} {_short_size(job.bs)}"
+        return f"iperf3 tcp {'host→guest' if job.reverse else 'guest→host'}"
+
+
+def _short_size(num_bytes: int) -> str:
+    return format_size(num_bytes).replace(" ", "").replace("iB", "")
 
 
 def _name(value: object, key: str) -> str:
@@ -179,56 +224,27 @@ def _name(value: object, key: str) -> str:
     return value
 
 
-def _only(opts: Mapping[str, Any], allowed: tuple[str, ...], kind: str) -> None:
-    unknown = sorted(set(opts) - set(allowed))
-    if unknown:
-        raise ConfigError(
-            f"{_where()}: unknown key {unknown[0]!r} for {kind!r}; allowed: {', '.join(allowed)}"
-        )
+def _timeout(value: object) -> float | None:
+    if value is None:
+        return None
+    if (isinstance(value, bool) or not isinstance(value, int | float)
+            or not math.isfinite(value) or value <= 0):
+        raise ConfigError(f"{_where('timeout')}: {value!r} must be a positive number of seconds")
+    return float(value)
 
 
-def _fio_options(opts: dict[str, Any]) -> dict[str, Any]:
-    """fio options are FioJob fields; building a throw-away job validates them all."""
-    timeout = opts.pop("timeout", None)
+def _fio_job(opts: dict[str, Any]) -> fio_mod.FioJob | FioJobfile:
+    """A fio job from FioJob fields over :data:`FIO_DEFAULTS`, or a job file."""
     if "jobfile" in opts:
-        _only(opts, ("jobfile", "label"), "fio with jobfile")
-        if not isinstance(opts["jobfile"], str):
-            raise ConfigError(f"{_where('jobfile')}: must be the text of a fio job file")
-        try:
-            fio_mod.fio_jobfile_shell(opts["jobfile"])
-        except ConfigError as exc:
-            raise ConfigError(f"{_where('jobfile')}: {exc}") from None
-        return {**opts, "timeout": timeout}
-    _only(opts, _FIO_FIELDS, "fio")
-    merged = {**FIO_DEFAULTS, **opts}
-    try:
-        fio_mod.FioJob(filename="/dev/null", **merged)
-    except ConfigError as exc:
-        raise ConfigError(f"{_where()}: {exc}") from None
-    except TypeError as exc:  # a wrongly typed value (e.g. extra=3)
-        raise ConfigError(f"{_where()}: {exc}") from None
-    return {**merged, "timeout": timeout}
+        return FioJobfile(opts["jobfile"], opts.get("label"))
+    return fio_mod.FioJob(filename=MARKED_DISK, **{**FIO_DEFAULTS, **opts})
 
 
-def _dd_options(opts: dict[str, Any]) -> dict[str, Any]:
-    merged = {"direction": "write", "bs": "1M", "count": 64, "timeout": None, **opts}
-    if merged["direction"] not in ("read", "write"):
-        raise ConfigError(f"{_where('direction')}: {merged['direction']!r}; allowed: read, write")
-    try:
-        dd_mod.dd_shell("/dev/zero", "/dev/null", bs=merged["bs"], count=merged["count"])
-    except ConfigError as exc:
-        raise ConfigError(f"{_where()}: {exc}") from None
-    return merged
-
-
-def _iperf_options(opts: dict[str, Any]) -> dict[str, Any]:
-    merged = {"seconds": 3, "reverse": False, "timeout": None, **opts}
-    try:
-        gateway = iperf_mod.GUEST_GATEWAY
-        iperf_mod.iperf3_client_shell(gateway, 5201, merged["seconds"], bool(merged["reverse"]))
-    except ConfigError as exc:
-        raise ConfigError(f"{_where()}: {exc}") from None
-    return merged
+_JOBS: Mapping[str, Callable[[dict[str, Any]], Job]] = {
+    "fio": _fio_job,
+    "dd": lambda opts: dd_mod.DdJob(**opts),
+    "iperf3": lambda opts: iperf_mod.IperfJob(**opts),
+}
 
 
 # --- running ---------------------------------------------------------------------------
@@ -288,13 +304,12 @@ def device_of(guest: GuestLike, spec: WorkloadSpec) -> str:
 def run_workload(guest: GuestLike, spec: WorkloadSpec) -> Measurement:
     """Run ``spec`` on ``guest``; WorkloadError (with the program's stderr) if it failed."""
     device = device_of(guest, spec)
-    opts = dict(spec.options)
-    timeout = opts.pop("timeout", None)
-    if spec.kind == "fio":
-        return _run_fio(guest, spec, device, opts, timeout)
-    if spec.kind == "dd":
-        return _run_dd(guest, spec, device, opts, timeout)
-    return _run_iperf3(guest, spec, device, opts, timeout)
+    job = spec.job
+    if isinstance(job, dd_mod.DdJob):
+        return _run_dd(guest, spec, device, job)
+    if isinstance(job, iperf_mod.IperfJob):
+        return _run_iperf3(guest, spec, device, job)
+    return _run_fio(guest, spec, device, job)
 
 
 class _Window(Protocol):
@@ -378,18 +393,17 @@ def measure(guest: CountableGuest, spec: WorkloadSpec) -> Measurement:
     return dataclasses.replace(measured, cpu_starved=round(waited / (ran + waited), 3))
 
 
-def _run_fio(guest: GuestLike, spec: WorkloadSpec, device: str, opts: dict[str, Any],
-             timeout: float | None) -> Measurement:
+def _run_fio(guest: GuestLike, spec: WorkloadSpec, device: str,
+             job: fio_mod.FioJob | FioJobfile) -> Measurement:
     path = guest.disk_path(spec.target)
-    if "jobfile" in opts:
+    if isinstance(job, FioJobfile):
         # fio expands ${DISK} in job files from the environment.
-        text = opts["jobfile"]
-        cmd = f"export DISK={shlex.quote(path)}; {fio_mod.fio_jobfile_shell(text)}"
-        t = timeout or guest.default_timeout() * 4
+        cmd = f"export DISK={shlex.quote(path)}; {job.command}"
+        t = spec.timeout or guest.default_timeout() * 4
         res = guest.run(cmd, timeout=t)
         result = fio_mod.check_fio_run(res.rc, res.stdout, res.stderr)
     else:
-        result = guest.fio(path, timeout=timeout, **opts)
+        result = guest.fio(dataclasses.replace(job, filename=path), timeout=spec.timeout)
     return Measurement(
         device, spec.name, "fio", result, iops=result.iops, bw=result.bw,
         lat_p99_ns=result.lat_p99_ns,
@@ -398,28 +412,28 @@ def _run_fio(guest: GuestLike, spec: WorkloadSpec, device: str, opts: dict[str, 
     )
 
 
-def _run_dd(guest: GuestLike, spec: WorkloadSpec, device: str, opts: dict[str, Any],
-            timeout: float | None) -> Measurement:
+def _run_dd(guest: GuestLike, spec: WorkloadSpec, device: str,
+            job: dd_mod.DdJob) -> Measurement:
     path = guest.disk_path(spec.target)
-    if opts["direction"] == "write":
+    if job.direction == "write":
         src, dst, flags = "/dev/zero", path, {"oflag": "direct"}
     else:
         src, dst, flags = path, "/dev/null", {"iflag": "direct"}
-    result = guest.dd(src, dst, bs=opts["bs"], count=opts["count"], timeout=timeout, **flags)
-    ios = opts["count"] / result.seconds if result.seconds > 0 else 0.0
+    result = guest.dd(src, dst, bs=job.bs, count=job.count, timeout=spec.timeout, **flags)
+    ios = job.count / result.seconds if result.seconds > 0 else 0.0
     return Measurement(device, spec.name, "dd", result, iops=ios, bw=result.bw,
-                       extra={"guest_device": path}, ios=int(opts["count"]))
+                       extra={"guest_device": path}, ios=job.count)
 
 
-def _run_iperf3(guest: GuestLike, spec: WorkloadSpec, device: str, opts: dict[str, Any],
-                timeout: float | None) -> Measurement:
-    seconds = float(opts["seconds"])
+def _run_iperf3(guest: GuestLike, spec: WorkloadSpec, device: str,
+                job: iperf_mod.IperfJob) -> Measurement:
+    seconds = job.seconds
     packets = _packets_shell(guest, spec.target)
     before = _packets(guest, packets)
     with host_iperf3_server() as port:
         gateway = iperf_mod.GUEST_GATEWAY
-        cmd = iperf_mod.iperf3_client_shell(gateway, port, seconds, bool(opts["reverse"]))
-        t = timeout or guest.default_timeout() + seconds * 3
+        cmd = iperf_mod.iperf3_client_shell(gateway, port, seconds, job.reverse)
+        t = spec.timeout or guest.default_timeout() + seconds * 3
         res = guest.run(cmd, timeout=t)
     after = _packets(guest, packets)
     if res.rc != 0 and "{" not in res.stdout:

@@ -27,6 +27,7 @@ from pytest_virtio.guests.session import check_honoured
 from pytest_virtio.guests.settings import Settings
 from pytest_virtio.guests.sharing import split_scope
 from pytest_virtio.images import kernel as kernel_mod
+from pytest_virtio.keywords import check_keys
 from pytest_virtio.results import perf as perf_mod
 from pytest_virtio.results.perf import PerfSpec
 
@@ -191,12 +192,7 @@ def _validate_perf(perf: PerfSpec, work: WorkloadSpec, matrix: dict[str, Any] | 
 
 def expect_drivers_args(marker: _Mark) -> Expectation:
     """``expect_drivers("virtio_blk", absent=["ata_piix"])`` checked once."""
-    unknown = set(marker.kwargs) - {"absent"}
-    if unknown:
-        raise ConfigError(
-            f"@pytest.mark.expect_drivers: unknown key(s) {', '.join(sorted(unknown))}; "
-            "allowed: absent"
-        )
+    check_keys("@pytest.mark.expect_drivers", marker.kwargs, ("absent",))
     names = tuple(marker.args)
     absent = marker.kwargs.get("absent", ())
     if isinstance(absent, str):

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from pytest_virtio.errors import ConfigError
+from pytest_virtio.keywords import check_keys
 from pytest_virtio.results.metrics import MECHANISM, Spread, spread
 from pytest_virtio.results.metrics import METRICS as METRIC_TABLE
 from pytest_virtio.results.records import Record, RelativeCheck
@@ -92,14 +93,17 @@ def _parse_threshold(key: str, value: object) -> Threshold:
     """One threshold argument (a value or a per-accelerator dict) → ``Threshold``."""
     parse = _PARSERS[_THRESHOLD_METRIC[key]]
     if isinstance(value, Mapping):
-        unknown = [a for a in value if a not in ACCELERATORS]
-        if unknown or not value:
-            raise ConfigError(
-                f"{_where(key)}: accelerator keys {sorted(map(str, unknown))} are not known; "
-                f"allowed: {', '.join(ACCELERATORS)}"
-            )
+        _check_accelerators(key, value)
         return tuple((str(accel), _parse_value(key, parse, v)) for accel, v in value.items())
     return (("*", _parse_value(key, parse, value)),)
+
+
+def _check_accelerators(key: str, value: Mapping[object, object]) -> None:
+    """A per-accelerator dict: known accelerators, at least one."""
+    check_keys(_where(key), value, ACCELERATORS)
+    if not value:
+        raise ConfigError(f"{_where(key)}: an empty dict promises nothing; name an "
+                          f"accelerator ({', '.join(ACCELERATORS)}) or give one value")
 
 
 def _parse_value(key: str, parse: Callable[[int | float | str], float], value: object) -> float:
@@ -164,12 +168,7 @@ class PerfSpec:
     @classmethod
     def from_kwargs(cls, kwargs: Mapping[str, object]) -> PerfSpec:
         """Validate marker keyword arguments; every error names the marker and the key."""
-        unknown = sorted(k for k in kwargs if k not in PERF_KEYS)
-        if unknown:
-            raise ConfigError(
-                f"@pytest.mark.{MARKER}: unknown key {unknown[0]!r}; "
-                f"allowed: {', '.join(PERF_KEYS)}"
-            )
+        check_keys(f"@pytest.mark.{MARKER}", kwargs, PERF_KEYS)
         thresholds = {
             key: _parse_threshold(key, kwargs[key])
             for key in THRESHOLD_KEYS
@@ -209,12 +208,7 @@ def _parse_by(value: object) -> float | Threshold:
     """``by=1.5`` or ``by={"kvm": 1.5, "tcg": 1.0}`` (an accelerator left out: no promise)."""
     if not isinstance(value, Mapping):
         return _factor(value)
-    unknown = [a for a in value if a not in ACCELERATORS]
-    if unknown or not value:
-        raise ConfigError(
-            f"{_where('by')}: accelerator keys {sorted(map(str, unknown))} are not known; "
-            f"allowed: {', '.join(ACCELERATORS)}"
-        )
+    _check_accelerators("by", value)
     return tuple((str(accel), _factor(v)) for accel, v in value.items())
 
 

@@ -8,6 +8,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any, Final
 
 from pytest_virtio.errors import ConfigError
+from pytest_virtio.keywords import check_keys
 from pytest_virtio.spec._util import _as_tuple, _check_choice, _choices, _str_tuple
 from pytest_virtio.spec.catalogue import DEVICE_KINDS, DISK_BUSES, NIC_MODELS
 from pytest_virtio.spec.model import _DEVICE_CLASS, _DEVICE_TYPES, Device, Disk, MachineSpec, Nic
@@ -33,12 +34,7 @@ def item_keys() -> dict[str, tuple[str, ...]]:
 
 def _build(cls: type[Any], data: Mapping[str, Any], what: str) -> Any:
     """``cls(**data)`` with unknown keys reported as a ConfigError listing the allowed."""
-    allowed = _fields_of(cls)
-    unknown = sorted(set(data) - set(allowed))
-    if unknown:
-        raise ConfigError(
-            f"{what}: unknown key(s) {_choices(unknown)}; allowed: {_choices(allowed)}"
-        )
+    check_keys(what, data, _fields_of(cls))
     return cls(**data)
 
 
@@ -129,14 +125,9 @@ def spec_from_kwargs(marker_kwargs: Mapping[str, Any], *, where: str = "vm",
     ``also_allowed``: keys the caller took out before (``vm``'s ``scope``), listed
     among the allowed ones so a typo's message names every key that works.
     """
-    unknown = sorted(set(marker_kwargs) - set(SPEC_KEYS))
-    if unknown:
-        raise ConfigError(
-            f"@pytest.mark.{where}: unknown key(s) {_choices(unknown)}; "
-            f"allowed: {_choices((*SPEC_KEYS, *also_allowed))}"
-        )
-    data = dict(marker_kwargs)
     label = f"@pytest.mark.{where}"
+    check_keys(label, marker_kwargs, (*SPEC_KEYS, *also_allowed))
+    data = dict(marker_kwargs)
     with _errors_under(label):
         if "disks" in data:
             items = _as_tuple(data["disks"], "disks")

@@ -24,7 +24,10 @@ from dataclasses import dataclass
 from pytest_virtio.errors import ConfigError, WorkloadError
 from pytest_virtio.units import parse_size
 
-__all__ = ["DdResult", "check_dd_run", "dd_shell", "parse_dd"]
+__all__ = ["DIRECTIONS", "DdJob", "DdResult", "check_dd_run", "dd_shell", "parse_dd"]
+
+#: Which way a :class:`DdJob` copies: zeros onto the disk, or the disk into /dev/null.
+DIRECTIONS = ("write", "read")
 
 _COPIED_RE = re.compile(
     r"(?P<bytes>\d+) bytes?(?: \([^)]*\))? copied, (?P<seconds>[0-9.,eE+-]+) (?:s|seconds?)\b"
@@ -39,6 +42,38 @@ class DdResult:
     bytes: int
     seconds: float
     bw: float
+
+
+def _block_size(bs: object) -> int:
+    """``bs`` in bytes (the size grammar), refusing zero."""
+    block = parse_size(bs, "dd: bs") if isinstance(bs, int | str) else -1
+    if block <= 0:
+        raise ConfigError(f"dd: bs={bs!r} must be a size greater than zero, e.g. '1M'")
+    return block
+
+
+def _check_count(count: object) -> None:
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ConfigError(f"dd: count={count!r} must be an integer >= 1")
+
+
+@dataclass(frozen=True)
+class DdJob:
+    """One dd run through a disk, as data: ``direction`` ``"write"`` copies zeros onto
+    the disk, ``"read"`` copies the disk to /dev/null; ``count`` blocks of ``bs``
+    bytes (a size such as ``"1M"`` is taken and stored in bytes), direct I/O on the
+    disk's side.  Validated at construction, so a bad job fails at collection."""
+
+    direction: str = "write"
+    bs: int = 1 << 20
+    count: int = 64
+
+    def __post_init__(self) -> None:
+        if self.direction not in DIRECTIONS:
+            raise ConfigError(f"dd: direction={self.direction!r} must be one of "
+                              f"{', '.join(DIRECTIONS)}")
+        object.__setattr__(self, "bs", _block_size(self.bs))
+        _check_count(self.count)
 
 
 def _flag(name: str, value: str | None) -> list[str]:
@@ -65,11 +100,9 @@ def dd_shell(
     Bytes, because GNU and busybox disagree on suffix spellings (``1M`` vs
     ``1MiB``) but both take a plain number.
     """
-    block = parse_size(bs)
-    if block <= 0:
-        raise ConfigError(f"dd: bs={bs!r} must be greater than zero")
-    if count is not None and (isinstance(count, bool) or count < 1):
-        raise ConfigError(f"dd: count={count!r} must be an integer >= 1")
+    block = _block_size(bs)
+    if count is not None:
+        _check_count(count)
     words = ["dd", f"if={source}", f"of={dest}", f"bs={block}"]
     if count is not None:
         words.append(f"count={count}")

@@ -16,7 +16,7 @@ from typing import Any
 from pytest_virtio.errors import ConfigError, WorkloadError
 from pytest_virtio.workloads.fio import extract_json_object
 
-__all__ = ["GUEST_GATEWAY", "NetResult", "iperf3_client_shell", "parse_iperf3_json"]
+__all__ = ["GUEST_GATEWAY", "IperfJob", "NetResult", "iperf3_client_shell", "parse_iperf3_json"]
 
 #: The host as the guest sees it on QEMU user-mode networking (slirp forwards it
 #: to the host's loopback); the one definition netcheck and guests.measure use.
@@ -40,6 +40,26 @@ class NetResult:
     retransmits: int | None
 
 
+def _check_seconds(seconds: object) -> float:
+    if (isinstance(seconds, bool) or not isinstance(seconds, int | float)
+            or not math.isfinite(seconds) or seconds <= 0):
+        raise ConfigError(f"iperf3: seconds={seconds!r} must be a positive number")
+    return float(seconds)
+
+
+@dataclass(frozen=True)
+class IperfJob:
+    """One iperf3 client run, as data: ``seconds`` long (stored as a float),
+    ``reverse`` makes the host's server send.  Validated at construction."""
+
+    seconds: float = 3.0
+    reverse: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "seconds", _check_seconds(self.seconds))
+        object.__setattr__(self, "reverse", bool(self.reverse))
+
+
 def iperf3_client_shell(
     host: str, port: int = 5201, seconds: float = 5, reverse: bool = False
 ) -> str:
@@ -48,8 +68,7 @@ def iperf3_client_shell(
         raise ConfigError(f"iperf3: host={host!r} is not a host name or address")
     if isinstance(port, bool) or not 0 < port < 65536:
         raise ConfigError(f"iperf3: port={port!r} must be 1..65535")
-    if isinstance(seconds, bool) or not math.isfinite(seconds) or seconds <= 0:
-        raise ConfigError(f"iperf3: seconds={seconds!r} must be a positive number")
+    _check_seconds(seconds)
     words = ["iperf3", "-c", host, "-p", str(port), "-t", f"{seconds:g}", "-J"]
     if reverse:
         words.append("-R")

@@ -69,7 +69,7 @@ def test_hotplug_takes_the_markers_disk_dict(guest: Guest) -> None:
         assert _sysfs(guest, "hot", "size") * 512 == 16 << 20
     finally:
         guest.unplug("hot")
-    with pytest.raises(ConfigError, match=r"^guest.hotplug\(disk\): unknown key\(s\) 'sise'"):
+    with pytest.raises(ConfigError, match=r"^guest.hotplug\(disk\): unknown key 'sise' \("):
         guest.hotplug({"bus": "virtio-blk", "sise": "8M"})
     assert guest.hotplug("virtio-blk") == guest.disk_path("disk0")  # unnamed: first free disk<i>
     guest.unplug("disk0")

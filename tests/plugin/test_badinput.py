@@ -365,7 +365,7 @@ def test_every_bad_marker_of_a_file_is_reported(pytester: pytest.Pytester) -> No
     out = result.stdout.str()
     assert "test_a: @pytest.mark.vm: memory must be like" in _line_with(out, "'lots'")
     assert "test_b: @pytest.mark.vm: smp must be" in _line_with(out, "got 99")
-    assert "TestC::test_d: @pytest.mark.vm: unknown key(s) 'bogus'" in _line_with(out, "bogus")
+    assert "TestC::test_d: @pytest.mark.vm: unknown key 'bogus'" in _line_with(out, "bogus")
     assert "<Function test_ok>" in out
 
 
@@ -408,7 +408,7 @@ def test_bad_key_on_a_class_vm_mark_fails_each_method(pytester: pytest.Pytester)
     result = pytester.runpytest(TCG)
     result.assert_outcomes(errors=1)
     line = _line_with(result.stdout.str(), "memroy")
-    assert "TestX::test_a: @pytest.mark.vm: unknown key(s) 'memroy'" in line
+    assert "TestX::test_a: @pytest.mark.vm: unknown key 'memroy'" in line
     assert "'memory'" in line and "'scope'" in line  # every key that works, scope too
 
 

@@ -167,7 +167,7 @@ def test_guest_hotplug_parses_a_dict_before_touching_qemu(tmp_path: Path) -> Non
     guest = Guest(machine=cast(Any, None), name="g", accel="tcg", timeout_scale=1.0,
                   run_dir=tmp_path, spec=MachineSpec())
     msg = _message(lambda: guest.hotplug({"bus": "virtio-blk", "sise": "8M"}))
-    assert msg.startswith("guest.hotplug(disk): unknown key(s) 'sise'; allowed: 'name'")
+    assert msg.startswith("guest.hotplug(disk): unknown key 'sise' (allowed: 'name'")
 
 
 # --------------------------------------------------------------------------- resize

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
+from pytest_virtio.workloads.iperf import IperfJob
 from pytest_virtio.workloads.mechanism import (
     PLANS,
     BackendWindow,
@@ -99,12 +101,12 @@ def test_counting_pass_is_short_and_the_same_job() -> None:
 
     long = WorkloadSpec.from_marker(("fio",), {"rw": "randread", "runtime": "5s"})
     short = long.counting()
-    assert short.options["runtime"] == "1s" and short.name == long.name
-    assert short.options["iodepth"] == long.options["iodepth"]
-    net = WorkloadSpec.from_marker(("iperf3",), {"seconds": 3})
-    assert net.counting().options["seconds"] == 1.0
+    assert short.job == dataclasses.replace(long.job, runtime="1s")  # type: ignore[type-var]
+    assert short.name == long.name
+    net = WorkloadSpec.from_marker(("iperf3",), {"seconds": 3, "timeout": 60})
+    assert net.counting() == WorkloadSpec("net0", IperfJob(seconds=1.0), timeout=60.0)
     tiny = WorkloadSpec.from_marker(("fio",), {"runtime": "500ms"})
-    assert tiny.counting().options["runtime"] == "500ms"
+    assert tiny.counting() == tiny
 
 
 def test_absolute_floors_take_the_best_round_relative_takes_medians() -> None:

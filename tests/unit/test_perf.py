@@ -80,7 +80,7 @@ def test_workload_name_from_fio_jobs() -> None:
     ("kwargs", "words"),
     [
         ({"min_iop": 1}, ["mark.perf", "'min_iop'", "min_iops", "max_lat_p99", "faster_than"]),
-        ({"min_iops": {"xen": 1}}, ["min_iops", "'xen'", "kvm, tcg"]),
+        ({"min_iops": {"xen": 1}}, ["min_iops", "unknown key 'xen'", "'kvm', 'tcg'"]),
         ({"min_iops": {}}, ["min_iops", "kvm, tcg"]),
         ({"min_iops": "lots"}, ["min_iops", "'lots'"]),
         ({"min_bw": [1]}, ["min_bw", "[1]"]),

@@ -14,14 +14,14 @@ from pytest_virtio.guests.measure import WorkloadSpec, run_workload
 from pytest_virtio.results.perf import PerfSpec, check_applicable, relative_outcomes
 from pytest_virtio.results.plot import build_panels
 from pytest_virtio.results.records import Record, RelativeCheck, Role, SessionResults
-from pytest_virtio.workloads.fio import FioResult, check_fio_run
+from pytest_virtio.workloads.fio import FioJob, FioResult, check_fio_run
 
 DATA = Path(__file__).parent / "data" / "fio"
 
 
 def test_fio_defaults_and_name() -> None:
     spec = WorkloadSpec.from_marker(("fio",), {})
-    assert spec.target == "disk0" and spec.options["time_based"] is True
+    assert spec.target == "disk0" and isinstance(spec.job, FioJob) and spec.job.time_based
     assert spec.name == "randread 4K qd16"
     seq = WorkloadSpec.from_marker(("fio",), {"rw": "write", "bs": "1M", "iodepth": 4})
     assert seq.name == "write 1M qd4"
@@ -52,7 +52,7 @@ class FakeGuest:
     def __init__(self, fio_json: str, rc: int = 0, stderr: str = "") -> None:
         self.spec = SimpleNamespace(disks=[SimpleNamespace(name="disk0", bus="ahci")], nics=[])
         self.fio_json, self.rc, self.stderr = fio_json, rc, stderr
-        self.fio_calls: list[dict[str, Any]] = []
+        self.fio_calls: list[FioJob] = []
 
     def default_timeout(self) -> float:
         return 30.0
@@ -61,8 +61,8 @@ class FakeGuest:
         assert name == "disk0"
         return "/dev/sda"
 
-    def fio(self, device: str | None = None, **job: Any) -> FioResult:
-        self.fio_calls.append({"device": device, **job})
+    def fio(self, device: FioJob, timeout: float | None = None) -> FioResult:
+        self.fio_calls.append(device)
         return check_fio_run(self.rc, self.fio_json, self.stderr)
 
     def dd(self, *a: Any, **k: Any) -> Any:
@@ -80,7 +80,7 @@ def test_runner_files_result_under_the_disk_bus() -> None:
     guest = FakeGuest(_any_fio_json())
     measured = run_workload(guest, WorkloadSpec.from_marker(("fio",), {"runtime": "2s"}))
     assert measured.device == "ahci" and measured.workload == "randread 4K qd16"
-    assert guest.fio_calls[0]["device"] == "/dev/sda" and guest.fio_calls[0]["runtime"] == "2s"
+    assert guest.fio_calls[0].filename == "/dev/sda" and guest.fio_calls[0].runtime == "2s"
     record = measured.to_record("t.py::test_x[disk=ahci]", "tcg", "t.py::test_x")
     assert record.group == "t.py::test_x" and record.iops == measured.iops
     assert record.cpu_starved is None and "group" not in record.extra
