@@ -18,6 +18,7 @@ from typing import Any
 from pytest_virtio.errors import ConfigError
 from pytest_virtio.files import check_readable_file
 from pytest_virtio.images import default_cache_dir
+from pytest_virtio.results.baseline import DEFAULT_COMPARE_FAIL, CompareFail, parse_compare_fail
 
 ACCELS = ("auto", "kvm", "tcg")
 KEEP = ("failed", "always", "never")
@@ -130,7 +131,7 @@ class Settings:
     plot: Path | None = None
     save: Path | None = None
     compare: Path | None = None
-    compare_fail: str = "iops:10%"
+    compare_fail: CompareFail = DEFAULT_COMPARE_FAIL
     perf_rounds: int = 1
     perf_inconclusive: str = "pass"
 
@@ -222,15 +223,13 @@ def _rounds(value: str | None) -> int:
     return parse_rounds(value or "1", "--virtio-perf-rounds")
 
 
-def _compare_fail(spec: str | None) -> str:
-    from pytest_virtio.results.baseline import parse_compare_fail
-
-    text = spec or "iops:10%"
+def _compare_fail(spec: str | None) -> CompareFail:
+    if not spec:
+        return DEFAULT_COMPARE_FAIL
     try:
-        parse_compare_fail(text)
+        return parse_compare_fail(spec)
     except ConfigError as exc:
         raise ConfigError(f"--virtio-compare-fail: {exc}") from None
-    return text
 
 
 def check_writable_cache(path: Path) -> None:

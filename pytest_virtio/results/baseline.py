@@ -29,8 +29,9 @@ from pytest_virtio.results.records import (
     write_atomically,
 )
 
-__all__ = ["COMPARE_METRICS", "Baseline", "Regression", "compare", "load_baseline",
-           "machine_id", "parse_compare_fail", "save_baseline"]
+__all__ = ["COMPARE_METRICS", "DEFAULT_COMPARE_FAIL", "Baseline", "CompareFail", "Regression",
+           "Tolerance", "compare", "load_baseline", "machine_id", "parse_compare_fail",
+           "save_baseline"]
 
 #: The metrics (of the one table, :data:`~pytest_virtio.results.metrics.METRICS`) a
 #: baseline comparison may be asked about.
@@ -91,8 +92,36 @@ def load_baseline(path: str | os.PathLike[str]) -> Baseline:
     return Baseline(data["machine_id"], tuple(records_from_json(text)))
 
 
-def parse_compare_fail(spec: str) -> dict[str, float]:
-    """``"iops:10%,lat_p99:20%"`` → ``{"iops": 10.0, "lat_p99": 20.0}``."""
+@dataclass(frozen=True)
+class Tolerance:
+    """How much worse than its baseline one metric may get: ``iops:10%``."""
+
+    metric: str
+    percent: float
+
+    def __str__(self) -> str:
+        return f"{self.metric}:{self.percent:g}%"
+
+
+@dataclass(frozen=True)
+class CompareFail:
+    """``--virtio-compare-fail`` as numbers: one tolerance per metric, in the order given.
+
+    Printed back as the option is written (``iops:10%,lat_p99:20%``)."""
+
+    tolerances: tuple[Tolerance, ...]
+
+    def __str__(self) -> str:
+        return ",".join(map(str, self.tolerances))
+
+
+#: ``--virtio-compare-fail``'s default: IOPS may drop 10%.
+DEFAULT_COMPARE_FAIL = CompareFail((Tolerance("iops", 10.0),))
+
+
+def parse_compare_fail(spec: str) -> CompareFail:
+    """``"iops:10%,lat_p99:20%"`` → ``CompareFail((Tolerance("iops", 10.0),
+    Tolerance("lat_p99", 20.0)))``; parsed once, when the settings are resolved."""
     allowed = ", ".join(COMPARE_METRICS)
     tolerances: dict[str, float] = {}
     items = [item for item in spec.split(",") if item.strip()]
@@ -111,7 +140,7 @@ def parse_compare_fail(spec: str) -> dict[str, float]:
         if metric in tolerances:
             raise ConfigError(f"compare-fail metric {metric!r} is given twice in {spec!r}")
         tolerances[metric] = percent
-    return tolerances
+    return CompareFail(tuple(Tolerance(m, p) for m, p in tolerances.items()))
 
 
 @dataclass(frozen=True)
@@ -150,17 +179,16 @@ def _medians(records: Iterable[Record], metric: str, default_machine: str) -> di
 
 
 def compare(
-    records: Iterable[Record], baseline: Baseline, fail_spec: str = "iops:10%"
+    records: Iterable[Record], baseline: Baseline, fail: CompareFail = DEFAULT_COMPARE_FAIL
 ) -> list[Regression]:
-    """Regressions of ``records`` against ``baseline`` beyond ``fail_spec``'s tolerances.
+    """Regressions of ``records`` against ``baseline`` beyond ``fail``'s tolerances.
 
     Keys present on one side only are ignored: a new test has nothing to regress
     from, and a removed one cannot regress.
     """
-    tolerances = parse_compare_fail(fail_spec)
     current_records = list(records)
     found: list[Regression] = []
-    for metric, allowed in tolerances.items():
+    for metric, allowed in ((t.metric, t.percent) for t in fail.tolerances):
         higher_is_better = METRICS[metric].higher_is_better
         before = _medians(baseline.records, metric, baseline.machine_id)
         after = _medians(current_records, metric, baseline.machine_id)

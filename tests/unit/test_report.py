@@ -11,9 +11,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pytest_virtio.errors import ConfigError
+from pytest_virtio.guests.settings import Settings
 from pytest_virtio.results.baseline import (
+    DEFAULT_COMPARE_FAIL,
     Baseline,
+    CompareFail,
     Regression,
+    Tolerance,
     compare,
     load_baseline,
     machine_id,
@@ -239,13 +243,27 @@ def test_machine_id() -> None:
 @pytest.mark.parametrize(
     ("spec", "expected"),
     [
-        ("iops:10%", {"iops": 10.0}),
-        ("iops:10%,lat_p99:20%", {"iops": 10.0, "lat_p99": 20.0}),
-        (" bw : 2.5% , ", {"bw": 2.5}),
+        ("iops:10%", (Tolerance("iops", 10.0),)),
+        ("iops:10%,lat_p99:20%", (Tolerance("iops", 10.0), Tolerance("lat_p99", 20.0))),
+        (" bw : 2.5% , ", (Tolerance("bw", 2.5),)),
     ],
 )
-def test_parse_compare_fail(spec: str, expected: dict[str, float]) -> None:
-    assert parse_compare_fail(spec) == expected
+def test_parse_compare_fail(spec: str, expected: tuple[Tolerance, ...]) -> None:
+    """Parsed once into numbers (the settings keep them), printed back as written."""
+    parsed = parse_compare_fail(spec)
+    assert parsed == CompareFail(expected)
+    assert parse_compare_fail(str(parsed)) == parsed
+    assert str(parse_compare_fail("iops:10%,lat_p99:20.5%")) == "iops:10%,lat_p99:20.5%"
+
+
+def test_settings_hold_compare_fail_as_numbers() -> None:
+    """Resolved once with the other settings: the session's end reads numbers, and a bad
+    value is a usage error naming the option before any guest boots."""
+    assert Settings.from_values({}).compare_fail == DEFAULT_COMPARE_FAIL
+    resolved = Settings.from_values({"compare_fail": "lat_p99:20%, bw:2.5%"}).compare_fail
+    assert resolved.tolerances == (Tolerance("lat_p99", 20.0), Tolerance("bw", 2.5))
+    with pytest.raises(ConfigError, match=r"^--virtio-compare-fail: compare-fail metric 'x'"):
+        Settings.from_values({"compare_fail": "x:1%"})
 
 
 @pytest.mark.parametrize(
@@ -285,10 +303,14 @@ def test_bad_baseline_files(tmp_path: Path) -> None:
         load_baseline(bad)
 
 
+IOPS_10 = DEFAULT_COMPARE_FAIL
+LAT_20 = CompareFail((Tolerance("lat_p99", 20.0),))
+
+
 def test_compare_finds_iops_regression_only_beyond_tolerance() -> None:
     base = Baseline("m1", (rec(iops=10_000), rec("ide", 5_000)))
     now = [rec(iops=8_500), rec("ide", 4_600)]
-    [reg] = compare(now, base, "iops:10%")
+    [reg] = compare(now, base, IOPS_10)
     assert (reg.device, reg.metric, reg.baseline, reg.current) == ("virtio-blk", "iops", 1e4, 8500)
     assert reg.change_pct == pytest.approx(-15.0)
     assert str(reg) == (
@@ -298,8 +320,9 @@ def test_compare_finds_iops_regression_only_beyond_tolerance() -> None:
 
 def test_compare_latency_higher_is_worse() -> None:
     base = Baseline("m1", (rec(lat_p99_ns=1_000_000),))
-    assert compare([rec(lat_p99_ns=900_000)], base, "lat_p99:20%") == []
-    [reg] = compare([rec(lat_p99_ns=1_300_000)], base, "iops:10%,lat_p99:20%")
+    assert compare([rec(lat_p99_ns=900_000)], base, LAT_20) == []
+    both = parse_compare_fail("iops:10%,lat_p99:20%")
+    [reg] = compare([rec(lat_p99_ns=1_300_000)], base, both)
     assert reg.metric == "lat_p99"
     assert "p99 latency 1.30 ms vs baseline 1 ms (+30.0%" in str(reg)
 
@@ -314,11 +337,11 @@ def test_compare_keys_never_cross_machine_or_accel() -> None:
 
 def test_compare_takes_the_median_of_repeats_and_skips_zero() -> None:
     base = Baseline("m1", (rec(iops=10_000), rec(iops=12_000), rec("ide", 0)))
-    assert compare([rec(iops=10_000), rec(iops=10_000), rec("ide", 1)], base, "iops:10%") == []
-    [reg] = compare([rec(iops=9_000)], base, "iops:10%")
+    assert compare([rec(iops=10_000), rec(iops=10_000), rec("ide", 1)], base, IOPS_10) == []
+    [reg] = compare([rec(iops=9_000)], base, IOPS_10)
     assert reg.baseline == 11_000
     # three rounds, one stalled by the host: the median (10,000) holds, a mean (7,000) would not
-    assert compare([rec(iops=10_000), rec(iops=10_000), rec(iops=1_000)], base, "iops:10%") == []
+    assert compare([rec(iops=10_000), rec(iops=10_000), rec(iops=1_000)], base, IOPS_10) == []
 
 
 def test_regression_is_data() -> None:
