@@ -1,33 +1,46 @@
-"""Guest: what a test holds — run commands, inspect drivers, run workloads.
+"""Guest: what a test holds — a thin face over the guest's rooms.
 
 One way to run a command: ``guest.run(cmd) -> Result`` (``guest.check``
-raises with the output).  Everything else here — drivers, modules, fio —
-is built on it, so the same code works over the console or SSH.
+raises with the output); everything else is built on it, so the same code
+works over the console, SSH or the agent.  Each capability is a room of its
+own, given the Machine and the guest as a :class:`.shell.Shell`, never the
+whole Guest: :mod:`.drivers` (devices, drivers, modules, disks and NICs as the
+guest sees them), :mod:`.hotplug` (disks added and removed), :mod:`.storage`
+(resize), :mod:`.media` (CD-ROM discs), :mod:`.memory` (balloon), :mod:`.ports`
+(virtio-serial, guest agent), :mod:`.power` (poweroff), :mod:`.runstate`
+(pause, resume). A new capability is a new room and a one-line call here.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
-import re
 import shlex
-import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pytest_virtio import ids
-from pytest_virtio.channels import inventory
-from pytest_virtio.channels.agent import GuestAgent, agent_start_script
+from pytest_virtio.channels.agent import GuestAgent
 from pytest_virtio.channels.inventory import Module, PciDevice, VirtioDevice
 from pytest_virtio.channels.runners import VIAS, Result, Runner
-from pytest_virtio.channels.serial import SerialPort, guest_link_script
-from pytest_virtio.errors import ConfigError, GuestError, GuestTimeout, QmpError, VirtioError
-from pytest_virtio.guests import runstate
+from pytest_virtio.channels.serial import SerialPort
+from pytest_virtio.errors import ConfigError, GuestError, GuestTimeout
+from pytest_virtio.guests import (
+    drivers,
+    hotplug,
+    media,
+    memory,
+    ports,
+    power,
+    runstate,
+    storage,
+)
+from pytest_virtio.guests.hotplug import AttachedDisks
 from pytest_virtio.guests.teardown import stop_backends
 from pytest_virtio.qemu.machine import Machine
+from pytest_virtio.spec import ROOT_MODULES, guest_modules
 
 if TYPE_CHECKING:
     from pytest_virtio.channels.balloon import BalloonStats
@@ -36,60 +49,10 @@ if TYPE_CHECKING:
     from pytest_virtio.workloads.fio import FioJob, FioResult
 
 
-#: QEMU's refusals to free a backend its (unplugged, not yet finalized) device holds.
-_STILL_HELD = re.compile(r"is in use|is busy")
-
-
-#: What the guest prints on its kernel console when its power-off command failed.
-POWEROFF_FAILED = "PYTEST-VIRTIO-POWEROFF-FAILED"
-
-#: Picks the way to power off now, and fails now (rc 127, its reason on stderr)
-#: when there is none: systemd's orderly ``systemctl poweroff`` when it is PID 1,
-#: else the poweroff syscall after a sync, through busybox's applet (our init
-#: runs under busybox; the default image has no poweroff program) or a poweroff
-#: program.  Then answers (the framed reply must leave before systemd stops the
-#: console service: seen as exit 143 'Terminated' when it did not) and powers
-#: off a second later, its output and a failure (:data:`POWEROFF_FAILED`) on the
-#: kernel's console, which the host watches while it waits.  Killed by a signal,
-#: the command failed nothing: the shutdown it started stops its service.
-POWEROFF_SCRIPT = f"""\
-if [ -d /run/systemd/system ]; then off="systemctl poweroff"
-elif /bin/busybox --list 2>/dev/null | grep -qx poweroff; then off="/bin/busybox poweroff -f"
-elif command -v poweroff >/dev/null; then off="poweroff -f"
-else
-  echo "cannot power off: systemd is not running (no /run/systemd/system), /bin/busybox \
-has no poweroff applet, no poweroff program on PATH ($PATH)" >&2
-  exit 127
-fi
-command -v "${{off%% *}}" >/dev/null || {{ echo "cannot power off: ${{off%% *}} not found \
-on PATH ($PATH)" >&2; exit 127; }}
-(sleep 1; sync; $off || {{ r=$?; [ $r -gt 128 ] || echo "{POWEROFF_FAILED}: '$off' exited $r"; }}
-) >/dev/console 2>&1 &
-"""
-
-#: While it waits for QEMU to exit, poweroff() looks at the console this often.
-_POWEROFF_POLL = 0.5
-
-#: ISO 9660 §8.4: the primary volume descriptor is the 2048-byte sector 16.
-_ISO_SECTOR = 2048
-_ISO_PVD_OFFSET = 16 * _ISO_SECTOR
-
-_CDROM_FIND = r"""
-for try in $(seq 1 {tries}); do
-  for d in /dev/sr*; do
-    [ -b "$d" ] || continue
-    sum=$(dd if="$d" bs=2048 skip=16 count=1 2>/dev/null | md5sum | cut -d' ' -f1)
-    [ "$sum" = {digest} ] && echo "$d" && exit 0
-  done
-  sleep 0.2
-done
-exit 1
-"""
-
-
 @dataclass
 class Guest:
-    """A running guest; built by :func:`pytest_virtio.guests.session.VirtioSession.boot`."""
+    """A running guest; built only by :func:`pytest_virtio.guests.provision.start`
+    (reached through :meth:`pytest_virtio.guests.session.VirtioSession.boot`)."""
 
     machine: Machine
     name: str
@@ -200,33 +163,27 @@ class Guest:
                 paths.append(path)
         return paths
 
-    # -- drivers and modules -------------------------------------------------
+    # -- drivers and modules (:mod:`.drivers`) -------------------------------
     def virtio_devices(self) -> list[VirtioDevice]:
-        return inventory.parse_virtio_devices(self.check(inventory.VIRTIO_SCRIPT).stdout)
+        return drivers.virtio_devices(self)
 
     def drivers(self) -> dict[str, list[VirtioDevice]]:
         """Bound virtio drivers (``/sys/bus/virtio/drivers``) → the devices they drive."""
-        bound: dict[str, list[VirtioDevice]] = {}
-        for dev in self.virtio_devices():
-            if dev.driver:
-                bound.setdefault(dev.driver, []).append(dev)
-        return bound
+        return drivers.drivers(self)
 
     def pci_devices(self) -> list[PciDevice]:
-        return inventory.parse_pci_devices(self.check(inventory.PCI_SCRIPT).stdout)
+        return drivers.pci_devices(self)
 
     def lsmod(self) -> dict[str, Module]:
         """Loaded modules (``/proc/modules``) plus built-ins (``modules.builtin``)."""
-        return inventory.parse_modules(self.check(inventory.MODULES_SCRIPT).stdout)
+        return drivers.lsmod(self)
 
     def modprobe(self, name: str) -> Result:
         return self.check(f"modprobe {shlex.quote(name)}")
 
     def bound_drivers(self) -> set[str]:
         """Every driver bound to some device on any bus (virtio, PCI)."""
-        names = {d for d in self.drivers()}
-        names |= {p.driver for p in self.pci_devices() if p.driver}
-        return names
+        return drivers.bound_drivers(self)
 
     # -- workloads -----------------------------------------------------------
     def fio(self, device: str | FioJob | None = None, *, jobfile: str | None = None,
@@ -273,24 +230,12 @@ class Guest:
         read from sysfs (virtio-blk ``serial``, NVMe ``device/serial``, SCSI
         and ATA VPD page 0x80 after its 4-byte header).
         """
-        return inventory.parse_block_devices(self.check(inventory.BLOCK_SCRIPT).stdout)
+        return drivers.block_devices(self)
 
     def disk_path(self, name: str) -> str:
         """The guest device node of data disk ``name`` (matched by its serial)."""
-        serial = self.disk_serials.get(name, name)
-        deadline = time.monotonic() + 10 * self.timeout_scale
-        loaded = False
-        while True:
-            for dev, ser in self.block_devices().items():
-                if ser == serial:
-                    return f"/dev/{dev}"
-            if time.monotonic() > deadline:
-                raise GuestError(f"no guest block device has serial {serial!r} (disk {name!r})",
-                                 self.console_tail())
-            if not loaded:
-                self._load_disk_driver(name)
-                loaded = True
-            time.sleep(0.2)
+        return drivers.find_disk(self, self.disk_serials.get(name, name), name,
+                                 10 * self.timeout_scale, lambda: self._load_disk_driver(name))
 
     def _load_disk_driver(self, name: str) -> None:
         """Load the data disk's storage driver (its disks then appear asynchronously).
@@ -298,10 +243,7 @@ class Guest:
         No udev runs in the guest and the initramfs loads only the root bus's
         modules, so an IDE/AHCI/SCSI/NVMe data disk has no driver until asked.
         """
-        from pytest_virtio.spec import ROOT_MODULES
-
-        disk = next((d for d in getattr(self.spec, "disks", ()) if d.name == name), None)
-        mods = ROOT_MODULES.get(disk.bus, ()) if disk is not None else ()
+        mods = drivers.disk_modules(self.spec, name)
         if mods:
             self.run(f"modprobe -a {' '.join(mods)}")
 
@@ -312,63 +254,28 @@ class Guest:
         this plays udev's part once at boot and after each hotplug. A module
         that cannot load is an error here, not a disk that silently never shows.
         """
-        from pytest_virtio.spec import guest_modules
-
-        names = tuple(modules) if modules is not None else guest_modules(self.spec)
-        if names:
-            self.check(f"modprobe -a {' '.join(shlex.quote(n) for n in names)}")
+        drivers.modprobe(self, modules if modules is not None else guest_modules(self.spec))
         if modules is None and self.serial_ports:
-            self.check(guest_link_script(tuple(self.serial_ports)))
+            ports.link(self, self.serial_ports)
             if ids.AGENT_PORT in self.serial_ports and self._agent is None:
-                self._start_agent()
+                self._agent = ports.start_agent(self, self.serial_ports[ids.AGENT_PORT],
+                                                self.machine, self.default_timeout())
 
-    def _start_agent(self) -> None:
-        """Start qemu-ga on its port (our init has no udev/systemd to) and sync with it."""
-        self.check(agent_start_script())
-        agent = GuestAgent(self.serial_ports[ids.AGENT_PORT], qemu_pid=self.machine.pid,
-                           console_tail=self.console_tail, alive=self.machine.check_alive)
-        agent.sync(self.default_timeout())
-        self._agent = agent
-
-    # -- virtio-balloon ------------------------------------------------------
-    def _balloon_device(self) -> str:
-        from pytest_virtio.spec import Balloon
-
-        dev = next((d for d in getattr(self.spec, "devices", ()) if isinstance(d, Balloon)), None)
-        if dev is None:
-            raise ConfigError("this guest has no balloon: add devices=['balloon'] to the vm")
-        return dev.name
-
+    # -- virtio-balloon (:mod:`.memory`) ---------------------------------------
     def balloon(self, target: str | int, timeout: float | None = None) -> int:
         """Resize the guest to ``target`` (``"256M"`` or bytes) and wait until it got there.
 
         Returns the size reached (``query-balloon`` ``actual``, bytes); GuestTimeout
         names the size the guest did reach when it falls short.
         """
-        from pytest_virtio.channels import balloon as balloon_mod
-        from pytest_virtio.units import parse_size
-
-        self._balloon_device()
-        size = parse_size(target, "guest.balloon(target)", positive=True)
-        t = timeout if timeout is not None else self.default_timeout()
-        return balloon_mod.resize(self.machine.qmp, size, t, self.console_tail)
+        return memory.balloon(self.machine, self.spec, target, self._timeout(timeout),
+                              self.console_tail)
 
     def balloon_stats(self, timeout: float | None = None) -> BalloonStats:
         """A statistics report from the guest's balloon driver newer than this call."""
-        from pytest_virtio.channels import balloon as balloon_mod
+        return memory.stats(self.machine, self.spec, self._timeout(timeout))
 
-        t = timeout if timeout is not None else self.default_timeout()
-        return balloon_mod.stats(self.machine.qmp, self._balloon_device(), t)
-
-    # -- CD-ROM media -------------------------------------------------------
-    def _cdrom(self, name: str, call: str) -> None:
-        from pytest_virtio.spec import CdRom
-
-        names = [d.name for d in getattr(self.spec, "devices", ()) if isinstance(d, CdRom)]
-        if name not in names:
-            raise ConfigError(f"guest.{call}({name!r}): no CD-ROM of that name; this guest "
-                              f"has: {', '.join(names) or 'none'}")
-
+    # -- CD-ROM media (:mod:`.media`) -------------------------------------------
     def cdrom_change(self, name: str, iso: str | Path, *, force: bool = False,
                      timeout: float | None = None) -> str:
         """Put ``iso`` in CD-ROM ``name`` and return the guest device that now reads it.
@@ -380,28 +287,12 @@ class Guest:
         to know that. A guest holding the disc (mounted) has locked the tray: the
         change fails unless ``force=True``.
         """
-        from pytest_virtio.guests.launch import check_image_file
-
-        self._cdrom(name, "cdrom_change")
-        path = Path(iso)
-        check_image_file(f"guest.cdrom_change({name!r}): iso", path, "ISO image")
-        self.machine.qmp("blockdev-change-medium", id=name, filename=str(path), format="raw",
-                         force=force, **{"read-only-mode": "read-only"})
-        with path.open("rb") as f:
-            f.seek(_ISO_PVD_OFFSET)
-            digest = hashlib.md5(f.read(_ISO_SECTOR), usedforsecurity=False).hexdigest()
-        t = timeout if timeout is not None else self.default_timeout()
-        res = self.run(_CDROM_FIND.format(digest=digest, tries=max(int(t / 0.2), 1)), timeout=t)
-        if res.rc != 0:
-            raise GuestError(f"guest.cdrom_change({name!r}): QEMU took {path} but no guest "
-                             f"/dev/sr* reads it within {t:.0f}s", self.console_tail())
-        return res.stdout.strip()
+        return media.change(self.machine, self, self.spec, name, iso, force=force,
+                            timeout=self._timeout(timeout))
 
     def cdrom_eject(self, name: str, *, force: bool = False) -> None:
         """Open CD-ROM ``name``'s tray and take the disc out (the drive then has no medium)."""
-        self._cdrom(name, "cdrom_eject")
-        self.machine.qmp("blockdev-open-tray", id=name, force=force)
-        self.machine.qmp("blockdev-remove-medium", id=name)
+        media.eject(self.machine, self.spec, name, force=force)
 
     # -- virtio-serial -------------------------------------------------------
     def serial_port(self, name: str) -> SerialPort:
@@ -410,11 +301,7 @@ class Guest:
         ``send(data)``, ``recv()``, ``recv_exactly(n)``, ``recv_until(b"\\n")``, each
         with ``timeout=`` (default: the guest's command timeout).
         """
-        if name not in self.serial_ports:
-            have = ", ".join(self.serial_ports) or "none (add devices=['serial'] to the vm)"
-            raise ConfigError(f"guest.serial_port({name!r}): no such virtio-serial port; "
-                              f"this guest has: {have}")
-        return self.serial_ports[name]
+        return ports.serial_port(self.serial_ports, name)
 
     def disk_drivers(self, name: str) -> list[str]:
         """Drivers on the sysfs path from data disk ``name`` up to its PCI function.
@@ -424,30 +311,16 @@ class Guest:
         under test, not just that the module is loaded.
         """
         dev = self.disk_path(name).removeprefix("/dev/")
-        chain = inventory.DRIVER_CHAIN.format(path=f"/sys/block/{dev}/device")
-        return self.check(chain).stdout.split()
+        return drivers.driver_chain(self, f"/sys/block/{dev}/device")
 
     def nic_interface(self, name: str) -> str:
         """The guest interface (``eth0``...) of NIC ``name``, matched by its MAC."""
-        from pytest_virtio.spec import nic_mac
-
-        nics = list(getattr(self.spec, "nics", ()))
-        index = next((i for i, n in enumerate(nics) if n.name == name), None)
-        if index is None:
-            raise ConfigError(f"no NIC named {name!r} in this guest's spec")
-        mac = nic_mac(nics[index], index)
-        out = self.check('for i in /sys/class/net/*; do echo "${i##*/} $(cat $i/address)"; done')
-        for line in out.stdout.splitlines():
-            iface, _, addr = line.partition(" ")
-            if addr.strip() == mac:
-                return iface
-        raise GuestError(f"no guest interface has MAC {mac} (NIC {name!r})", self.console_tail())
+        return drivers.nic_interface(self, self.spec, name)
 
     def nic_drivers(self, name: str) -> list[str]:
         """Drivers from NIC ``name``'s device up to its PCI function (nearest first)."""
         iface = self.nic_interface(name)
-        chain = inventory.DRIVER_CHAIN.format(path=f"/sys/class/net/{iface}/device")
-        return self.check(chain).stdout.split()
+        return drivers.driver_chain(self, f"/sys/class/net/{iface}/device")
 
     # -- hotplug -------------------------------------------------------------
     def hotplug(self, disk: Disk | Mapping[str, Any] | str,
@@ -462,24 +335,11 @@ class Guest:
         cares that the guest can use it. vhost-user-blk gets its in-process
         backend started first (QEMU connects during device_add).
         """
-        from pytest_virtio import spec as spec_mod
-        from pytest_virtio.guests import launch
-        from pytest_virtio.spec.parse import disk_from
-
-        disk = disk_from(disk, "guest.hotplug(disk)", self._free_disk_name())
-        if disk.name in self.disk_serials or disk.name == ids.ROOT:
-            raise ConfigError(f"guest.hotplug(): a disk named {disk.name!r} is already attached")
-        ctx = launch.with_disk(self._launch_ctx(), disk, self.run_dir)
-        commands = spec_mod.hotplug_commands(disk, ctx)
-        if disk.bus == "vhost-user-blk":
-            self.backends[disk.name] = launch.start_backend(
-                disk, ctx.disk_files[disk.name], self.run_dir, getattr(self.spec, "smp", 1))
-        self._run_hotplug(disk, commands)
-        self.ctx = ctx
-        self.disk_serials[disk.name] = disk.serial or disk.name
-        self.hot_disks[disk.name] = disk
-        self.load_drivers(spec_mod.ROOT_MODULES[disk.bus])
-        return self._wait_block(disk.name, present=True, timeout=timeout)
+        added, self.ctx = hotplug.attach(self.machine, self._disks(), self.spec, self.ctx,
+                                         self.run_dir, self._owner(), disk)
+        self.load_drivers(ROOT_MODULES[added.bus])
+        return hotplug.wait_block(self, self.disk_serials[added.name], added.name, present=True,
+                                  timeout=self._timeout(timeout))
 
     def unplug(self, name: str, timeout: float | None = None) -> None:
         """Hot-remove disk ``name``; returns once QEMU and the guest both let it go.
@@ -488,38 +348,18 @@ class Guest:
         for PCI), so waiting for it proves the guest cooperated; then the
         block-layer node or chardev is freed and the backend stopped.
         """
-        if name not in self.disk_serials:
-            raise ConfigError(f"guest.unplug(): no data disk named {name!r} "
-                              f"(have: {', '.join(sorted(self.disk_serials)) or 'none'})")
-        t = timeout if timeout is not None else self.default_timeout()
-        mark = len(self.machine.events)
-        self.machine.qmp("device_del", id=name)
-        self.machine.wait_event("DEVICE_DELETED", t, {"device": name}, since=mark)
-        self._wait_qom_gone(name, t)
-        if name in self.backends:
-            self._qmp_once_released(t, "chardev-remove", id=ids.vhost_chardev_id(name))
-            stop_backends({name: self.backends.pop(name)}, f"guest {self.name!r}")
-        else:
-            self._qmp_once_released(t, "blockdev-del", **{"node-name": ids.drive_id(name)})
-        self._wait_block(name, present=False, timeout=t)
-        del self.disk_serials[name]
-        self.hot_disks.pop(name, None)
+        hotplug.detach(self.machine, self, self._disks(), self._owner(), name,
+                       self._timeout(timeout))
 
-    def _free_disk_name(self) -> str:
-        """``disk<i>`` for the first ``i`` no disk, NIC or device of this guest is called."""
-        spec_items = (*getattr(self.spec, "disks", ()), *getattr(self.spec, "nics", ()),
-                      *getattr(self.spec, "devices", ()))
-        taken = {*self.disk_serials, *(item.name for item in spec_items)}
-        return next(f"disk{i}" for i in range(len(taken) + 1) if f"disk{i}" not in taken)
+    def _disks(self) -> AttachedDisks:
+        """This guest's disk bookkeeping, for :mod:`.hotplug` to update in place."""
+        return AttachedDisks(self.disk_serials, self.hot_disks, self.backends)
 
-    def _data_disk(self, name: str, call: str) -> Disk:
-        """Data disk ``name`` as attached now (from the spec or hot-plugged)."""
-        booted: tuple[Disk, ...] = getattr(self.spec, "disks", ())
-        disks = {d.name: d for d in booted} | self.hot_disks
-        if name not in self.disk_serials or name not in disks:
-            raise ConfigError(f"guest.{call}({name!r}): no data disk of that name; this guest "
-                              f"has: {', '.join(sorted(self.disk_serials)) or 'none'}")
-        return disks[name]
+    def _owner(self) -> str:
+        return f"guest {self.name!r}"
+
+    def _timeout(self, timeout: float | None) -> float:
+        return timeout if timeout is not None else self.default_timeout()
 
     # -- storage and run state -----------------------------------------------
     def resize_disk(self, name: str, size: str | int, timeout: float | None = None) -> int:
@@ -529,15 +369,13 @@ class Guest:
         QMP ``block_resize`` on the disk's node ``drv-<name>`` (see
         :mod:`pytest_virtio.guests.storage` for which buses tell the guest themselves).
         """
-        from pytest_virtio.guests import storage
-
         what = f"guest.resize_disk({name!r}, {size!r})"
-        disk = self._data_disk(name, "resize_disk")
+        disk = hotplug.data_disk(self.spec, self._disks(), name, "resize_disk")
         nbytes = storage.new_size(disk, size, what)
         self.machine.qmp("block_resize", **storage.block_resize_args(disk, nbytes))
         dev = self.disk_path(name).removeprefix("/dev/")
-        t = timeout if timeout is not None else self.default_timeout()
-        return storage.wait_capacity(self.run, disk, dev, nbytes, t, self.console_tail)
+        return storage.wait_capacity(self.run, disk, dev, nbytes, self._timeout(timeout),
+                                     self.console_tail)
 
     def pause(self) -> None:
         """Stop the guest's vCPUs (QMP ``stop``); commands refuse to run until :meth:`resume`."""
@@ -551,73 +389,6 @@ class Guest:
         """What QMP ``query-status`` says: False while paused."""
         return bool(runstate.status(self.machine).get("running", False))
 
-    def _launch_ctx(self) -> LaunchContext:
-        if self.ctx is None:
-            raise GuestError("guest.hotplug() needs the guest's LaunchContext (boot it "
-                             "through VirtioSession)")
-        return self.ctx
-
-    def _run_hotplug(self, disk: Disk, commands: list[tuple[str, dict[str, Any]]]) -> None:
-        """Send the QMP commands; on failure undo what was added so the guest stays clean."""
-
-        done: list[str] = []
-        try:
-            for cmd, args in commands:
-                self.machine.qmp(cmd, **args)
-                done.append(cmd)
-        except BaseException:
-            with contextlib.suppress(VirtioError, OSError):
-                if "blockdev-add" in done:
-                    self.machine.qmp("blockdev-del", **{"node-name": disk.drive_id})
-                if "chardev-add" in done:
-                    self.machine.qmp("chardev-remove", id=ids.vhost_chardev_id(disk.name))
-            if disk.name in self.backends:
-                stop_backends({disk.name: self.backends.pop(disk.name)},
-                              f"guest {self.name!r}")
-            raise
-
-    def _qmp_once_released(self, timeout: float, cmd: str, **args: Any) -> None:
-        """Run ``cmd``, retrying while QEMU still holds the backend ("in use", "busy").
-
-        DEVICE_DELETED and the QOM path going away come before the device is
-        finalized, and only finalizing detaches its drive or chardev; seen as
-        "Node drv-x is in use" once in 20 runs under TCG.
-        """
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                self.machine.qmp(cmd, **args)
-                return
-            except QmpError as exc:
-                if not _STILL_HELD.search(exc.desc) or time.monotonic() > deadline:
-                    raise
-            time.sleep(0.05)
-
-    def _wait_qom_gone(self, name: str, timeout: float) -> None:
-        """Poll QOM until ``name`` left /machine/peripheral (a stale event cannot fool it)."""
-        deadline = time.monotonic() + timeout
-        while any(p.get("name") == name for p in
-                  self.machine.qmp("qom-list", path="/machine/peripheral")):
-            if time.monotonic() > deadline:
-                raise GuestError(f"device {name!r} still in QEMU {timeout:.0f}s after "
-                                 "DEVICE_DELETED", self.console_tail())
-            time.sleep(0.1)
-
-    def _wait_block(self, name: str, *, present: bool, timeout: float | None) -> str:
-        """Poll /sys/block until the disk's serial appears (or is gone)."""
-        serial = self.disk_serials[name]
-        t = timeout if timeout is not None else self.default_timeout()
-        deadline = time.monotonic() + t
-        while True:
-            found = [d for d, s in self.block_devices().items() if s == serial]
-            if bool(found) == present:
-                return f"/dev/{found[0]}" if found else ""
-            if time.monotonic() > deadline:
-                state = "appear" if present else "go away"
-                raise GuestError(f"guest block device with serial {serial!r} (disk {name!r}) "
-                                 f"did not {state} within {t:.0f}s", self.console_tail())
-            time.sleep(0.2)
-
     # -- lifecycle -----------------------------------------------------------
     def poweroff(self, timeout: float | None = None) -> None:
         """Power the guest off from inside, as a user would, and wait until QEMU exits.
@@ -629,18 +400,7 @@ class Guest:
         power-off command that fails is a GuestError as soon as the console shows it.
         """
         t = timeout if timeout is not None else self.default_timeout() * 4
-        self.check(POWEROFF_SCRIPT)  # no way to power off: CommandFailed now, with why
-        end = time.monotonic() + t
-        while self.machine.wait_exit(min(_POWEROFF_POLL, max(0.0, end - time.monotonic()))) \
-                is None:
-            tail = self.console_tail()
-            failed = [line for line in tail.splitlines() if POWEROFF_FAILED in line]
-            if failed:
-                raise GuestError(f"guest {self.name!r} could not power off: "
-                                 f"{failed[-1].strip()}", tail)
-            if time.monotonic() >= end:
-                raise GuestTimeout(f"guest {self.name!r} did not power off within {t:.0f}s",
-                                   tail)
+        power.poweroff(self.machine, self, self.name, t)
         self.close()
 
     def close(self) -> None:

@@ -1,0 +1,64 @@
+"""Powering a guest off from inside, as a user would, and waiting until QEMU exits."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from pytest_virtio.errors import GuestError, GuestTimeout
+from pytest_virtio.guests.shell import Shell
+from pytest_virtio.qemu.machine import Machine
+
+__all__ = ["POWEROFF_FAILED", "POWEROFF_SCRIPT", "poweroff"]
+
+log = logging.getLogger(__name__)
+
+#: What the guest prints on its kernel console when its power-off command failed.
+POWEROFF_FAILED = "PYTEST-VIRTIO-POWEROFF-FAILED"
+
+#: Picks the way to power off now, and fails now (rc 127, its reason on stderr)
+#: when there is none: systemd's orderly ``systemctl poweroff`` when it is PID 1,
+#: else the poweroff syscall after a sync, through busybox's applet (our init
+#: runs under busybox; the default image has no poweroff program) or a poweroff
+#: program.  Then answers (the framed reply must leave before systemd stops the
+#: console service: seen as exit 143 'Terminated' when it did not) and powers
+#: off a second later, its output and a failure (:data:`POWEROFF_FAILED`) on the
+#: kernel's console, which the host watches while it waits.  Killed by a signal,
+#: the command failed nothing: the shutdown it started stops its service.
+POWEROFF_SCRIPT = f"""\
+if [ -d /run/systemd/system ]; then off="systemctl poweroff"
+elif /bin/busybox --list 2>/dev/null | grep -qx poweroff; then off="/bin/busybox poweroff -f"
+elif command -v poweroff >/dev/null; then off="poweroff -f"
+else
+  echo "cannot power off: systemd is not running (no /run/systemd/system), /bin/busybox \
+has no poweroff applet, no poweroff program on PATH ($PATH)" >&2
+  exit 127
+fi
+command -v "${{off%% *}}" >/dev/null || {{ echo "cannot power off: ${{off%% *}} not found \
+on PATH ($PATH)" >&2; exit 127; }}
+(sleep 1; sync; $off || {{ r=$?; [ $r -gt 128 ] || echo "{POWEROFF_FAILED}: '$off' exited $r"; }}
+) >/dev/console 2>&1 &
+"""
+
+#: While it waits for QEMU to exit, poweroff() looks at the console this often.
+_POLL = 0.5
+
+
+def poweroff(machine: Machine, shell: Shell, name: str, timeout: float) -> None:
+    """Start the guest's own power-off and wait until its QEMU exits.
+
+    No way to power off is a CommandFailed at once (with why); a power-off command
+    that fails is a GuestError as soon as the console shows it; QEMU still running
+    after ``timeout`` is a GuestTimeout.
+    """
+    log.info("guest %s: powering off from inside", name)
+    shell.check(POWEROFF_SCRIPT)  # no way to power off: CommandFailed now, with why
+    end = time.monotonic() + timeout
+    while machine.wait_exit(min(_POLL, max(0.0, end - time.monotonic()))) is None:
+        tail = shell.console_tail()
+        failed = [line for line in tail.splitlines() if POWEROFF_FAILED in line]
+        if failed:
+            raise GuestError(f"guest {name!r} could not power off: {failed[-1].strip()}", tail)
+        if time.monotonic() >= end:
+            raise GuestTimeout(f"guest {name!r} did not power off within {timeout:.0f}s", tail)
+    log.info("guest %s: powered off", name)

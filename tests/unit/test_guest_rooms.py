@@ -1,0 +1,236 @@
+"""The guest's rooms (pytest_virtio/guests/{power,memory,media,ports,drivers,hotplug}.py)
+without QEMU: what each refuses before touching QEMU, what it sends, and how it waits.
+
+The guest's side is scripted: a shell answering commands from a table and a machine
+recording QMP commands. The same calls on real guests are tests/integration
+(test_poweroff, test_balloon, test_cdrom, test_serial, test_hotplug, test_api_gaps).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+
+from pytest_virtio.channels import inventory
+from pytest_virtio.channels.runners import Result
+from pytest_virtio.errors import CommandFailed, ConfigError, GuestError, GuestTimeout
+from pytest_virtio.guests import drivers, hotplug, media, memory, ports, power
+from pytest_virtio.qemu.machine import Machine
+from pytest_virtio.spec import ROOT_MODULES, Disk, MachineSpec, Nic, spec_from_kwargs
+
+
+class ScriptedShell:
+    """A guest shell: each command answered by the first table entry it contains."""
+
+    def __init__(self, answers: dict[str, str | Callable[[], str]] | None = None,
+                 tail: str = "", rc: int = 0) -> None:
+        self.answers = answers or {}
+        self.tail = tail
+        self.rc = rc
+        self.commands: list[str] = []
+
+    def run(self, cmd: str, timeout: float | None = None, via: str = "console") -> Result:
+        self.commands.append(cmd)
+        out = next((a for key, a in self.answers.items() if key in cmd), "")
+        text = out() if callable(out) else out
+        return Result(cmd, self.rc, text.encode())
+
+    def check(self, cmd: str, timeout: float | None = None, via: str = "console") -> Result:
+        return self.run(cmd, timeout, via).check(self.tail)
+
+    def console_tail(self, lines: int = 40) -> str:
+        return self.tail
+
+
+class ScriptedMachine:
+    """QMP recorded; ``wait_exit`` says the QEMU exited after ``exits_after`` waits."""
+
+    name = "g"
+    pid = 1
+
+    def __init__(self, exits_after: int | None = None) -> None:
+        self.qmp_calls: list[tuple[str, dict[str, Any]]] = []
+        self.exits_after = exits_after
+        self.waits = 0
+        self.events: list[dict[str, Any]] = []
+
+    def qmp(self, cmd: str, **args: Any) -> Any:
+        self.qmp_calls.append((cmd, args))
+        return {}
+
+    def wait_exit(self, timeout: float) -> int | None:
+        self.waits += 1
+        return 0 if self.exits_after is not None and self.waits > self.exits_after else None
+
+
+def _m(machine: ScriptedMachine) -> Machine:
+    return cast(Machine, machine)
+
+
+# --------------------------------------------------------------------------- power
+
+
+def test_poweroff_returns_once_qemu_exits(caplog: pytest.LogCaptureFixture) -> None:
+    machine, shell = ScriptedMachine(exits_after=2), ScriptedShell()
+    with caplog.at_level(logging.INFO, logger="pytest_virtio.guests.power"):
+        power.poweroff(_m(machine), shell, "g", timeout=10.0)
+    assert shell.commands == [power.POWEROFF_SCRIPT] and machine.waits == 3
+    assert "powering off" in caplog.text and "powered off" in caplog.text
+
+
+def test_poweroff_that_fails_in_the_guest_is_an_error_at_once() -> None:
+    tail = f"booting\n{power.POWEROFF_FAILED}: '/bin/busybox poweroff -f' exited 1\n"
+    machine = ScriptedMachine()
+    with pytest.raises(GuestError, match=r"could not power off: .*exited 1"):
+        power.poweroff(_m(machine), ScriptedShell(tail=tail), "g", timeout=30.0)
+    assert machine.waits == 1
+
+
+def test_poweroff_without_a_way_fails_before_waiting() -> None:
+    machine = ScriptedMachine()
+    with pytest.raises(CommandFailed):
+        power.poweroff(_m(machine), ScriptedShell(rc=127), "g", timeout=30.0)
+    assert machine.waits == 0
+
+
+def test_poweroff_that_never_comes_times_out() -> None:
+    with pytest.raises(GuestTimeout, match="did not power off within 0s"):
+        power.poweroff(_m(ScriptedMachine()), ScriptedShell(), "g", timeout=0.01)
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def test_no_balloon_is_refused_before_qmp_and_before_the_size() -> None:
+    machine = ScriptedMachine()
+    for spec in (None, MachineSpec()):
+        with pytest.raises(ConfigError, match=r"no balloon: add devices=\['balloon'\]"):
+            memory.balloon(_m(machine), spec, "not a size", 1.0, lambda: "")
+    assert machine.qmp_calls == []
+
+
+def test_balloon_device_and_a_bad_target_named() -> None:
+    spec = spec_from_kwargs({"devices": ["balloon"]})
+    assert memory.balloon_device(spec) == spec.devices[0].name
+    machine = ScriptedMachine()
+    with pytest.raises(ConfigError, match=r"guest.balloon\(target\)"):
+        memory.balloon(_m(machine), spec, "-1M", 1.0, lambda: "")
+    assert machine.qmp_calls == []
+
+
+# --------------------------------------------------------------------------- media
+
+
+def test_unknown_cdrom_is_refused_naming_the_drives(tmp_path: Path) -> None:
+    iso = tmp_path / "x.iso"
+    iso.write_bytes(bytes(40 * 2048))
+    spec = spec_from_kwargs({"devices": [{"kind": "cdrom", "name": "cd0", "iso": str(iso)}]})
+    machine = ScriptedMachine()
+    with pytest.raises(ConfigError, match=r"cdrom_eject\('cd9'\): no CD-ROM .* has: cd0"):
+        media.eject(_m(machine), spec, "cd9", force=False)
+    with pytest.raises(ConfigError, match="has: none"):
+        media.change(_m(machine), ScriptedShell(), None, "cd0", iso, force=False, timeout=1.0)
+    assert machine.qmp_calls == []
+    media.eject(_m(machine), spec, "cd0", force=True)
+    assert [c for c, _ in machine.qmp_calls] == ["blockdev-open-tray", "blockdev-remove-medium"]
+
+
+def test_volume_digest_is_sector_16(tmp_path: Path) -> None:
+    iso = tmp_path / "x.iso"
+    pvd = b"\x01CD001" + bytes(2048 - 6)
+    iso.write_bytes(bytes(16 * 2048) + pvd + bytes(2048))
+    assert media.volume_digest(iso) == hashlib.md5(pvd, usedforsecurity=False).hexdigest()
+
+
+# --------------------------------------------------------------------------- ports
+
+
+def test_unknown_serial_port_names_the_ports() -> None:
+    with pytest.raises(ConfigError, match=r"no such virtio-serial port; this guest has: none "
+                                          r"\(add devices=\['serial'\]"):
+        ports.serial_port({}, "p")
+    port = object()
+    with pytest.raises(ConfigError, match="has: a, b"):
+        ports.serial_port(cast(Any, {"a": port, "b": port}), "p")
+    assert ports.serial_port(cast(Any, {"a": port}), "a") is port
+
+
+# --------------------------------------------------------------------------- drivers
+
+
+def test_disk_modules_follow_the_disk_bus() -> None:
+    spec = MachineSpec(disks=(Disk(name="d", bus="ahci"),))
+    assert drivers.disk_modules(spec, "d") == ROOT_MODULES["ahci"]
+    assert drivers.disk_modules(spec, "other") == () and drivers.disk_modules(None, "d") == ()
+
+
+def test_modprobe_of_nothing_runs_nothing() -> None:
+    shell = ScriptedShell()
+    assert drivers.modprobe(shell, ()) is None and shell.commands == []
+    drivers.modprobe(shell, ["virtio_blk", "a b"])
+    assert shell.commands == ["modprobe -a virtio_blk 'a b'"]
+
+
+def test_nic_interface_is_matched_by_mac() -> None:
+    spec = MachineSpec(nics=(Nic(name="n0"), Nic(name="n1")))
+    shell = ScriptedShell({"/sys/class/net": "lo 00:00:00:00:00:00\n"
+                                              "eth0 52:54:00:12:34:56\neth1 52:54:00:12:34:57\n"})
+    assert drivers.nic_interface(shell, spec, "n1") == "eth1"
+    with pytest.raises(ConfigError, match="no NIC named 'n9'"):
+        drivers.nic_interface(shell, spec, "n9")
+    with pytest.raises(GuestError, match="no guest interface has MAC 52:54:00:12:34:56"):
+        drivers.nic_interface(ScriptedShell({"/sys/class/net": "lo 0\n"}), spec, "n0")
+
+
+def test_find_disk_loads_the_driver_once_then_finds_the_serial() -> None:
+    loads: list[int] = []
+    shell = ScriptedShell({inventory.BLOCK_SCRIPT: lambda: "vda root\nsdb DATA\n" if loads
+                           else "vda root\n"})
+    assert drivers.find_disk(shell, "DATA", "data", 5.0, lambda: loads.append(1)) == "/dev/sdb"
+    assert loads == [1]
+
+
+# --------------------------------------------------------------------------- hotplug
+
+
+def _disks(serials: dict[str, str] | None = None) -> hotplug.AttachedDisks:
+    return hotplug.AttachedDisks(dict(serials or {}), {}, {})
+
+
+def test_free_disk_name_skips_every_name_the_guest_uses() -> None:
+    spec = spec_from_kwargs({"disks": [{"name": "disk0"}], "nics": [{"name": "disk1"}]})
+    assert hotplug.free_disk_name(spec, {"disk0": "disk0", "disk2": "x"}) == "disk3"
+    assert hotplug.free_disk_name(None, {}) == "disk0"
+
+
+def test_data_disk_knows_booted_and_hot_plugged_disks() -> None:
+    spec = MachineSpec(disks=(Disk(name="d"),))
+    disks = _disks({"d": "d", "h": "h"})
+    disks.hot["h"] = Disk(name="h", bus="virtio-scsi")
+    assert hotplug.data_disk(spec, disks, "d", "resize_disk").name == "d"
+    assert hotplug.data_disk(spec, disks, "h", "resize_disk").bus == "virtio-scsi"
+    with pytest.raises(ConfigError, match=r"resize_disk\('x'\): no data disk .* has: d, h"):
+        hotplug.data_disk(spec, disks, "x", "resize_disk")
+
+
+def test_attach_refuses_a_taken_name_or_no_context_before_qmp(tmp_path: Path) -> None:
+    machine = ScriptedMachine()
+    with pytest.raises(ConfigError, match="a disk named 'd' is already attached"):
+        hotplug.attach(_m(machine), _disks({"d": "d"}), None, None, tmp_path, "guest 'g'",
+                       {"name": "d"})
+    with pytest.raises(GuestError, match="needs the guest's LaunchContext"):
+        hotplug.attach(_m(machine), _disks(), None, None, tmp_path, "guest 'g'", "virtio-blk")
+    assert machine.qmp_calls == []
+
+
+def test_detach_of_an_unknown_disk_names_the_disks_before_qmp() -> None:
+    machine = ScriptedMachine()
+    with pytest.raises(ConfigError, match=r"no data disk named 'x' \(have: a, b\)"):
+        hotplug.detach(_m(machine), ScriptedShell(), _disks({"b": "b", "a": "a"}), "guest 'g'",
+                       "x", 1.0)
+    assert machine.qmp_calls == []
