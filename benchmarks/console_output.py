@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """Command output through the console channel: throughput by size, and time per ``true``.
 
-One default guest (TCG here).  For each size, a file of that many bytes is made
-in the guest (not timed), then ``cat`` of it is timed through the console and,
-as the peer in the same run, through SSH (paramiko, the guest's dropbear): the
-figure is MB/s of command output reaching the test, and the bytes are checked
-(length and SHA-256) so a fast wrong answer cannot pass.  Then the median of
-``true`` round trips on each channel.
+Two default guests (TCG here), one per command-channel transport: ``serial``
+(ttyS1, the default) and ``virtio-console`` (hvc0).  For each size, a file of
+that many bytes is made in each guest (not timed), then ``cat`` of it is timed
+through each console and, as the peer in the same run, through SSH (paramiko,
+the first guest's dropbear): the figure is MB/s of command output reaching the
+test, and the bytes are checked (length and SHA-256) so a fast wrong answer
+cannot pass.  Then the median of ``true`` round trips on each channel.
 
 Target (issue 23): >= 1 MB/s of command output under TCG, linear in size.
 A size is skipped once the previous one took longer than ``--cap`` seconds
@@ -21,9 +22,7 @@ import os
 import statistics
 import time
 
-from pytest_virtio import spec
-from pytest_virtio.guests.guest import Guest
-from pytest_virtio.guests.session import VirtioSession
+from pytest_virtio import Guest, VirtioSession, spec
 from pytest_virtio.guests.settings import Settings
 
 SIZES = (64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20)
@@ -34,6 +33,11 @@ def _output(result: object) -> bytes:
     if isinstance(exact, bytes):
         return exact
     return str(getattr(result, "stdout", "")).encode()  # the old Result: text only
+
+
+#: (column, the guest's command_channel, Guest.run's via)
+CHANNELS = (("serial", "serial", "console"), ("virtio-console", "virtio-console", "console"),
+            ("ssh", "serial", "ssh"))
 
 
 def _throughput(guest: Guest, via: str, size: int, digest: str) -> float:
@@ -72,32 +76,37 @@ def main() -> None:
     parser.add_argument("--no-ssh", action="store_true", help="console only")
     args = parser.parse_args()
     settings = Settings.from_values({"accel": "auto"})
-    shape = spec.MachineSpec(nics=() if args.no_ssh else (spec.Nic(),))
+    columns = [c for c in CHANNELS if not (args.no_ssh and c[2] == "ssh")]
     with VirtioSession(settings) as session:
         print(f"accel: {session.accel().accel}; host load {os.getloadavg()[0]:.1f}")
-        guest = session.boot(shape)
+        guests = {}
         try:
-            vias = ["console"] if args.no_ssh else ["console", "ssh"]
-            print(f"{'bytes':>10} " + " ".join(f"{v + ' s':>10} {v + ' MB/s':>13}" for v in vias))
-            skip = {v: False for v in vias}
+            for transport in dict.fromkeys(c[1] for c in columns):
+                nics = () if args.no_ssh or transport != "serial" else (spec.Nic(),)
+                guests[transport] = session.boot(
+                    spec.MachineSpec(nics=nics, command_channel=transport), transport)
+            print(f"{'bytes':>10} " + " ".join(f"{c[0] + ' s':>18} {c[0] + ' MB/s':>20}"
+                                                for c in columns))
+            skip = {c[0]: False for c in columns}
             for size in SIZES:
-                digest = _make_file(guest, size)
+                digests = {t: _make_file(g, size) for t, g in guests.items()}
                 cells = []
-                for via in vias:
-                    if skip[via]:
-                        cells.append(f"{'skipped':>10} {'':>13}")
+                for name, transport, via in columns:
+                    if skip[name]:
+                        cells.append(f"{'skipped':>18} {'':>20}")
                         continue
-                    seconds = _throughput(guest, via, size, digest)
-                    skip[via] = seconds > args.cap
-                    cells.append(f"{seconds:10.2f} {size / seconds / 1e6:13.2f}")
+                    seconds = _throughput(guests[transport], via, size, digests[transport])
+                    skip[name] = seconds > args.cap
+                    cells.append(f"{seconds:18.2f} {size / seconds / 1e6:20.2f}")
                 print(f"{size:>10} " + " ".join(cells), flush=True)
-            trips = {v: _round_trips(guest, v, args.n) for v in vias}
-            print("true: " + ", ".join(f"{v} {t * 1000:.1f} ms" for v, t in trips.items()))
+            trips = {name: _round_trips(guests[t], via, args.n) for name, t, via in columns}
+            print("true: " + ", ".join(f"{n} {t * 1000:.1f} ms" for n, t in trips.items()))
             if "ssh" in trips:
-                print(f"console/ssh time per true: {trips['console'] / trips['ssh']:.2f}x")
+                print("time per true vs ssh: " + ", ".join(
+                    f"{n} {trips[n] / trips['ssh']:.2f}x" for n in trips if n != "ssh"))
         finally:
-            guest.close()
-
+            for guest in guests.values():
+                guest.close()
 
 if __name__ == "__main__":
     main()

@@ -8,13 +8,18 @@ would leave the node behind and make the next hotplug of that name fail.
 
 from __future__ import annotations
 
-__all__ = ["AGENT_PORT", "LSI_CONTROLLER", "MODULES_DEVICE", "MODULES_DRIVE", "ROOT", "ROOT_DRIVE",
-           "drive_id", "nic_device_id", "vhost_chardev_id", "vhost_socket_name"]
+__all__ = ["AGENT_PORT", "COMMAND_PORT", "COMMAND_SERIAL_BUS", "LSI_CONTROLLER", "MODULES_DEVICE",
+           "MODULES_DRIVE", "ROOT", "ROOT_DRIVE", "drive_id", "nic_device_id", "vhost_chardev_id",
+           "vhost_socket_name"]
 
 #: The root disk's name (its device id; ``-drive``/blockdev node ``drv-root``).
 ROOT = "root"
 #: The virtio-serial port name qemu-ga opens by default (systemd's unit waits for it).
 AGENT_PORT = "org.qemu.guest_agent.0"
+#: The virtio-serial controller and console port of the ``virtio-console`` command
+#: channel (``vm(command_channel="virtio-console")``); the guest sees the port as hvc0.
+COMMAND_SERIAL_BUS = "pvcmd"
+COMMAND_PORT = "org.pytest-virtio.command"
 #: The one LSI 53C895A controller all ``lsi`` disks share.
 LSI_CONTROLLER = "lsi0"
 #: The read-only modules disk of a user kernel (device id and serial).

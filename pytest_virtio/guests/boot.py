@@ -138,6 +138,7 @@ class Boot:
         if image.modules_disk is not None:
             args.append(f"pv.modules={image.kernel_version}")
         args += image.append
+        args += spec_mod.command_channel_append(spec)
         fw_cfg = ({ssh_mod.AUTHORIZED_KEYS_FW_CFG: str(self.host.ssh_key().public_path)}
                   if ssh else {})
         return spec_mod.LaunchContext(

@@ -182,7 +182,9 @@ def _mmdebstrap_argv(recipe: Recipe, rootdir: Path) -> list[str]:
 
 
 def _distro_hooks() -> list[str]:
-    """The console service in, serial-getty@ttyS0 masked (it would read our console)."""
+    """The console service in; serial-getty@ttyS0 masked (it would read our console), and
+    serial-getty@hvc0 too (systemd's getty generator starts one on a virtio console,
+    where ``command_channel="virtio-console"`` serves the command shell)."""
     unit = "/etc/systemd/system/pytest-virtio-console.service"
     return [
         f'--customize-hook=install -m 755 "{DATA_DIR / "pv-console"}" "$1/usr/sbin/pv-console"',
@@ -191,6 +193,7 @@ def _distro_hooks() -> list[str]:
         '--customize-hook=mkdir -p "$1/etc/systemd/system/multi-user.target.wants" && '
         f'ln -sf {unit} "$1/etc/systemd/system/multi-user.target.wants/"',
         '--customize-hook=ln -sf /dev/null "$1/etc/systemd/system/serial-getty@ttyS0.service"',
+        '--customize-hook=ln -sf /dev/null "$1/etc/systemd/system/serial-getty@hvc0.service"',
     ]
 
 

@@ -18,7 +18,7 @@ Every message lists the valid choices.
 
 from __future__ import annotations
 
-from pytest_virtio.spec.argv import device_argv, nic_mac, to_argv
+from pytest_virtio.spec.argv import command_channel_append, device_argv, nic_mac, to_argv
 from pytest_virtio.spec.catalogue import (
     CACHE_MODES,
     CDROM_BUSES,
@@ -77,6 +77,7 @@ __all__ = [
     "Rng",
     "SerialPorts",
     "apply_matrix",
+    "command_channel_append",
     "device_argv",
     "driver_needs",
     "guest_modules",

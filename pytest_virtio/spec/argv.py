@@ -79,13 +79,29 @@ def _base_argv(spec: MachineSpec, ctx: LaunchContext) -> list[str]:
         "-chardev", _opts("socket", console),
         "-serial", "chardev:con0",
         "-chardev", _opts("socket", channel),
-        "-serial", "chardev:cmd0",
+        *_command_channel_argv(spec),
         "-chardev", _opts("socket", qmp),
         "-mon", "chardev=qmp0,mode=control",
         "-device", "pvpanic",
         "-no-reboot",
         *_fw_cfg_argv(ctx),
     ]  # fmt: skip
+
+
+def _command_channel_argv(spec: MachineSpec) -> list[str]:
+    """The device the guest's command shell is served on, fed by chardev ``cmd0``."""
+    if spec.command_channel == "virtio-console":
+        port = _opts("virtconsole", [("bus", f"{ids.COMMAND_SERIAL_BUS}.0"), ("chardev", "cmd0"),
+                                     ("name", ids.COMMAND_PORT)])
+        return ["-device", f"virtio-serial-pci,id={ids.COMMAND_SERIAL_BUS}",
+                "-device", port]
+    return ["-serial", "chardev:cmd0"]
+
+
+def command_channel_append(spec: MachineSpec) -> tuple[str, ...]:
+    """Kernel arguments telling the guest's init where to serve the command shell
+    (``pv.cmd=``; pvinit and pv-console default to ttyS1)."""
+    return ("pv.cmd=hvc0",) if spec.command_channel == "virtio-console" else ()
 
 
 def _fw_cfg_argv(ctx: LaunchContext) -> list[str]:

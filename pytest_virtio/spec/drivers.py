@@ -18,6 +18,8 @@ def required_qemu_devices(spec: MachineSpec) -> frozenset[str]:
     needed |= {_NIC_DEVICE[nic.model] for nic in spec.nics}
     for dev in spec.devices:
         needed |= _device_models_for(dev)
+    if spec.command_channel == "virtio-console":
+        needed |= {"virtio-serial-pci", "virtconsole"}
     return frozenset(needed)
 
 

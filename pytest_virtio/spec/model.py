@@ -30,6 +30,7 @@ from pytest_virtio.spec.catalogue import (
     AHCI_PORTS,
     CACHE_MODES,
     CDROM_BUSES,
+    COMMAND_CHANNELS,
     DEVICE_KINDS,
     DISK_BUSES,
     DISK_FORMATS,
@@ -446,6 +447,8 @@ class MachineSpec:
     #: wrote; a distro image then boots the initramfs on the copy's /boot, as its
     #: bootloader would. None = a throwaway overlay (nothing a test writes survives).
     root_disk: str | None = None
+    #: The command channel's transport (:data:`~pytest_virtio.spec.catalogue.COMMAND_CHANNELS`).
+    command_channel: str = "serial"
 
     def __post_init__(self) -> None:
         for name in ("disks", "nics", "devices"):
@@ -471,6 +474,7 @@ class MachineSpec:
         _check_count(self.smp, "smp", 1, 8)
         _check_choice(self.machine, MACHINES, "machine")
         _check_choice(self.root_bus, ROOT_BUSES, "root_bus")
+        _check_choice(self.command_channel, COMMAND_CHANNELS, "command_channel")
         self._check_types()
         self._check_names()
         self._check_slots()

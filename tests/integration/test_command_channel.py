@@ -23,9 +23,20 @@ from pytest_virtio.guests.guest import Guest
 from pytest_virtio.spec import MachineSpec
 
 
-@pytest.fixture(scope="module")
-def g(boot_shared: Callable[[MachineSpec, str], Guest]) -> Guest:
-    return boot_shared(MachineSpec(nics=()), "channel")
+#: The guest's terminal behind each command-channel transport.
+TTY = {"serial": "/dev/ttyS1", "virtio-console": "/dev/hvc0"}
+
+
+@pytest.fixture(scope="module", params=sorted(TTY))
+def g(request: pytest.FixtureRequest, boot_shared: Callable[[MachineSpec, str], Guest]) -> Guest:
+    """Every property below holds on both transports: the same framing over ttyS1 and hvc0."""
+    return boot_shared(MachineSpec(nics=(), command_channel=request.param), request.param)
+
+
+def test_the_shell_is_served_on_the_transports_terminal(g: Guest) -> None:
+    tty = TTY[g.spec.command_channel]
+    assert g.run("readlink /proc/$$/fd/0").stdout.strip() == tty
+    assert g.run("tty").stdout.strip() in (tty, "not a tty")
 
 
 def test_output_that_looks_like_a_boot_failure_is_only_output(g: Guest) -> None:
@@ -90,7 +101,7 @@ def test_a_killed_shell_fails_its_command_at_once_and_the_next_one_works(g: Gues
 
 def test_a_changed_terminal_mode_is_an_error_not_a_wrong_result(g: Guest) -> None:
     with pytest.raises(ChannelMode, match="mode"):
-        g.run("stty sane < /dev/ttyS1; printf 'x\\ny\\n'")
+        g.run(f"stty sane < {TTY[g.spec.command_channel]}; printf 'x\\ny\\n'")
     long = "y" * 5000
     result = g.run(f"v='{long}'; echo ${{#v}}")
     assert (result.rc, result.stdout) == (0, "5000\n")

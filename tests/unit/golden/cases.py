@@ -30,6 +30,7 @@ def _cases() -> dict[str, MachineSpec]:
         "base": MachineSpec(),
         "base-q35-smp4-1G": MachineSpec(machine="q35", smp=4, memory="1G"),
         "extra-args": MachineSpec(extra_args=("-rtc", "base=utc")),
+        "command-channel-virtio-console": MachineSpec(command_channel="virtio-console"),
     }
     for bus in ("virtio-blk", "vhost-user-blk", "virtio-scsi", "ide", "ahci", "lsi", "nvme"):
         cases[f"root-{bus}"] = MachineSpec(root_bus=bus)
