@@ -22,7 +22,6 @@ from pytest_virtio.errors import ChannelMode, GuestTimeout, ShellRestarted
 from pytest_virtio.guests.guest import Guest
 from pytest_virtio.spec import MachineSpec
 
-
 #: The guest's terminal behind each command-channel transport.
 TTY = {"serial": "/dev/ttyS1", "virtio-console": "/dev/hvc0"}
 
