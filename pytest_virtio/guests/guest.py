@@ -41,12 +41,12 @@ from pytest_virtio.guests.hotplug import AttachedDisks
 from pytest_virtio.guests.teardown import stop_backends
 from pytest_virtio.qemu.machine import Machine
 from pytest_virtio.spec import ROOT_MODULES, guest_modules
+from pytest_virtio.workloads import dd as dd_mod
+from pytest_virtio.workloads import fio as fio_mod
 
 if TYPE_CHECKING:
     from pytest_virtio.channels.balloon import BalloonStats
     from pytest_virtio.spec import Disk, LaunchContext
-    from pytest_virtio.workloads.dd import DdResult
-    from pytest_virtio.workloads.fio import FioJob, FioResult
 
 
 @dataclass
@@ -186,13 +186,11 @@ class Guest:
         return drivers.bound_drivers(self)
 
     # -- workloads -----------------------------------------------------------
-    def fio(self, device: str | FioJob | None = None, *, jobfile: str | None = None,
-            timeout: float | None = None, **job: Any) -> FioResult:
+    def fio(self, device: str | fio_mod.FioJob | None = None, *, jobfile: str | None = None,
+            timeout: float | None = None, **job: Any) -> fio_mod.FioResult:
         """Run fio in the guest and parse its JSON; WorkloadError carries its stderr.
 
         ``device`` is the guest path with FioJob options in ``job``, or a whole FioJob."""
-        from pytest_virtio.workloads import fio as fio_mod
-
         runtime = fio_mod.FioJob.UNTIMED_SECONDS
         if jobfile is not None:
             cmd = fio_mod.fio_jobfile_shell(jobfile)
@@ -210,14 +208,12 @@ class Guest:
 
     def dd(self, source: str, dest: str, *, bs: str | int = "1M", count: int | None = None,
            iflag: str | None = None, oflag: str | None = None, conv: str | None = None,
-           timeout: float | None = None) -> DdResult:
+           timeout: float | None = None) -> dd_mod.DdResult:
         """Run coreutils ``dd`` in the guest; WorkloadError carries dd's stderr.
 
         The console merges stderr into stdout, so the summary is parsed from both;
         the rootfs has GNU dd (busybox's prints no rate and would fail to parse).
         """
-        from pytest_virtio.workloads import dd as dd_mod
-
         cmd = dd_mod.dd_shell(source, dest, bs=bs, count=count, iflag=iflag, oflag=oflag,
                               conv=conv)
         res = self.run(f"{cmd} 2>&1", timeout=timeout)
