@@ -38,6 +38,7 @@ from pytest_virtio.guests import (
     storage,
 )
 from pytest_virtio.guests.hotplug import AttachedDisks
+from pytest_virtio.guests.kernel_log import KernelLog
 from pytest_virtio.guests.teardown import stop_backends
 from pytest_virtio.qemu.machine import Machine
 from pytest_virtio.spec import ROOT_MODULES, guest_modules
@@ -72,6 +73,10 @@ class Guest:
     serial_ports: dict[str, SerialPort] = field(default_factory=dict)
     #: Disks added by :meth:`hotplug` and not yet unplugged, by name.
     hot_disks: dict[str, Disk] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        #: The kernel's log since the last look (the plugin looks after each test).
+        self.kernel_log = KernelLog(self)
 
     # -- commands ------------------------------------------------------------
     def default_timeout(self) -> float:

@@ -23,6 +23,7 @@ from pytest_virtio.results.baseline import DEFAULT_COMPARE_FAIL, CompareFail, pa
 ACCELS = ("auto", "kvm", "tcg")
 KEEP = ("failed", "always", "never")
 INCONCLUSIVE = ("pass", "fail")
+SPLATS = ("fail", "off")
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +111,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("perf_inconclusive", "pass", "a relative check whose spreads straddle the "
            "factor is reported as inconclusive; 'fail' makes that fail the session",
            INCONCLUSIVE),
+    Option("splats", "fail", "a kernel splat (WARNING, BUG, Oops, KASAN/UBSAN/KFENCE, lockdep, "
+           "hung task, lockup, RCU stall, list corruption, a broken virtio ring) the guest "
+           "logged while a test ran fails that test; 'off' does not look", SPLATS),
 )
 
 
@@ -134,6 +138,7 @@ class Settings:
     compare_fail: CompareFail = DEFAULT_COMPARE_FAIL
     perf_rounds: int = 1
     perf_inconclusive: str = "pass"
+    splats: str = "fail"
 
     @classmethod
     def from_values(cls, values: dict[str, str | None]) -> Settings:
@@ -178,6 +183,7 @@ class Settings:
             compare_fail=_compare_fail(values.get("compare_fail")),
             perf_rounds=_rounds(values.get("perf_rounds")),
             perf_inconclusive=values.get("perf_inconclusive") or "pass",
+            splats=values.get("splats") or "fail",
         )
 
 

@@ -28,6 +28,7 @@ from pytest_virtio.guests.teardown import Teardown
 from pytest_virtio.plugin import artifacts
 from pytest_virtio.plugin.marked_workload import run_marked_workload
 from pytest_virtio.plugin.state import (
+    GUESTS_KEY,
     MEASURED_KEY,
     REPORTS_KEY,
     SESSION_KEY,
@@ -116,7 +117,7 @@ def boot_for(node: Any, session: VirtioSession, spec: spec_mod.MachineSpec,
     without the model skips the test, a failed boot keeps its artifacts under the
     test's directory."""
     try:
-        return session.boot(spec, name, pool=pool)
+        guest = session.boot(spec, name, pool=pool)
     except MissingDevices as exc:
         # A QEMU build without the model cannot run this test: skip, naming it.
         pytest.skip(f"QEMU lacks device model(s) {', '.join(sorted(exc.missing))} "
@@ -132,6 +133,8 @@ def boot_for(node: Any, session: VirtioSession, spec: spec_mod.MachineSpec,
             else:
                 exc.add_note(f"pytest-virtio artifacts: {dest}")
         raise
+    node.stash.setdefault(GUESTS_KEY, []).append(guest)
+    return guest
 
 
 def _test_failed(node: Any) -> bool:

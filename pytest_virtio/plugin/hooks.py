@@ -27,10 +27,11 @@ from pytest_virtio.guests import measure as workload_mod
 from pytest_virtio.guests.session import VirtioSession
 from pytest_virtio.guests.settings import OPTIONS, Settings, resolve_values
 from pytest_virtio.guests.sharing import SCOPES
-from pytest_virtio.plugin import tracebacks
+from pytest_virtio.plugin import splat_check, tracebacks
 from pytest_virtio.plugin.plan import build_plan
 from pytest_virtio.plugin.state import (
     FINISH_KEY,
+    GUESTS_KEY,
     OUTCOME_KEY,
     PLANS_KEY,
     REPORTS_KEY,
@@ -74,6 +75,9 @@ def _marker_docs() -> dict[str, str]:
         "guest drivers are bound/loaded (built-ins count) and the absent ones are not.",
         "workload": f"workload(kind, ...): run a workload in the guest before the test body; "
         f"its result is the `workload` fixture. Keys per kind — {workload}.",
+        "splats": "splats(allow=[patterns], expect=[patterns]): kernel splats this test "
+        "tolerates, and those it must cause; each a regular expression searched in a splat's "
+        "report (others fail the test unless --virtio-splats=off).",
         "perf": f"perf({_keys(perf_mod.PERF_KEYS)}): assert the workload's figures; "
         "per-accelerator values as {'kvm': .., 'tcg': ..}; metric= one of "
         f"{', '.join(perf_mod.METRICS)}; stack several perf marks for several promises.",
@@ -299,8 +303,18 @@ def pytest_runtest_makereport(
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
-    """After a passing body, the absolute ``perf`` thresholds fail the test's call phase."""
-    result = yield
+    """After the body, the kernel splats its guests logged (:mod:`.splat_check`); after
+    a passing body, the absolute ``perf`` thresholds fail the test's call phase."""
+    try:
+        result = yield
+    except BaseException as exc:
+        verdict = _splats(item)
+        if verdict:
+            exc.add_note(verdict.message())
+        raise
+    verdict = _splats(item)
+    if verdict:
+        pytest.fail(verdict.message(), pytrace=False)
     records = [r for r in item.config.stash[RESULTS_KEY].records
                if r.test_id == item.nodeid and r.role is not Role.REFERENCE]
     failures = [line for perf in plan_of(item).perfs if records
@@ -315,6 +329,13 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
         pytest.fail("performance below threshold:\n  " + "\n  ".join(failures),
                     pytrace=False)
     return result
+
+
+def _splats(item: pytest.Item) -> splat_check.Verdict | None:
+    guests = item.stash.get(GUESTS_KEY, [])
+    if not guests or item.config.stash[SETTINGS_KEY].splats == "off":
+        return None
+    return splat_check.judge(guests, plan_of(item).splats)
 
 
 class PerfInconclusiveWarning(pytest.PytestWarning):

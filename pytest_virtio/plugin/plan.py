@@ -57,6 +57,16 @@ class Expectation:
 
 
 @dataclass(frozen=True)
+class SplatPolicy:
+    """``splats(allow=[...], expect=[...])``: kernel splats this test tolerates, and
+    those it must produce (a test of a warning path), as patterns searched in each
+    splat's report (its first line names the kind: ``WARNING: CPU: 0 PID: 1 at ...``)."""
+
+    allow: tuple[re.Pattern[str], ...] = ()
+    expect: tuple[re.Pattern[str], ...] = ()
+
+
+@dataclass(frozen=True)
 class MatrixItem:
     """One ``virtio_matrix`` combination: its test id and the axis values it sets."""
 
@@ -80,6 +90,7 @@ class TestPlan:
     expect: Expectation | None = None
     workload: WorkloadSpec | None = None
     perfs: tuple[PerfSpec, ...] = ()
+    splats: SplatPolicy = SplatPolicy()
 
     def machine_for(self, choice: Mapping[str, str] | None) -> spec_mod.MachineSpec:
         """The machine one item boots: the ``vm`` marks with its matrix choice applied."""
@@ -105,7 +116,7 @@ def build_plan(node: MarkedNode, settings: Settings) -> TestPlan:
         machine=base, scope=scope,
         matrix=None if matrix_kwargs is None else _matrix(base, matrix_kwargs, settings),
         expect=None if exp is None else expect_drivers_args(exp),
-        workload=workload, perfs=perfs,
+        workload=workload, perfs=perfs, splats=splats_args(node.get_closest_marker("splats")),
     )
 
 
@@ -188,6 +199,32 @@ def _validate_perf(perf: PerfSpec, work: WorkloadSpec, matrix: dict[str, Any] | 
                 f"@pytest.mark.virtio_matrix({axis}=[...]) (has: {', '.join(values) or 'none'});"
                 " relative checks compare the matrix items of one test"
             )
+
+
+def splats_args(marker: _Mark | None) -> SplatPolicy:
+    """``splats(allow=[...], expect=[...])`` checked once: each a regular expression."""
+    if marker is None:
+        return SplatPolicy()
+    where = "@pytest.mark.splats"
+    if marker.args:
+        raise ConfigError(f"{where}: takes allow=[...] and expect=[...], got positional "
+                          f"{marker.args!r}")
+    check_keys(where, marker.kwargs, ("allow", "expect"))
+    return SplatPolicy(**{key: _patterns(f"{where}: {key}", value)
+                          for key, value in marker.kwargs.items()})
+
+
+def _patterns(where: str, value: object) -> tuple[re.Pattern[str], ...]:
+    items = (value,) if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
+        raise ConfigError(f"{where}: give a pattern or a list of patterns, got {value!r}")
+    compiled = []
+    for item in items:
+        try:
+            compiled.append(re.compile(item))
+        except re.error as exc:
+            raise ConfigError(f"{where}: {item!r} is not a regular expression ({exc})") from None
+    return tuple(compiled)
 
 
 def expect_drivers_args(marker: _Mark) -> Expectation:

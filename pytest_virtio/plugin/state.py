@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from pytest_virtio.guests.guest import Guest
 from pytest_virtio.guests.measure import Measurement
 from pytest_virtio.guests.session import VirtioSession
 from pytest_virtio.guests.settings import Settings
@@ -22,9 +23,21 @@ from pytest_virtio.results.finish import Finish
 from pytest_virtio.results.records import SessionResults
 
 __all__ = [
-    "FINISH_KEY", "MEASURED_KEY", "OUTCOME_KEY", "PLANS_KEY", "PLAN_KEY", "REPORTS_KEY",
-    "RESULTS_KEY", "SESSION_KEY", "SETTINGS_KEY", "SIGTERM_KEY", "USES_GUEST_KEY",
-    "artifacts_dir", "artifacts_root", "plan_of",
+    "FINISH_KEY",
+    "GUESTS_KEY",
+    "MEASURED_KEY",
+    "OUTCOME_KEY",
+    "PLANS_KEY",
+    "PLAN_KEY",
+    "REPORTS_KEY",
+    "RESULTS_KEY",
+    "SESSION_KEY",
+    "SETTINGS_KEY",
+    "SIGTERM_KEY",
+    "USES_GUEST_KEY",
+    "artifacts_dir",
+    "artifacts_root",
+    "plan_of",
 ]
 
 SETTINGS_KEY = pytest.StashKey[Settings]()
@@ -41,6 +54,9 @@ PLANS_KEY = pytest.StashKey[dict[str, TestPlan]]()
 SIGTERM_KEY = pytest.StashKey[Any]()
 #: Set on an item whose test booted a guest (its failure report names the artifacts).
 USES_GUEST_KEY = pytest.StashKey[bool]()
+#: The guests a test booted or took from a pool, in order (their kernel logs are read
+#: for splats after the test body).
+GUESTS_KEY = pytest.StashKey[list[Guest]]()
 
 
 def plan_of(item: pytest.Item) -> TestPlan:
