@@ -17,8 +17,10 @@ from typing import Any
 
 from pytest_virtio.errors import ConfigError
 from pytest_virtio.files import check_readable_file
-from pytest_virtio.images import default_cache_dir
+from pytest_virtio.images import default_cache_dir, load_recipe
+from pytest_virtio.images.kernel import check_choice
 from pytest_virtio.results.baseline import DEFAULT_COMPARE_FAIL, CompareFail, parse_compare_fail
+from pytest_virtio.results.perf import parse_rounds
 
 ACCELS = ("auto", "kvm", "tcg")
 KEEP = ("failed", "always", "never")
@@ -155,8 +157,6 @@ class Settings:
         image = values.get("image")
         if image:
             _check_readable_file("image", image)
-            from pytest_virtio.images import load_recipe
-
             load_recipe(image)  # a bad field fails now, naming it, not at the first boot
         scale = values.get("timeout_scale")
         try:
@@ -207,8 +207,6 @@ def _check_kernel_route(values: dict[str, str | None]) -> None:
             _check_readable_file(name, values[name] or "")
         return
     if kernel:
-        from pytest_virtio.images.kernel import check_choice
-
         check_choice(kernel, modules)
 
 
@@ -224,8 +222,6 @@ def _report_paths(values: dict[str, str | None]) -> dict[str, Path | None]:
 
 
 def _rounds(value: str | None) -> int:
-    from pytest_virtio.results.perf import parse_rounds
-
     return parse_rounds(value or "1", "--virtio-perf-rounds")
 
 
