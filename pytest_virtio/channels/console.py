@@ -638,7 +638,12 @@ def _connect(path: str, deadline: float, alive: Callable[[], None]) -> socket.so
 
 
 def no_channel_diagnosis(device: str) -> str:
-    """The guest's kernel registered no second serial port: the channel cannot start."""
+    """The guest's kernel has no terminal for the command channel: it cannot start."""
+    if "hvc" in device:
+        return (f"the guest has no {device} for the command channel "
+                "(command_channel='virtio-console'): its kernel lacks CONFIG_VIRTIO_CONSOLE, "
+                "or the virtio_console module is missing from its modules tree; use "
+                "command_channel='serial' with this kernel")
     return (f"the guest has no {device} for the command channel: its kernel registered "
             "fewer than two 8250 serial ports (it needs CONFIG_SERIAL_8250 and "
             "8250.nr_uarts>=2, which pytest-virtio puts on the kernel command line)")

@@ -22,6 +22,11 @@ from pytest_virtio.spec import Disk, LaunchContext, MachineSpec
 __all__ = ["script"]
 
 
+
+def _shell_tty(spec: MachineSpec) -> str:
+    """Where the guest's command shell listens, as its transport puts it."""
+    return "hvc0" if spec.command_channel == "virtio-console" else "ttyS1"
+
 def _quote(arg: str, run_dir: str) -> str:
     """``arg`` shell-quoted, with the run directory replaced by ``"$R"``."""
     return '"$R"'.join(shlex.quote(part) if part else "" for part in arg.split(run_dir))
@@ -89,7 +94,7 @@ def script(argv: Sequence[str], run_dir: Path, spec: MachineSpec, ctx: LaunchCon
         'R=${PV_RUN:-$(mktemp -d "${TMPDIR:-/tmp}/pv-repro.XXXXXX")}',
         'mkdir -p "$R"',
         ('echo "reproduce.sh: run directory $R (kernel console log: $R/console.log; the '
-         'guest shell is on ttyS1: socat - UNIX-CONNECT:$R/cmd.sock)" >&2'),
+         f'guest shell is on {_shell_tty(spec)}: socat - UNIX-CONNECT:$R/cmd.sock)" >&2'),
         *_blank_disks(spec, ctx, rd),
         *_storage_daemon(served, ctx, rd, spec.smp),
         f'{exec_or_run}{command} "$@"',

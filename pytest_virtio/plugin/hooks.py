@@ -308,11 +308,13 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
     try:
         result = yield
     except BaseException as exc:
-        verdict = _splats(item)
-        if verdict:
-            exc.add_note(verdict.message())
+        verdict = _splats(item, exc)
+        if verdict and isinstance(exc, pytest.skip.Exception):
+            raise pytest.fail.Exception(verdict.message(), pytrace=False) from exc
+        if verdict:  # shown with the failure (a note would be lost with pytrace=False)
+            item.add_report_section("call", "kernel splats", verdict.message())
         raise
-    verdict = _splats(item)
+    verdict = _splats(item, None)
     if verdict:
         pytest.fail(verdict.message(), pytrace=False)
     records = [r for r in item.config.stash[RESULTS_KEY].records
@@ -331,11 +333,22 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
     return result
 
 
-def _splats(item: pytest.Item) -> splat_check.Verdict | None:
+def _splats(item: pytest.Item, exc: BaseException | None) -> splat_check.Verdict | None:
+    """The splats of the guests this test used (None: not looked), never masking ``exc``.
+
+    The guests are let go here: the item keeps no closed guest until the session ends."""
     guests = item.stash.get(GUESTS_KEY, [])
-    if not guests or item.config.stash[SETTINGS_KEY].splats == "off":
+    item.stash[GUESTS_KEY] = []
+    if (not guests or item.config.stash[SETTINGS_KEY].splats == "off"
+            or not splat_check.worth_a_look(exc)):
         return None
-    return splat_check.judge(guests, plan_of(item).splats)
+    try:
+        return splat_check.judge(guests, plan_of(item).splats)
+    except Exception as err:
+        if exc is None:
+            raise
+        exc.add_note(f"(kernel splats not checked: {err!r})")
+        return None
 
 
 class PerfInconclusiveWarning(pytest.PytestWarning):

@@ -18,11 +18,11 @@ from collections.abc import Sequence
 import pytest
 
 from pytest_virtio.channels.splats import Splat
-from pytest_virtio.errors import VirtioError
+from pytest_virtio.errors import ChannelError, GuestPanic, GuestTimeout, VirtioError
 from pytest_virtio.guests.guest import Guest
 from pytest_virtio.plugin.plan import SplatPolicy
 
-__all__ = ["SplatsNotChecked", "Verdict", "judge", "look"]
+__all__ = ["SplatsNotChecked", "Verdict", "judge", "look", "worth_a_look"]
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,11 @@ class SplatsNotChecked(pytest.PytestWarning):
     paused): its splats were not checked, which is said rather than passed over."""
 
 
+#: The look's own command budget, as a share of the guest's default command timeout:
+#: a wedged guest must not hold every failing test for a whole timeout more.
+LOOK_SHARE = 0.25
+
+
 def look(guests: Sequence[Guest]) -> list[tuple[str, Splat]]:
     """(guest name, splat) for each splat the running ``guests`` logged since the last look."""
     found: list[tuple[str, Splat]] = []
@@ -39,7 +44,8 @@ def look(guests: Sequence[Guest]) -> list[tuple[str, Splat]]:
         if guest.machine.state.value != "running" or guest.machine.exitcode() is not None:
             continue  # powered off or killed by the test: nothing to read
         try:
-            found += [(guest.name, s) for s in guest.kernel_log.new_splats()]
+            budget = guest.default_timeout() * LOOK_SHARE
+            found += [(guest.name, s) for s in guest.kernel_log.new_splats(budget)]
         except VirtioError as exc:
             warnings.warn(SplatsNotChecked(
                 f"kernel splats not checked on guest {guest.name!r}: {str(exc).splitlines()[0]}"),
@@ -71,3 +77,17 @@ class Verdict:
 def judge(guests: Sequence[Guest], policy: SplatPolicy) -> Verdict:
     """Look at ``guests`` and judge what they logged."""
     return Verdict(look(guests), policy)
+
+
+def worth_a_look(exc: BaseException | None) -> bool:
+    """Whether to read the guests' logs after a body that raised ``exc``.
+
+    Not after an interrupt or ``pytest.exit`` (the user wants out now), nor after
+    the guest itself stopped answering (a timeout, a lost shell, a panic): the look
+    would only wait again on the same guest.  After any other error, yes: a splat
+    may be why it failed."""
+    if exc is None:
+        return True
+    if isinstance(exc, KeyboardInterrupt | SystemExit | pytest.exit.Exception):
+        return False
+    return not isinstance(exc, GuestTimeout | GuestPanic | ChannelError)

@@ -26,7 +26,8 @@ def _check_name(name: object, what: str) -> None:
             "digits, '_' or '-' (it becomes a QEMU id)"
         )
     if name in _RESERVED_NAMES:
-        raise ConfigError(f"{what} name {name!r} is reserved for the root disk; pick another")
+        raise ConfigError(f"{what} name {name!r} is reserved (the root disk, the modules disk "
+                          "or the command channel use it); pick another")
 
 
 def _check_virtio_identity(name: object, transport: object, what: str) -> None:

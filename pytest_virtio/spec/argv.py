@@ -79,7 +79,7 @@ def _base_argv(spec: MachineSpec, ctx: LaunchContext) -> list[str]:
         "-chardev", _opts("socket", console),
         "-serial", "chardev:con0",
         "-chardev", _opts("socket", channel),
-        *_command_channel_argv(spec),
+        *(["-serial", "chardev:cmd0"] if spec.command_channel == "serial" else []),
         "-chardev", _opts("socket", qmp),
         "-mon", "chardev=qmp0,mode=control",
         "-device", "pvpanic",
@@ -88,14 +88,16 @@ def _base_argv(spec: MachineSpec, ctx: LaunchContext) -> list[str]:
     ]  # fmt: skip
 
 
-def _command_channel_argv(spec: MachineSpec) -> list[str]:
-    """The device the guest's command shell is served on, fed by chardev ``cmd0``."""
-    if spec.command_channel == "virtio-console":
-        port = _opts("virtconsole", [("bus", f"{ids.COMMAND_SERIAL_BUS}.0"), ("chardev", "cmd0"),
-                                     ("name", ids.COMMAND_PORT)])
-        return ["-device", f"virtio-serial-pci,id={ids.COMMAND_SERIAL_BUS}",
-                "-device", port]
-    return ["-serial", "chardev:cmd0"]
+def _command_port_argv(spec: MachineSpec) -> list[str]:
+    """The virtio console port the guest's command shell is served on (chardev ``cmd0``).
+
+    Last of all devices, so the user's devices keep the PCI slots they have with
+    the serial transport (the guest's topology does not depend on the channel)."""
+    if spec.command_channel != "virtio-console":
+        return []  # the second UART, in the base argv (its order makes it ttyS1)
+    port = _opts("virtconsole", [("bus", f"{ids.COMMAND_SERIAL_BUS}.0"), ("chardev", "cmd0"),
+                                 ("name", ids.COMMAND_PORT)])
+    return ["-device", f"virtio-serial-pci,id={ids.COMMAND_SERIAL_BUS}", "-device", port]
 
 
 def command_channel_append(spec: MachineSpec) -> tuple[str, ...]:
@@ -366,8 +368,9 @@ def to_argv(spec: MachineSpec, ctx: LaunchContext) -> list[str]:
     """THE QEMU command line for ``spec`` in ``ctx``: deterministic, pure.
 
     Order: base machine, shared controllers, root disk, data disks (spec order),
-    NICs, other devices, ``extra_args``. Ids are derived from names so QMP and
-    the guest-side checks can find every device again.
+    NICs, other devices, the command channel's virtio port (if any), ``extra_args``.
+    Ids are derived from names so QMP and the guest-side checks can find every
+    device again.
     """
     placed = _placements(spec)
     argv = _base_argv(spec, ctx) + _controllers_argv(spec) + _root_argv(spec, ctx, placed)
@@ -378,4 +381,4 @@ def to_argv(spec: MachineSpec, ctx: LaunchContext) -> list[str]:
         argv += _nic_argv(nic, index)
     for dev in spec.devices:
         argv += _other_device_argv(dev, ctx, placed)
-    return argv + list(spec.extra_args)
+    return argv + _command_port_argv(spec) + list(spec.extra_args)

@@ -143,4 +143,4 @@ _DISK_DEVICES: Final[Mapping[str, frozenset[str]]] = MappingProxyType(
 )
 
 _NAME_RE: Final = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
-_RESERVED_NAMES: Final = frozenset({ids.ROOT, ids.MODULES_DEVICE})
+_RESERVED_NAMES: Final = frozenset({ids.ROOT, ids.MODULES_DEVICE, ids.COMMAND_SERIAL_BUS})

@@ -540,6 +540,9 @@ class MachineSpec:
         ports = [p for d in self.devices if isinstance(d, SerialPorts) for p in d.names]
         if len(ports) != len(set(ports)):
             raise ConfigError(f"duplicate virtio-serial port names across devices: {ports!r}")
+        if ids.COMMAND_PORT in ports:
+            raise ConfigError(f"virtio-serial port name {ids.COMMAND_PORT!r} is the command "
+                              "channel's (command_channel='virtio-console'); pick another")
 
     def _check_slots(self) -> None:
         counts = _controller_users(self)

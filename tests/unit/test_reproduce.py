@@ -53,3 +53,11 @@ def test_script_without_served_disks_execs_qemu() -> None:
     text = reproduce.script(to_argv(spec, ctx), Path(RUN), spec, ctx)
     assert text.strip().splitlines()[-1].startswith("exec ")
     assert "qemu-storage-daemon" not in text and "truncate" not in text
+
+
+def test_script_names_the_shells_terminal_per_transport() -> None:
+    for channel, tty in (("serial", "ttyS1"), ("virtio-console", "hvc0")):
+        spec = MachineSpec(command_channel=channel)
+        ctx = _ctx(spec)
+        assert f"guest shell is on {tty}:" in reproduce.script(to_argv(spec, ctx), Path(RUN),
+                                                                spec, ctx)
