@@ -128,3 +128,21 @@ def test_a_shape_that_cannot_be_saved_boots_and_says_so_once(snap, tmp_path) -> 
     fallbacks = [m for m in said if "booting instead of restoring" in m and "in place" in m]
     assert len(fallbacks) == 1, said
     assert len(session.templates.templates) == before
+
+
+def test_a_virtio_console_channel_survives_save_and_restore(snap) -> None:
+    """The command shell on hvc0 (command_channel='virtio-console') answers in a restored
+    guest as in the one that was saved: QEMU migrates the virtconsole port and the
+    host end re-adopts the channel."""
+    session, _ = snap
+    shape = spec_mod.MachineSpec(command_channel="virtio-console")
+    before = len(session.templates.templates)
+    first = session.boot(shape, "hvc-first")
+    assert len(session.templates.templates) == before + 1  # booted and saved
+    restored = session.boot(shape, "hvc-restored")
+    assert len(session.templates.templates) == before + 1  # restored, not saved again
+    assert restored.machine.pid != first.machine.pid
+    for guest in (first, restored):
+        assert guest.run("readlink /proc/$$/fd/0").stdout.strip() == "/dev/hvc0"
+        out = guest.run("head -c 200000 /dev/zero | tr '\\0' x").stdout
+        assert out == "x" * 200000
