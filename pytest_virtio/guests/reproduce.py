@@ -18,14 +18,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pytest_virtio.spec import Disk, LaunchContext, MachineSpec
+from pytest_virtio.spec.catalogue import COMMAND_TTYS
 
 __all__ = ["script"]
 
-
-
-def _shell_tty(spec: MachineSpec) -> str:
-    """Where the guest's command shell listens, as its transport puts it."""
-    return "hvc0" if spec.command_channel == "virtio-console" else "ttyS1"
 
 def _quote(arg: str, run_dir: str) -> str:
     """``arg`` shell-quoted, with the run directory replaced by ``"$R"``."""
@@ -94,7 +90,8 @@ def script(argv: Sequence[str], run_dir: Path, spec: MachineSpec, ctx: LaunchCon
         'R=${PV_RUN:-$(mktemp -d "${TMPDIR:-/tmp}/pv-repro.XXXXXX")}',
         'mkdir -p "$R"',
         ('echo "reproduce.sh: run directory $R (kernel console log: $R/console.log; the '
-         f'guest shell is on {_shell_tty(spec)}: socat - UNIX-CONNECT:$R/cmd.sock)" >&2'),
+         f'guest shell is on {COMMAND_TTYS[spec.command_channel]}: '
+         'socat - UNIX-CONNECT:$R/cmd.sock)" >&2'),
         *_blank_disks(spec, ctx, rd),
         *_storage_daemon(served, ctx, rd, spec.smp),
         f'{exec_or_run}{command} "$@"',

@@ -56,7 +56,7 @@ class SharedGuests:
 
     def get(self, spec: spec_mod.MachineSpec, boot: Boot) -> Guest:
         guest = self._guests.get(spec)
-        if guest is not None and not _alive(guest):
+        if guest is not None and not guest.machine.is_running():
             self._discard(spec)
             guest = None
         if guest is None:
@@ -87,10 +87,6 @@ class Shared:
 
     def provide(self, spec: spec_mod.MachineSpec, name: str) -> Guest:
         return self.pool.get(spec, lambda s, n: provision.reach(self.inner, s, n))
-
-
-def _alive(guest: Guest) -> bool:
-    return guest.machine.state.value == "running" and guest.machine.exitcode() is None
 
 
 __all__ = ["SCOPES", "Shared", "SharedGuests", "pool_fixture_name", "split_scope"]

@@ -41,7 +41,7 @@ def look(guests: Sequence[Guest]) -> list[tuple[str, Splat]]:
     """(guest name, splat) for each splat the running ``guests`` logged since the last look."""
     found: list[tuple[str, Splat]] = []
     for guest in {id(g): g for g in guests}.values():  # a guest taken twice is read once
-        if guest.machine.state.value != "running" or guest.machine.exitcode() is not None:
+        if not guest.machine.is_running():
             continue  # powered off or killed by the test: nothing to read
         try:
             budget = guest.default_timeout() * LOOK_SHARE

@@ -275,6 +275,10 @@ class Machine:
             raise LaunchError("machine is not running")
         return self._console
 
+    def is_running(self) -> bool:
+        """Launched, not shut down by us, and the process has not exited."""
+        return self.state is RunState.RUNNING and self.exitcode() is None
+
     def exitcode(self) -> int | None:
         return None if self._proc is None else self._proc.poll()
 

@@ -23,6 +23,7 @@ from pytest_virtio.spec.catalogue import (
     _NUM_QUEUES_PROP,
     _QUEUE_SIZE_PROP,
     AHCI_PORTS,
+    COMMAND_TTYS,
     IDE_UNITS,
     LSI_TARGETS,
 )
@@ -103,7 +104,8 @@ def _command_port_argv(spec: MachineSpec) -> list[str]:
 def command_channel_append(spec: MachineSpec) -> tuple[str, ...]:
     """Kernel arguments telling the guest's init where to serve the command shell
     (``pv.cmd=``; pvinit and pv-console default to ttyS1)."""
-    return ("pv.cmd=hvc0",) if spec.command_channel == "virtio-console" else ()
+    tty = COMMAND_TTYS[spec.command_channel]
+    return () if tty == COMMAND_TTYS["serial"] else (f"pv.cmd={tty}",)
 
 
 def _fw_cfg_argv(ctx: LaunchContext) -> list[str]:

@@ -23,6 +23,8 @@ MACHINES: Final = ("pc", "q35")
 #: ``virtio-console``: a virtconsole port (hvc0) on its own virtio-serial controller;
 #: the same framing, tens of times faster, but it adds a virtio device and virtio_console.
 COMMAND_CHANNELS: Final = ("serial", "virtio-console")
+#: The guest terminal each transport serves the shell on (pvinit's ``pv.cmd=``, default ttyS1).
+COMMAND_TTYS: Final = MappingProxyType({"serial": "ttyS1", "virtio-console": "hvc0"})
 DEVICE_KINDS: Final = ("balloon", "rng", "serial", "agent", "cdrom", "pvpanic")
 MATRIX_AXES: Final = ("disk", "nic", "root_bus")
 
