@@ -103,8 +103,13 @@ _CHECK_EVERY = 0.25
 #: The longest command the channel takes: the guest's terminal buffers about
 #: 640 KiB of unread input and drops the rest (no flow control on the line).
 MAX_COMMAND = 256 << 10
-#: How often a resync repeats its marker while the shell is being restarted.
+#: A resync's first round waits this long for its marker, each later one as
+#: much more, up to :data:`_RESYNC_MAX` (see :meth:`Console._resync`).
 _RESYNC_EVERY = 1.0
+_RESYNC_MAX = 5.0
+#: The pause between a resync round's ^C and its marker: a marker read before
+#: the shell took its SIGINT would be dropped with the half-parsed input.
+_RESYNC_SETTLE = 0.2
 
 
 def command_lines(cmd: str) -> list[str]:
@@ -588,39 +593,55 @@ class Console:
         return f"{SHELL_FUNCTIONS}\n".encode()
 
     def _resync(self, timeout: float) -> None:
-        """After an interrupted command or a lost shell: ^C, then a marker until it echoes.
+        """After an interrupted command or a lost shell: ^C and a marker, until one echoes.
 
-        The marker is repeated every second with the mode and functions: a shell
-        killed by its command (``kill -9 $$``) is restarted by init, and what was
-        typed before the new one read its terminal may be gone.
+        Each round sends ^C, lets the shell take it, then the marker line with
+        the mode and functions.  The ^C is what makes a round work whatever the
+        shell was doing: an interactive shell drops its half-parsed input on
+        SIGINT, and a shell that started reading part-way through an earlier
+        line (the one before it was killed by ``kill -9 $$`` and init started
+        a new one) may sit inside an unclosed quote, where no later line, each
+        with its quotes paired, would ever close it.  Rounds grow apart (1 s,
+        2 s, ... at most :data:`_RESYNC_MAX`): under a loaded host a round's
+        ^C must not keep cutting the previous round's marker short.
         """
         log.info("resynchronising the command channel")
         deadline = Deadline(timeout, self.qemu_pid)
-        self.send(b"\x03")
         sent: list[bytes] = []
 
         def echoed(buf: bytearray) -> int:
             return max((buf.find(m) + len(m) for m in sent if m in buf), default=0)
 
-        while True:
-            nonce = secrets.token_hex(8).encode()
-            sent.append(nonce + b"Z\n")
-            self.send(f"\n{STTY}; {SHELL_FUNCTIONS}; printf '%sZ\\n' ".encode() + nonce + b"\n")
-            slice_ = min(_RESYNC_EVERY, max(0.05, deadline.remaining()))
-            try:
-                end = self.wait_for(echoed, slice_, "resynchronising the command channel")
-            except GuestTimeout:
-                if deadline.expired():
-                    raise GuestTimeout(
-                        f"the guest's command shell did not come back within {timeout:.0f}s "
-                        f"after an interrupted command: the guest is lost{deadline.describe()}",
-                        self.tail()) from None
-                continue
-            assert isinstance(end, int)
-            del self._channel.buf[:end]
-            break
+        for round_ in itertools.count(1):
+            self.send(b"\x03")
+            end = self._wait_quietly(echoed, _RESYNC_SETTLE)
+            if not end:
+                nonce = secrets.token_hex(8).encode()
+                sent.append(nonce + b"Z\n")
+                self.send(f"\n{STTY}; {SHELL_FUNCTIONS}; printf '%sZ\\n' ".encode()
+                          + nonce + b"\n")
+                every = min(_RESYNC_EVERY * round_, _RESYNC_MAX)
+                end = self._wait_quietly(echoed, min(every, max(0.05, deadline.remaining())))
+            if end:
+                assert isinstance(end, int)
+                del self._channel.buf[:end]
+                break
+            if deadline.expired():
+                raise GuestTimeout(
+                    f"the guest's command shell did not come back within {timeout:.0f}s "
+                    f"after an interrupted command: the guest is lost{deadline.describe()}",
+                    self.tail())
+            log.info("command channel: no answer to resync round %d; sending ^C and the "
+                     "marker again", round_)
         self._dirty = False
         self._prepared = True
+
+    def _wait_quietly(self, found: Callable[[bytearray], object], timeout: float) -> object:
+        """:meth:`wait_for`, with its deadline an answer of ``None`` (a death still raises)."""
+        try:
+            return self.wait_for(found, timeout, "resynchronising the command channel")
+        except GuestTimeout:
+            return None
 
 
 def _connect(path: str, deadline: float, alive: Callable[[], None]) -> socket.socket:

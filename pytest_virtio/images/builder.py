@@ -176,7 +176,8 @@ def _mmdebstrap_argv(recipe: Recipe, rootdir: Path) -> list[str]:
     ]
     argv += [f"--dpkgopt=path-exclude={p}" for p in recipe.path_exclude]
     argv.append(f'--customize-hook=install -m 755 "{DATA_DIR / "pvinit"}" "$1/sbin/pvinit"')
-    argv.append(f'--customize-hook=install -m 755 "{DATA_DIR / "pv-ssh"}" "$1/usr/sbin/pv-ssh"')
+    argv += [f'--customize-hook=install -m 755 "{DATA_DIR / name}" "$1/usr/sbin/{name}"'
+             for name in ("pv-ssh", "pv-shell")]
     argv += _distro_hooks() if distro else ['--customize-hook=rm -f "$1"/boot/initrd.img-*']
     return [*argv, recipe.suite, str(rootdir)]
 

@@ -61,7 +61,9 @@ BOOTS = ("ours", "distro")
 #: measured 237 s guest uptime to the console under TCG at host load ~27 on 2
 #: cores, vs pvinit's few seconds; scaled like every guest timeout (x4 TCG).
 DISTRO_BOOT_TIMEOUT = 90.0
-#: Files a distro-boot image gets besides pvinit: the console service.
+#: Files every image gets: init, SSH start-up and the command channel's shell loop.
+_GUEST_FILES = ("pvinit", "pv-ssh", "pv-shell")
+#: Files a distro-boot image gets besides: the console service.
 _DISTRO_FILES = ("pv-console", "pytest-virtio-console.service")
 #: mmdebstrap --variant values (mmdebstrap(1)).
 _VARIANTS = ("extract", "custom", "essential", "apt", "required", "minbase", "buildd",
@@ -121,7 +123,7 @@ def load_recipe_file(path: Path, data_dir: Path = DATA_DIR) -> Recipe:
         rootfs_size=fields.get("rootfs_size", "1536M"),
         # Only what goes into the rootfs: initramfs-init is not baked into the image
         # (each initramfs's own cache key covers it), so editing it keeps the image.
-        files=tuple((f, (data_dir / f).read_bytes()) for f in ("pvinit", "pv-ssh", *extra)),
+        files=tuple((f, (data_dir / f).read_bytes()) for f in (*_GUEST_FILES, *extra)),
         boot=boot,
     )
     _check_values(recipe, where)

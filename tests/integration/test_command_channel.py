@@ -15,12 +15,14 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from pytest_virtio.errors import ChannelMode, GuestTimeout, ShellRestarted
 from pytest_virtio.guests.guest import Guest
 from pytest_virtio.spec import MachineSpec
+from pytest_virtio.spec.context import command_channel_log
 
 #: The guest's terminal behind each command-channel transport.
 TTY = {"serial": "/dev/ttyS1", "virtio-console": "/dev/hvc0"}
@@ -90,12 +92,22 @@ def test_kernel_messages_and_background_console_writes_stay_out(g: Guest) -> Non
 
 
 def test_a_killed_shell_fails_its_command_at_once_and_the_next_one_works(g: Guest) -> None:
-    start = time.monotonic()
-    with pytest.raises(ShellRestarted, match="kill -9"):
-        g.run("kill -9 $$", timeout=120)
-    assert time.monotonic() - start < 30, "waited for the command's timeout"
-    assert g.run("echo back").stdout == "back\n"
-    assert g.run("echo )").rc == 2  # the new shell has the functions too
+    # Several rounds: the resync's ^C used to kill the next shell while it was
+    # still starting, and the one after began reading inside a line's quote and
+    # never answered (CI, and 3 of 3 loaded runs within 4 rounds; 40 of 40 now).
+    log = Path(command_channel_log(g.machine.console_log))
+    announced = log.read_bytes().count(b"PYTEST-VIRTIO-READY")
+    for round_ in range(6):
+        start = time.monotonic()
+        with pytest.raises(ShellRestarted, match="kill -9"):
+            g.run("kill -9 $$", timeout=120)
+        assert time.monotonic() - start < 30, f"round {round_}: waited for the timeout"
+        assert g.run("echo back").stdout == "back\n"
+        assert g.run("echo )").rc == 2  # the new shell has the functions too
+    # One announcement per restart: a shell that says READY is past the point
+    # where the host's ^C could kill it.
+    text = log.read_bytes()
+    assert text.count(b"PYTEST-VIRTIO-READY") - announced == 6, text[-2000:]
 
 
 def test_a_changed_terminal_mode_is_an_error_not_a_wrong_result(g: Guest) -> None:

@@ -49,7 +49,7 @@ def test_errors_name_the_field(tmp_path: Path, text: str, field: str, words: str
 def test_distro_boot_recipe_ships_its_console_service() -> None:
     distro = load_recipe("bookworm-distro")
     assert distro.boot == "distro"
-    assert [name for name, _ in distro.files] == ["pvinit", "pv-ssh", "pv-console",
+    assert [name for name, _ in distro.files] == ["pvinit", "pv-ssh", "pv-shell", "pv-console",
                                                    "pytest-virtio-console.service"]
     assert load_recipe("bookworm").boot == "ours"
 
