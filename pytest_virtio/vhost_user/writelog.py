@@ -252,7 +252,7 @@ class WriteLog:
                 self._index.ensure((self._begun + 1) * INDEX.size)
                 offset = self._data.claim(nbytes) if nbytes else 0
             except OSError as exc:
-                self._break(f"no room for {nbytes} more bytes in {self.directory}: {exc}")
+                self._break(f"no room for {nbytes} more bytes of data in the log's files: {exc}")
                 raise
             self._begun += 1
             return offset, self._seq
