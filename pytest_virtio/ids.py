@@ -9,8 +9,8 @@ would leave the node behind and make the next hotplug of that name fail.
 from __future__ import annotations
 
 __all__ = ["AGENT_PORT", "COMMAND_PORT", "COMMAND_SERIAL_BUS", "LSI_CONTROLLER", "MODULES_DEVICE",
-           "MODULES_DRIVE", "ROOT", "ROOT_DRIVE", "drive_id", "nic_device_id", "vhost_chardev_id",
-           "vhost_socket_name"]
+           "MODULES_DRIVE", "ROOT", "ROOT_DRIVE", "drive_id", "nic_device_id", "passt_socket_name",
+           "vhost_chardev_id", "vhost_socket_name"]
 
 #: The root disk's name (its device id; ``-drive``/blockdev node ``drv-root``).
 ROOT = "root"
@@ -39,6 +39,11 @@ def vhost_chardev_id(name: str) -> str:
 def nic_device_id(name: str) -> str:
     """The ``-device`` id of NIC ``name`` (its netdev is ``name`` itself)."""
     return f"{name}-dev"
+
+
+def passt_socket_name(name: str) -> str:
+    """File name of the unix socket NIC ``name``'s passt listens on (``backend="passt"``)."""
+    return f"passt-{name}.sock"
 
 
 def vhost_socket_name(name: str) -> str:

@@ -39,6 +39,7 @@ from pytest_virtio.guests import (
 )
 from pytest_virtio.guests.hotplug import AttachedDisks
 from pytest_virtio.guests.kernel_log import KernelLog
+from pytest_virtio.guests.passt import Passt, stop_passts
 from pytest_virtio.guests.teardown import stop_backends
 from pytest_virtio.qemu.machine import Machine
 from pytest_virtio.spec import ROOT_MODULES, guest_modules
@@ -62,6 +63,8 @@ class Guest:
     run_dir: Path
     spec: Any = None
     backends: dict[str, Any] = field(default_factory=dict)
+    #: The passt of each NIC with ``backend="passt"``, by NIC name: stopped after QEMU.
+    passts: dict[str, Passt] = field(default_factory=dict)
     disk_serials: dict[str, str] = field(default_factory=dict)
     boot_uptime: float | None = None
     host_key: str | None = None
@@ -405,7 +408,7 @@ class Guest:
         self.close()
 
     def close(self) -> None:
-        """Stop QEMU (soft, then hard), then every backend; always all of them.
+        """Stop QEMU (soft, then hard), then every passt and backend; always all of them.
 
         A backend that will not stop is a BackendError naming its disk.
         """
@@ -416,6 +419,7 @@ class Guest:
         try:
             self.machine.shutdown(timeout=5.0)
         finally:
+            stop_passts(self.passts)
             stop_backends(self.backends, f"guest {self.name!r}")
 
     def __enter__(self) -> Guest:

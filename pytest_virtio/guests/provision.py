@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,14 +32,15 @@ from pytest_virtio.channels import ssh as ssh_mod
 from pytest_virtio.errors import BackendError, LaunchError, VirtioError
 from pytest_virtio.guests.guest import Guest
 from pytest_virtio.guests.launch import connect_serial_ports
+from pytest_virtio.guests.passt import Passt, stop_passts
 from pytest_virtio.guests.settings import Settings
 from pytest_virtio.guests.teardown import stop_backends
 from pytest_virtio.images import GuestImage
 from pytest_virtio.qemu.accel import AccelChoice
 from pytest_virtio.qemu.machine import Machine
 
-__all__ = ["Fallback", "Host", "Launch", "Strategy", "closed_on_failure", "reach", "start",
-           "stop_after_failure"]
+__all__ = ["Fallback", "Host", "Launch", "Strategy", "closed_on_failure", "reach", "ssh_port",
+           "start", "stop_after_failure"]
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,8 @@ class Launch:
     scale: float
     #: In-process vhost-user-blk servers, by disk name (started before QEMU).
     backends: dict[str, Any] = field(default_factory=dict)
+    #: The passt of each NIC with ``backend="passt"``, by NIC name (started before QEMU).
+    passts: dict[str, Passt] = field(default_factory=dict)
     #: The guest's uptime when its shell answered (a restore's is its template's).
     boot_uptime: float | None = None
 
@@ -134,13 +137,14 @@ def start(host: Host, launch: Launch, bring_up: BringUp, *, register: bool = Tru
     spec = launch.spec
     guest = Guest(machine=launch.machine, name=launch.name, accel=launch.accel,
                   timeout_scale=launch.scale, run_dir=launch.run_dir, spec=spec,
-                  backends=launch.backends,
+                  backends=launch.backends, passts=launch.passts,
                   disk_serials={d.name: d.serial or d.name for d in spec.disks},
                   boot_uptime=launch.boot_uptime, ctx=launch.ctx)
     try:
         launch.machine.launch(incoming_timeout)
         guest.serial_ports = connect_serial_ports(launch.ctx, guest.default_timeout())
     except BaseException as exc:
+        stop_passts(launch.passts)
         stop_after_failure(launch.backends, launch.name, exc)
         if isinstance(exc, VirtioError):
             exc.failed_guest = guest
@@ -149,7 +153,7 @@ def start(host: Host, launch: Launch, bring_up: BringUp, *, register: bool = Tru
         bring_up(guest)
         ssh_nic = next((n for n in spec.nics if n.hostfwd_ssh), None)
         if ssh_nic is not None:
-            attach_ssh(guest, host.ssh_key(), ssh_nic.name, launch.scale)
+            attach_ssh(guest, host.ssh_key(), ssh_nic, launch.scale)
     if register:
         host.guests.append(guest)
     log.info("guest %s ready (%s)", guest.name,
@@ -157,9 +161,10 @@ def start(host: Host, launch: Launch, bring_up: BringUp, *, register: bool = Tru
     return guest
 
 
-def attach_ssh(guest: Guest, key: ssh_mod.KeyPair, netdev: str, scale: float) -> None:
+def attach_ssh(guest: Guest, key: ssh_mod.KeyPair, nic: spec_mod.Nic, scale: float) -> None:
     """Give the guest its (lazily connecting) SSH session and pinned host key."""
-    session = _ssh_session_for(guest.machine, key, netdev, SSH_CONNECT_TIMEOUT * scale)
+    port = ssh_port(guest.machine, guest.passts, nic)
+    session = _ssh_session_for(guest.machine, key, port, SSH_CONNECT_TIMEOUT * scale)
     guest._ssh = session
     guest.host_key = session.host_key_line()
 
@@ -185,7 +190,18 @@ def closed_on_failure(guest: Guest) -> Iterator[None]:
         raise
 
 
-def _ssh_session_for(machine: Machine, key: ssh_mod.KeyPair, netdev: str,
+def ssh_port(machine: Machine, passts: Mapping[str, Passt], nic: spec_mod.Nic) -> int:
+    """The loopback port forwarded to ``nic``'s guest port 22: the one its passt was
+    given, or the one QEMU's user-mode stack chose (read back with ``info usernet``)."""
+    if nic.backend == "passt":
+        port = passts[nic.name].ssh_port
+        if port is None:
+            raise LaunchError(f"nic {nic.name!r}: its passt forwards no SSH port")
+        return port
+    return ssh_mod.parse_hostfwd_port(machine.hmp("info usernet"), 22, nic.name)
+
+
+def _ssh_session_for(machine: Machine, key: ssh_mod.KeyPair, port: int,
                      connect_timeout: float) -> ssh_mod.SshSession:
     """The SSH session of a guest that just announced readiness.
 
@@ -193,7 +209,6 @@ def _ssh_session_for(machine: Machine, key: ssh_mod.KeyPair, netdev: str,
     and QEMU runs with ``-no-reboot``, so it cannot change while this machine
     lives and a later console line cannot replace it.
     """
-    port = ssh_mod.parse_hostfwd_port(machine.hmp("info usernet"), 22, netdev)
     announced = ssh_mod.parse_host_key(_read_log(machine.console_log))
     return ssh_mod.SshSession(port, key, lambda: announced, connect_timeout=connect_timeout,
                               console_tail=machine.console.tail,

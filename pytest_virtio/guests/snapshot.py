@@ -27,7 +27,7 @@ connection (no ring state to carry over) and the save is a plain stop-and-copy
 with no dirty tracking to get right; the cost is one PCI hotplug per test.
 Shapes that still cannot be templated (a vhost-user root, a disk served by
 another process, a disk image used in place, virtio-serial ports whose host
-sockets a restore cannot reconnect) boot as before, said once per session.
+sockets a restore cannot reconnect, a NIC on passt) boot as before, said once per session.
 """
 
 from __future__ import annotations
@@ -110,6 +110,10 @@ def unsupported(spec: spec_mod.MachineSpec) -> str | None:
     for dev in spec.devices:
         if isinstance(dev, spec_mod.SerialPorts):
             return "virtio-serial ports: their host sockets cannot follow a restore"
+    for nic in spec.nics:
+        if nic.backend == "passt":
+            return (f"nic {nic.name!r} has backend='passt': its passt process and socket "
+                    "cannot follow a restore")
     return None
 
 

@@ -286,14 +286,24 @@ def nic_mac(nic: Nic, index: int) -> str:
     return nic.mac or f"52:54:00:12:34:{0x56 + index:02x}"
 
 
-def _nic_argv(nic: Nic, index: int) -> list[str]:
+def _netdev(nic: Nic, ctx: LaunchContext) -> str:
+    """The NIC's ``-netdev``: QEMU's user-mode stack forwarding a kernel-chosen
+    loopback port to SSH, or a stream to the NIC's passt (which does the forward)."""
+    if nic.backend == "passt":
+        path = _lookup(ctx.net_sockets, nic.name, "net_sockets")
+        return _opts("stream", [("id", nic.name), ("server", "off"), ("addr.type", "unix"),
+                                ("addr.path", path)])
     netdev = [("id", nic.name)]
     if nic.hostfwd_ssh:
         netdev.append(("hostfwd", "tcp:127.0.0.1:0-:22"))
+    return _opts("user", netdev)
+
+
+def _nic_argv(nic: Nic, index: int, ctx: LaunchContext) -> list[str]:
     mac = nic_mac(nic, index)
     props = [("netdev", nic.name), ("id", ids.nic_device_id(nic.name)), ("mac", mac)]
     props += _transport_props(nic.transport)
-    return ["-netdev", _opts("user", netdev), "-device", _opts(_NIC_DEVICE[nic.model], props)]
+    return ["-netdev", _netdev(nic, ctx), "-device", _opts(_NIC_DEVICE[nic.model], props)]
 
 
 def _serial_argv(dev: SerialPorts, ctx: LaunchContext) -> list[str]:
@@ -352,7 +362,7 @@ def device_argv(
         return _disk_argv(dev, ctx, placed)
     if isinstance(dev, Nic):
         index = next((i for i, n in enumerate(spec.nics) if n.name == dev.name), 0)
-        return _nic_argv(dev, index)
+        return _nic_argv(dev, index, ctx)
     if isinstance(dev, Pvpanic):
         return ["-device", "pvpanic"]
     return _other_device_argv(dev, ctx, placed)
@@ -380,7 +390,7 @@ def to_argv(spec: MachineSpec, ctx: LaunchContext) -> list[str]:
     for disk in spec.disks:
         argv += _disk_argv(disk, ctx, placed)
     for index, nic in enumerate(spec.nics):
-        argv += _nic_argv(nic, index)
+        argv += _nic_argv(nic, index, ctx)
     for dev in spec.devices:
         argv += _other_device_argv(dev, ctx, placed)
     return argv + _command_port_argv(spec) + list(spec.extra_args)

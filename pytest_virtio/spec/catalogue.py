@@ -16,6 +16,10 @@ DISK_FORMATS: Final = ("raw", "qcow2")
 CACHE_MODES: Final = ("none", "writeback", "writethrough", "unsafe", "directsync")
 TRANSPORTS: Final = ("default", "modern", "legacy")
 NIC_MODELS: Final = ("virtio-net", "e1000", "e1000e", "rtl8139")
+#: What carries a NIC's frames on the host.  ``user``: QEMU's own user-mode stack
+#: (slirp, in QEMU's process); ``passt``: Debian's ``passt``, one process per NIC
+#: that QEMU reaches over a unix socket (``-netdev stream``); neither needs root.
+NET_BACKENDS: Final = ("user", "passt")
 CDROM_BUSES: Final = ("ide", "ahci", "scsi")
 MACHINES: Final = ("pc", "q35")
 #: How commands reach the guest's shell.  ``serial``: a second ISA UART (ttyS1), present

@@ -49,6 +49,8 @@ class LaunchContext:
     disk_files: Mapping[str, str] = field(default_factory=dict)
     vhost_sockets: Mapping[str, str] = field(default_factory=dict)
     serial_sockets: Mapping[str, str] = field(default_factory=dict)
+    #: NIC name → the unix socket its passt listens on (NICs with ``backend="passt"``).
+    net_sockets: Mapping[str, str] = field(default_factory=dict)
     name: str = "guest"
     #: fw_cfg blob name → host file (``-fw_cfg name=..,file=..``): per-launch data
     #: such as the session's SSH public key, which must not live in the shared image.
@@ -60,7 +62,7 @@ class LaunchContext:
     def __post_init__(self) -> None:
         _check_choice(self.accel, ("kvm", "tcg"), "accel")
         _check_choice(self.root_format, DISK_FORMATS, "root_format")
-        for attr in ("disk_files", "vhost_sockets", "serial_sockets", "fw_cfg"):
+        for attr in ("disk_files", "vhost_sockets", "serial_sockets", "net_sockets", "fw_cfg"):
             object.__setattr__(self, attr, _frozen_map(getattr(self, attr)))
 
 

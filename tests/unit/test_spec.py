@@ -110,6 +110,7 @@ def test_goldens_cover_every_kind() -> None:
         if hasattr(d, "transport")
     }
     assert transports == set(S.TRANSPORTS)
+    assert {n.backend for s in specs for n in s.nics} == set(S.NET_BACKENDS)
 
 
 # --------------------------------------------------------------------------- argv details
@@ -242,6 +243,29 @@ def test_nic_macs_unique_and_hostfwd() -> None:
     assert macs == ["52:54:00:12:34:56", "52:54:00:12:34:57"]
 
 
+def test_passt_nic_streams_to_its_socket_and_forwards_nothing_itself() -> None:
+    """A passt NIC's netdev is a stream client of the NIC's socket: the SSH forward
+    is passt's (no hostfwd), and a user NIC beside it keeps its own."""
+    spec = MachineSpec(nics=(Nic(backend="passt"), Nic(name="b", model="e1000")))
+    full = argv(spec, net_sockets={"net0": "/r/p,0.sock"})
+    assert "stream,id=net0,server=off,addr.type=unix,addr.path=/r/p,,0.sock" in full
+    assert "user,id=b,hostfwd=tcp:127.0.0.1:0-:22" in full
+    assert not any("hostfwd" in a and "net0" in a for a in full)
+    assert device_argv(spec.nics[0], ctx_for(spec, net_sockets={"net0": "/s"}), spec)[1] == (
+        "stream,id=net0,server=off,addr.type=unix,addr.path=/s")
+
+
+def test_nic_backend_is_validated_naming_the_key() -> None:
+    message = _raises(lambda: Nic(backend="tap"), "user", "passt")
+    assert "nic 'net0': backend 'tap'" in message
+    assert Nic().backend == "user"  # the default stays QEMU's user-mode network
+    _raises(lambda: Nic(backend="passt", queues=2), "None, 1", "passt")
+    spec = spec_from_kwargs({"nics": [{"model": "e1000", "backend": "passt"}]})
+    assert spec.nics[0].backend == "passt"
+    with pytest.raises(ConfigError, match="backend 'slirp' is not valid"):
+        spec_from_kwargs({"nics": [{"backend": "slirp"}]})
+
+
 def test_pvpanic_device_is_not_duplicated() -> None:
     assert argv(MachineSpec(devices=(Pvpanic(),))).count("pvpanic") == 1
 
@@ -265,6 +289,7 @@ def test_user_image_used_when_context_has_no_file() -> None:
         (MachineSpec(disks=(Disk(),)), "vhost_sockets"),
         (MachineSpec(root_bus="vhost-user-blk"), "vhost_sockets"),
         (MachineSpec(devices=(SerialPorts(),)), "serial_sockets"),
+        (MachineSpec(nics=(Nic(backend="passt"),)), "net_sockets"),
     ],
 )
 def test_missing_context_entry_is_clear(spec: MachineSpec, field: str) -> None:

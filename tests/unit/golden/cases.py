@@ -122,6 +122,10 @@ def _nic_cases() -> dict[str, MachineSpec]:
     for transport in ("modern", "legacy"):
         nic = Nic(model="virtio-net", transport=transport)
         cases[f"nic-virtio-net-{transport}"] = MachineSpec(nics=(nic,))
+    cases["nic-virtio-net-passt"] = MachineSpec(nics=(Nic(backend="passt"),))
+    cases["nics-passt-and-user"] = MachineSpec(
+        nics=(Nic(model="e1000", backend="passt"), Nic(name="lan", hostfwd_ssh=False))
+    )
     cases["nics-two-no-ssh"] = MachineSpec(
         nics=(
             Nic(model="e1000", name="lan"),
@@ -178,5 +182,7 @@ def context_for(
         disk_files={d.name: f"{run_dir}/disk-{d.name}.img" for d in spec.disks},
         vhost_sockets=vhost,
         serial_sockets={p: f"{run_dir}/ser{i}.sock" for i, p in enumerate(ports)},
+        net_sockets={n.name: f"{run_dir}/passt-{n.name}.sock" for n in spec.nics
+                     if n.backend == "passt"},
         name="golden",
     )
