@@ -37,7 +37,7 @@ def main() -> None:
     status = BlkStatus.OK
     while status == BlkStatus.OK and ok < 10_000:
         sector = ok * 8
-        status = rig.write(sector, bytes([sector % 256]) * 4096)
+        status = rig.write(sector, bytes([ok % 255 + 1]) * 4096)
         ok += status == BlkStatus.OK
     failed_at = ok * 8 * 512
     untouched = bytes(rig.storage.data[failed_at : failed_at + 4096]) == bytes(4096)
