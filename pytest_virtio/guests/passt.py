@@ -19,8 +19,9 @@ with ``-netdev stream`` over a unix socket.  One passt per NIC, started before Q
   otherwise switches to ``nobody``, a change of credentials after which the
   kernel forgets the death signal (prctl(2)), and a SIGKILLed pytest would leave
   it running.  It still drops every capability and seccomp-filters itself;
-- its output goes to ``passt-<nic>.log`` in the guest's run directory, kept with
-  the guest's artifacts.
+- its log (``--log-file``: timestamped, at most 1 MiB; it says the same on stderr,
+  and tries syslog) is ``passt-<nic>.log`` in the guest's run directory, kept with
+  the guest's artifacts; each start truncates it, so it tells the last attempt.
 
 passt has one queue pair (``Nic`` refuses ``queues>1``).
 """
@@ -81,7 +82,7 @@ class Passt:
 
 
 def passt_log(run_dir: Path, nic: str) -> Path:
-    """Where NIC ``nic``'s passt writes what it says (its stdout and stderr)."""
+    """Where NIC ``nic``'s passt writes its log."""
     return run_dir / f"passt-{nic}.log"
 
 
@@ -121,9 +122,9 @@ def _launch(tool: str, nic: str, sock: Path, log_path: Path, port: int | None,
     """One passt; the running Passt, or what it said before it exited or timed out."""
     with contextlib.suppress(FileNotFoundError):
         sock.unlink()
-    with open(log_path, "ab") as out:
-        proc = procs.start(passt_argv(tool, str(sock), port), stdin=subprocess.DEVNULL,
-                           stdout=out, stderr=subprocess.STDOUT)
+    proc = procs.start([*passt_argv(tool, str(sock), port), "--log-file", str(log_path)],
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
     passt = Passt(nic=nic, proc=proc, socket=sock, log=log_path, ssh_port=port)
     if _wait_accepting(proc, sock, timeout):
         log.info("passt %d serves nic %s at %s (ssh: 127.0.0.1:%s)", proc.pid, nic, sock, port)

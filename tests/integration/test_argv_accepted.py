@@ -5,7 +5,7 @@ syntax with properties QEMU really has. Each case runs the generated argv
 minus -kernel/-initrd/-append plus ``-S`` (nothing executes: ~0.1 s each), lists
 /machine/peripheral over QMP to check every id we promised exists, and quits.
 vhost-user-blk disks are served by qemu-storage-daemon, the project's reference
-peer, so the device really connects and negotiates.
+peer, so the device really connects and negotiates; passt NICs by a real passt.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
+from pytest_virtio.guests.passt import start_passt, stop_passts
 from pytest_virtio.qemu.machine import connect_qmp
 from pytest_virtio.spec import (
     Balloon,
@@ -190,6 +191,9 @@ def _booted(spec: MachineSpec, run_dir: str) -> Iterator[tuple[QEMUMonitorProtoc
                 sock = ctx.vhost_sockets[name]
                 _wait_for(lambda s=sock: os.path.exists(s) or qsd.poll() is not None, 20, sock)
             assert qsd.poll() is None, qsd.stderr.read().decode() if qsd.stderr else ""
+        passts = {n.name: start_passt(n, Path(run_dir)) for n in spec.nics if n.backend == "passt"}
+        stack.callback(stop_passts, passts)
+        assert {n: str(p.socket) for n, p in passts.items()} == dict(ctx.net_sockets)
         qemu = stack.enter_context(_process(_qemu_argv(spec, ctx)))
         ready = lambda: os.path.exists(ctx.qmp_socket) or qemu.poll() is not None  # noqa: E731
         _wait_for(ready, 30, "the QMP socket")
