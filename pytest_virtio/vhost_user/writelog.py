@@ -28,9 +28,11 @@ log holds no data in memory, and at most :data:`INDEX_BATCH` index records)
 and ``meta.json`` (format, disk size, and why the log broke, if it did).
 :class:`RecordedLog` loads it again, in this process or a later one.
 
-A full disk fails closed.  Space for the spill and the index is reserved
-(``posix_fallocate``) before a request touches the medium; when it cannot
-be, the request fails with ``OSError`` (the device answers IOERR, §5.2.6)
+A full disk fails closed.  A write's data is spilled before the request
+touches the medium, and room for its index record is reserved then too
+(``posix_fallocate``, 64 KiB ahead: the index is written in batches, after
+completion, so it must not be the one to find the disk full).  When either
+fails, the request fails with ``OSError`` (the device answers IOERR, §5.2.6)
 and the log is marked broken, and so does every later write, flush, discard
 and write-zeroes.  The guest therefore never holds a completion the log
 lacks: a silent gap would make crash states that look exact and are not,
@@ -81,7 +83,6 @@ INDEX = struct.Struct("<QBB6xQQQ")
 FLAG_UNMAP = 1
 #: Index records kept in memory before they are written out.
 INDEX_BATCH = 256
-SPILL_CHUNK = 8 << 20  # bytes reserved ahead in data.bin
 INDEX_CHUNK = 64 << 10  # bytes reserved ahead in index.bin
 META_BYTES = 4096  # meta.json is rewritten in place within this size: no new blocks needed
 _SHIFT = 9
@@ -148,10 +149,13 @@ class LogRecord:
                    bool(flags & FLAG_UNMAP))
 
 
-class _Reserved:
-    """An append-only file whose space is reserved ahead, so writing into it cannot hit ENOSPC."""
+class _AppendFile:
+    """An append-only file; with ``chunk`` its space is reserved that far ahead, so
+    writing into it cannot hit ENOSPC (the data file has none: reserving a
+    write's room costs tmpfs a zeroed page more than the write itself, and a
+    failed spill already fails the request before the medium is touched)."""
 
-    def __init__(self, path: Path, chunk: int) -> None:
+    def __init__(self, path: Path, chunk: int = 0) -> None:
         self.path = path
         self.chunk = chunk
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
@@ -160,7 +164,7 @@ class _Reserved:
 
     def ensure(self, end: int) -> None:
         """Reserve up to ``end``: a whole chunk ahead if there is room, else exactly ``end``."""
-        if end <= self.reserved:
+        if end <= self.reserved or not self.chunk:
             return
         try:
             os.posix_fallocate(self.fd, self.reserved, max(end, self.reserved + self.chunk)
@@ -195,12 +199,12 @@ class WriteLog:
     """Records completed requests into ``directory`` (created; an existing log is refused)."""
 
     def __init__(self, directory: str | os.PathLike[str], disk_size: int, *,
-                 spill_chunk: int = SPILL_CHUNK, index_batch: int = INDEX_BATCH) -> None:
+                 index_batch: int = INDEX_BATCH) -> None:
         if disk_size <= 0 or disk_size % SECTOR_SIZE:
             raise ValueError(f"disk_size {disk_size} must be a positive multiple of 512")
         self.directory = Path(directory)
         self.disk_size = disk_size
-        self._open_files(spill_chunk)
+        self._open_files()
         self._lock = threading.Lock()
         self._batch = max(1, index_batch)
         self._pending = bytearray()
@@ -212,14 +216,14 @@ class WriteLog:
         self._closed = False
         self._sync_meta()
 
-    def _open_files(self, spill_chunk: int) -> None:
+    def _open_files(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         if (self.directory / INDEX_NAME).exists():
             raise WriteLogCorrupt(f"write log {self.directory}: already holds a log; "
                                   "give each logged run its own directory")
         try:
-            self._data = _Reserved(self.directory / DATA_NAME, spill_chunk)
-            self._index = _Reserved(self.directory / INDEX_NAME, INDEX_CHUNK)
+            self._data = _AppendFile(self.directory / DATA_NAME)
+            self._index = _AppendFile(self.directory / INDEX_NAME, INDEX_CHUNK)
             self._meta_fd = os.open(self.directory / META_NAME,
                                     os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
             os.posix_fallocate(self._meta_fd, 0, META_BYTES)
@@ -240,10 +244,10 @@ class WriteLog:
         return self._data.used
 
     def begin(self, nbytes: int) -> tuple[int, int]:
-        """Before a request touches the medium: room for its record and ``nbytes`` of data.
+        """Before a request touches the medium: room for its record, a place for its data.
 
-        Returns (spill offset, seq of the last completed request).  ``OSError``
-        (the guest sees IOERR) if the log is broken or the room cannot be had.
+        Returns (spill offset for ``nbytes``, seq of the last completed request).
+        ``OSError`` (the guest sees IOERR) if the log is broken or has no room.
         """
         with self._lock:
             if self.broken is not None:
@@ -252,7 +256,7 @@ class WriteLog:
                 self._index.ensure((self._begun + 1) * INDEX.size)
                 offset = self._data.claim(nbytes) if nbytes else 0
             except OSError as exc:
-                self._break(f"no room for {nbytes} more bytes of data in the log's files: {exc}")
+                self._break(f"no room for another index record: {exc}")
                 raise
             self._begun += 1
             return offset, self._seq

@@ -16,14 +16,14 @@ class LoggedRig(Rig):
     """``Rig`` with its device's storage wrapped: ``inner`` (default: the rig's RAM disk)."""
 
     def __init__(self, log_dir: Path, inner: Storage | None = None, *,
-                 storage_size: int = 1 << 20, spill_chunk: int = 1 << 20,
+                 storage_size: int = 1 << 20,
                  device: BlkDevice | None = None) -> None:
         super().__init__(size=64, storage_size=storage_size)
         if device is not None:  # a second queue of another rig's device
             self.dev = device
             return
         self.inner = inner if inner is not None else self.storage
-        self.log = WriteLog(log_dir, self.inner.size, spill_chunk=spill_chunk)
+        self.log = WriteLog(log_dir, self.inner.size)
         self.logged = LoggedStorage(self.inner, self.log)
         self.dev = BlkDevice(self.logged, serial="rig-serial", stats=self.stats,
                              faults=self.faults, trace=self.trace)

@@ -210,7 +210,7 @@ def test_full_disk_fails_the_write_and_breaks_the_log(tmp_path: Path) -> None:
     assert out["medium_untouched"]  # the write the log could not hold never happened
     assert out["later"] == {"write": BlkStatus.IOERR, "flush": BlkStatus.IOERR,
                             "discard": BlkStatus.IOERR, "read": BlkStatus.OK}
-    assert "no room for 4096 more bytes" in out["broken"] and "File too large" in out["broken"]
+    assert out["broken"].startswith("spilling 4096 bytes to ") and "File too large" in out["broken"]
     assert out["check"].startswith("write log ") and "crash states cannot be built" in out["check"]
     assert out["crash_states"] == out["check"]
     reloaded = RecordedLog.load(tmp_path / "log")

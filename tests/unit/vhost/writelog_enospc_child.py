@@ -31,7 +31,7 @@ def _message(call: object) -> str:
 
 def main() -> None:
     log_dir, limit = Path(sys.argv[1]), int(sys.argv[2])
-    rig = LoggedRig(log_dir, spill_chunk=64 << 10)
+    rig = LoggedRig(log_dir)
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
     ok = 0
     status = BlkStatus.OK
