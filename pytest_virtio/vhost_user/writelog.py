@@ -17,9 +17,10 @@ several queues served concurrently a write may complete inside a flush, and
 the two numbers keep it volatile.  "Completed" here is when the storage call
 returned, just before the used element reaches the guest: a flush the
 driver queued before it saw a write's completion, but that the backend
-started after that write, counts as covering it.  Linux never issues a flush
-that way (fsync and jbd2 wait for the writes' completions first); the
-backend cannot tell when the driver queued a request.
+started after that write, counts as covering it (the backend cannot tell
+when the driver queued a request).  So a guest that relies on a flush
+covering a write it had not yet seen complete, which the spec does not
+allow, is not caught; Linux's fsync and jbd2 wait for the completions first.
 
 The log on disk, in a directory the caller names: ``index.bin`` (one
 fixed-size :data:`INDEX` record per request, in sequence order),
@@ -33,8 +34,8 @@ touches the medium, and room for its index record is reserved then too
 (``posix_fallocate``, 64 KiB ahead: the index is written in batches, after
 completion, so it must not be the one to find the disk full).  When either
 fails, the request fails with ``OSError`` (the device answers IOERR, §5.2.6)
-and the log is marked broken, and so does every later write, flush, discard
-and write-zeroes.  The guest therefore never holds a completion the log
+and the log is marked broken; every later write, flush, discard and
+write-zeroes then fails the same way.  The guest therefore never holds a completion the log
 lacks: a silent gap would make crash states that look exact and are not,
 while an I/O error is something the guest and the test both see.  Reads
 still work.  The reason is kept (``WriteLog.broken``) and raised as
@@ -234,7 +235,7 @@ class WriteLog:
     # --- the data path (called by LoggedStorage in the backend thread) ------------------
 
     @property
-    def records(self) -> int:
+    def count(self) -> int:
         """Requests logged so far."""
         return self._seq
 
@@ -280,7 +281,11 @@ class WriteLog:
             self._pending += INDEX.pack(self._seq, kind, FLAG_UNMAP if unmap else 0,
                                         sector, sectors, aux)
             if len(self._pending) >= self._batch * INDEX.size:
-                self._write_index()
+                try:
+                    self._write_index()
+                except OSError as exc:  # its room was reserved: an I/O error, not ENOSPC
+                    self._break(f"writing the index to {self._index.path} failed: {exc}")
+                    raise
 
     def fail(self, reason: str) -> None:
         """Stop recording for good: ``reason`` is what ``check()`` will say."""

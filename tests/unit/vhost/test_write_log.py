@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import tracemalloc
 from collections.abc import Iterator
@@ -14,10 +15,11 @@ from pathlib import Path
 import pytest
 from logged_rig import LoggedRig
 
+from pytest_virtio.vhost_user import VhostUserBlkServer
 from pytest_virtio.vhost_user.blk import MemoryStorage
 from pytest_virtio.vhost_user.crashstates import crash_states
 from pytest_virtio.vhost_user.protocol import BlkStatus, BlkType
-from pytest_virtio.vhost_user.testing import segments
+from pytest_virtio.vhost_user.testing import MockFrontend, MockMemory, MockSplitQueue, segments
 from pytest_virtio.vhost_user.writelog import (
     INDEX,
     LoggedStorage,
@@ -218,3 +220,30 @@ def test_full_disk_fails_the_write_and_breaks_the_log(tmp_path: Path) -> None:
     assert len(reloaded.records) == 64  # every write the guest saw succeed, none lost
     assert all(reloaded.data(r) == bytes([r.sector // 8 % 255 + 1]) * 4096
                for r in reloaded.records)
+
+
+def test_a_served_disk_is_logged_through_the_socket(tmp_path: Path) -> None:
+    """The real server, a front-end on its socket: the log is the storage it was given."""
+    wlog = WriteLog(tmp_path / "log", 1 << 20)
+    sock = tempfile.mkdtemp(prefix="vwl", dir="/tmp") + "/vu.sock"  # short: sun_path limit
+    server = VhostUserBlkServer(sock, LoggedStorage(MemoryStorage(1 << 20), wlog)).start()
+    try:
+        with MockMemory(4 << 20) as mem, MockFrontend(sock) as fe:
+            features, _ = fe.realize()
+            q = MockSplitQueue(mem, 64)
+            fe.start(mem, [q], features)
+            server.wait_running(5)
+            heads = [q.blk_request(BlkType.OUT, 3, b"Q" * 4096, indirect=True).head,
+                     q.blk_request(BlkType.FLUSH).head]
+            q.publish(*heads)
+            fe.kick()
+            fe.wait_call()
+            assert [used[0] for used in q.take_used()] == heads
+        server.check()
+    finally:
+        server.close()  # closes the storage: the log's index reaches the disk
+        os.rmdir(os.path.dirname(sock))
+    got = RecordedLog.load(tmp_path / "log")
+    assert got.records == (LogRecord(1, W, 3, 8), LogRecord(2, F, flush_start=1))
+    assert got.data(got.records[0]) == b"Q" * 4096
+    wlog.close()
