@@ -523,6 +523,14 @@ class Console:
         log.info("guest ready: its command shell answered at uptime %s s", uptime)
         return float(uptime)
 
+    def begin_reboot(self) -> None:
+        """The guest is about to boot again: what the old shell left is dropped, the
+        boot watch (initramfs giving up) is armed, and the next shell gets our functions."""
+        self._channel.buf.clear()
+        self._booting = True
+        self._dirty = False
+        self._prepared = False
+
     def adopt_booted(self) -> None:
         """A shell that is up, with its mode set, but not yet given our functions."""
         self._booting = False

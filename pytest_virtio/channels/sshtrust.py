@@ -25,8 +25,16 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pytest_virtio.channels.console import HOSTKEY_RE
 from pytest_virtio.errors import GuestError
 
-__all__ = ["KeyPair", "PinnedOnly", "UnpinnedHostKey", "generate_keypair", "host_key_object",
-           "parse_host_key", "parse_hostfwd_port"]
+__all__ = [
+    "KeyPair",
+    "PinnedOnly",
+    "UnpinnedHostKey",
+    "announced_key",
+    "generate_keypair",
+    "host_key_object",
+    "parse_host_key",
+    "parse_hostfwd_port",
+]
 
 _FORWARD_RE = re.compile(
     r"TCP\[HOST_FORWARD\]\s+\d+\s+(?P<src>\S+)\s+(?P<port>\d+)\s+\S+\s+(?P<gport>\d+)"
@@ -116,6 +124,18 @@ def parse_host_key(console_text: str) -> tuple[str, str] | None:
         return None
     key_type, _, blob = str(found[-1]).partition(" ")
     return key_type, blob.strip()
+
+
+def announced_key(console_log: Path) -> tuple[str, str] | None:
+    """The host key the guest last announced in its kernel console's log, read now.
+
+    Read once per boot (at readiness) and pinned for that boot: a line printed
+    later cannot replace it.  An unreadable log is no announcement.
+    """
+    try:
+        return parse_host_key(console_log.read_text(errors="replace"))
+    except OSError:
+        return None
 
 
 def host_key_object(key_type: str, blob: str) -> paramiko.PKey:

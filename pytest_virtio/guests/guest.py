@@ -7,7 +7,7 @@ own, given the Machine and the guest as a :class:`.shell.Shell`, never the
 whole Guest: :mod:`.drivers` (devices, drivers, modules, disks and NICs as the
 guest sees them), :mod:`.hotplug` (disks added and removed), :mod:`.storage`
 (resize), :mod:`.media` (CD-ROM discs), :mod:`.memory` (balloon), :mod:`.ports`
-(virtio-serial, guest agent), :mod:`.power` (poweroff), :mod:`.runstate`
+(virtio-serial, guest agent), :mod:`.power` (poweroff, reboot, reset), :mod:`.runstate`
 (pause, resume). A new capability is a new room and a one-line call here.
 """
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shlex
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +26,7 @@ from pytest_virtio.channels.agent import GuestAgent
 from pytest_virtio.channels.inventory import Module, PciDevice, VirtioDevice
 from pytest_virtio.channels.runners import VIAS, Result, Runner
 from pytest_virtio.channels.serial import SerialPort
+from pytest_virtio.channels.sshtrust import announced_key
 from pytest_virtio.errors import ConfigError, GuestError, GuestTimeout
 from pytest_virtio.guests import (
     drivers,
@@ -406,6 +407,36 @@ class Guest:
         t = timeout if timeout is not None else self.default_timeout() * 4
         power.poweroff(self.machine, self, self.name, t)
         self.close()
+
+    def reboot(self, timeout: float | None = None) -> None:
+        """Reboot from inside, as a user would, and wait until the new boot answers.
+
+        systemd images go through ``systemctl reboot``; our init syncs and
+        reboots.  Afterwards every channel serves the new boot: the console's
+        shell, SSH (the new host key pinned), the guest agent (started again)
+        and the drivers of the data disks, hot-plugged ones included.
+        """
+        self._restart(lambda: self.check(power.REBOOT_SCRIPT), timeout)
+
+    def reset(self, timeout: float | None = None) -> None:
+        """Press reset (QMP ``system_reset``): no shutdown inside, the machine starts
+        over with the same devices; returns once the new boot answers, as :meth:`reboot`."""
+        self._restart(lambda: self.machine.qmp("system_reset"), timeout)
+
+    def _restart(self, trigger: Callable[[], object], timeout: float | None) -> None:
+        t = timeout if timeout is not None else self.default_timeout() * 2
+        if self._ssh is not None:
+            self._ssh.close()
+        self._agent = None
+        self.boot_uptime = power.restart(self.machine, self.name, t, trigger)
+        if self._ssh is not None:
+            announced = announced_key(self.machine.console_log)
+            self._ssh.host_key_source = lambda: announced
+            self.host_key = self._ssh.host_key_line()
+        if self.spec is not None and (self.spec.disks or self.spec.devices):
+            self.load_drivers()
+        for disk in self.hot_disks.values():
+            self.load_drivers(ROOT_MODULES[disk.bus])
 
     def close(self) -> None:
         """Stop QEMU (soft, then hard), then every passt and backend; always all of them.

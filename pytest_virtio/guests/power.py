@@ -1,15 +1,23 @@
-"""Powering a guest off from inside, as a user would, and waiting until QEMU exits."""
+"""Powering a guest off or restarting it, as a user would, and waiting for the result.
+
+QEMU runs every guest with ``-no-reboot``: a reboot nobody asked for (a triple
+fault, ``panic=-1`` without pvpanic, a stray ``reboot``) ends the guest at once
+instead of looping through boots.  A reboot the test asks for switches QEMU's
+reboot action to ``reset`` over QMP (``set-action``, QEMU 6.0+) for that one
+boot and back to ``shutdown`` once the new boot answers.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from pytest_virtio.errors import GuestError, GuestTimeout
 from pytest_virtio.guests.shell import Shell
 from pytest_virtio.qemu.machine import Machine
 
-__all__ = ["POWEROFF_FAILED", "POWEROFF_SCRIPT", "poweroff"]
+__all__ = ["POWEROFF_FAILED", "POWEROFF_SCRIPT", "REBOOT_SCRIPT", "poweroff", "restart"]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +48,23 @@ on PATH ($PATH)" >&2; exit 127; }}
 ) >/dev/console 2>&1 &
 """
 
+#: The guest's own reboot, picked like the power-off: ``systemctl reboot`` under
+#: systemd, else the reboot syscall after a sync (busybox's applet: our init is
+#: busybox's shell, which a plain ``reboot`` would only signal).  It answers
+#: first and reboots a moment later, for the reason :data:`POWEROFF_SCRIPT` does.
+REBOOT_SCRIPT = f"""\
+if [ -d /run/systemd/system ]; then how="systemctl reboot"
+elif /bin/busybox --list 2>/dev/null | grep -qx reboot; then how="/bin/busybox reboot -f"
+elif command -v reboot >/dev/null; then how="reboot -f"
+else
+  echo "cannot reboot: systemd is not running (no /run/systemd/system), /bin/busybox has \
+no reboot applet, no reboot program on PATH ($PATH)" >&2
+  exit 127
+fi
+(sleep 0.5; sync; $how || {{ r=$?; [ $r -gt 128 ] || echo "{POWEROFF_FAILED}: '$how' exited $r"; }}
+) >/dev/console 2>&1 &
+"""
+
 #: While it waits for QEMU to exit, poweroff() looks at the console this often.
 _POLL = 0.5
 
@@ -62,3 +87,24 @@ def poweroff(machine: Machine, shell: Shell, name: str, timeout: float) -> None:
         if time.monotonic() >= end:
             raise GuestTimeout(f"guest {name!r} did not power off within {timeout:.0f}s", tail)
     log.info("guest %s: powered off", name)
+
+
+def restart(machine: Machine, name: str, timeout: float, trigger: Callable[[], object]) -> float:
+    """Let ``trigger`` restart the guest and wait until the new boot's shell answers.
+
+    Returns the new boot's uptime at readiness.  QEMU resets the machine
+    (devices, hot-plugged ones included, stay; RAM and the guest's state go)
+    and boots the same kernel again.  A guest that never comes back is a
+    GuestTimeout with its console; one that cannot find its root fails as a
+    first boot does (the console watches for it again).
+    """
+    log.info("guest %s: reboot allowed (QMP set-action reboot=reset)", name)
+    machine.qmp("set-action", reboot="reset")
+    console = machine.console
+    console.begin_reboot()
+    trigger()
+    uptime = console.wait_ready(timeout)
+    machine.qmp("set-action", reboot="shutdown")
+    log.info("guest %s: back after reboot (uptime %.2f s); a further reboot ends QEMU again",
+             name, uptime)
+    return uptime

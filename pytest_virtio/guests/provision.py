@@ -206,17 +206,10 @@ def _ssh_session_for(machine: Machine, key: ssh_mod.KeyPair, port: int,
     """The SSH session of a guest that just announced readiness.
 
     The host key is read once, now: init prints it before the readiness line,
-    and QEMU runs with ``-no-reboot``, so it cannot change while this machine
-    lives and a later console line cannot replace it.
+    so a later console line cannot replace it; a reboot the test asked for
+    (:meth:`Guest.reboot`) pins the new boot's key the same way.
     """
-    announced = ssh_mod.parse_host_key(_read_log(machine.console_log))
+    announced = ssh_mod.announced_key(machine.console_log)
     return ssh_mod.SshSession(port, key, lambda: announced, connect_timeout=connect_timeout,
                               console_tail=machine.console.tail,
                               alive=machine.check_alive, qemu_pid=machine.pid)
-
-
-def _read_log(path: Path) -> str:
-    try:
-        return path.read_text(errors="replace")
-    except OSError:
-        return ""
