@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+import shlex
 import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from pytest_virtio.errors import WorkloadError
+from pytest_virtio.errors import GuestError, WorkloadError
 from pytest_virtio.guests.guest import Guest
 from pytest_virtio.workloads.iperf import (
     GUEST_GATEWAY,
@@ -29,8 +30,10 @@ __all__ = [
     "GUEST_GATEWAY",
     "LOOPBACK",
     "TokenServer",
+    "fetch_token",
     "guest_iperf3",
     "host_iperf3_server",
+    "iperf3_both_ways",
     "token_server",
 ]
 
@@ -94,3 +97,31 @@ def guest_iperf3(guest: Guest, *, seconds: float = 2.0, reverse: bool = False,
     if res.rc != 0 and not res.stdout.strip():
         raise WorkloadError(f"iperf3 in the guest failed (exit {res.rc}): {res.stderr}")
     return parse_iperf3_json(res.stdout)
+
+
+def fetch_token(guest: Guest, *, hold: float = 0.0, via: str = "ssh") -> None:
+    """The guest fetches a fresh token from the host's loopback through its gateway.
+
+    ``hold`` is how long the guest keeps its side of the connection open: 0
+    closes it at once (``</dev/null``), which a network backend must handle; an
+    old passt can lose the host's close when the guest's crosses it, so its check
+    holds a while.  A wrong or missing token is a GuestError with what came back.
+    """
+    with token_server() as server:
+        nc = f"busybox nc {GUEST_GATEWAY} {server.port}"
+        nc = f"sleep {hold:g} | {nc}" if hold > 0 else f"{nc} </dev/null"
+        got = guest.check(f"timeout 20 sh -c {shlex.quote(nc)}", via=via).stdout
+    if got.strip() != server.token:
+        raise GuestError(f"the guest did not reach the host's loopback through "
+                         f"{GUEST_GATEWAY}: expected the token {server.token!r}, got {got!r}")
+
+
+def iperf3_both_ways(guest: Guest, *, seconds: float = 2.0,
+                     via: str = "ssh") -> tuple[NetResult, NetResult]:
+    """(guest→host, host→guest) iperf3 runs; a direction that moved nothing is an error."""
+    tx = guest_iperf3(guest, seconds=seconds, via=via)
+    rx = guest_iperf3(guest, seconds=seconds, reverse=True, via=via)
+    for direction, res in (("guest→host", tx), ("host→guest", rx)):
+        if res.bytes <= 0 or res.bits_per_second <= 0:
+            raise WorkloadError(f"iperf3 {direction} moved nothing: {res}")
+    return tx, rx

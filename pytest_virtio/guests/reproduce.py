@@ -5,7 +5,8 @@ data disks), which is deleted with the session, and vhost-user-blk disks whose
 server was the pytest process. The script therefore makes its own directory
 (``$PV_RUN`` or a fresh ``mktemp -d``), puts every run-directory path there,
 recreates blank data disks at their size, serves vhost-user-blk disks with
-``qemu-storage-daemon`` (Debian ``qemu-system-common``) and drops the session's
+``qemu-storage-daemon`` (Debian ``qemu-system-common``), starts a passt per
+passt-backed NIC (without the SSH forward) and drops the session's
 SSH key (``-fw_cfg``; its private half is gone). Files that outlive the session
 stay as they were: the cached kernel, initramfs and root image (opened with
 ``snapshot=on``), and disk images the test named.
@@ -17,6 +18,7 @@ import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
+from pytest_virtio.guests.passt import passt_argv
 from pytest_virtio.spec import Disk, LaunchContext, MachineSpec
 from pytest_virtio.spec.catalogue import COMMAND_TTYS
 
@@ -63,14 +65,29 @@ def _storage_daemon(disks: Sequence[Disk], ctx: LaunchContext, run_dir: str,
         args += ["--export", f"type=vhost-user-blk,id=e-{disk.name},node-name=f-{disk.name},"
                  f"addr.type=unix,addr.path={ctx.vhost_sockets[disk.name]},"
                  f"writable={writable},num-queues={disk.num_queues or smp}"]
-    socks = " ".join(_quote(ctx.vhost_sockets[d.name], run_dir) for d in disks)
+    return ["# vhost-user-blk disks were served by the pytest process: qemu-storage-daemon now.",
+            *_in_background(args, [ctx.vhost_sockets[d.name] for d in disks], run_dir)]
+
+
+def _passts(spec: MachineSpec, ctx: LaunchContext, run_dir: str) -> list[str]:
+    """Lines starting a passt per passt-backed NIC (no SSH forward: the key is gone)."""
+    lines: list[str] = []
+    for nic in spec.nics:
+        if nic.backend == "passt":
+            sock = ctx.net_sockets[nic.name]
+            lines += [f"# NIC {nic.name} was carried by passt: started here the same way.",
+                      *_in_background(passt_argv("passt", sock, None), [sock], run_dir)]
+    return lines
+
+
+def _in_background(args: Sequence[str], sockets: Sequence[str], run_dir: str) -> list[str]:
+    """Start ``args`` in the background (killed with the script) and wait for its sockets."""
+    socks = " ".join(_quote(s, run_dir) for s in sockets)
     return [
-        "# vhost-user-blk disks were served by the pytest process: qemu-storage-daemon now.",
         " ".join(_quote(a, run_dir) for a in args) + " &",
-        "qsd=$!",
-        "trap 'kill $qsd 2>/dev/null' EXIT  # Ctrl-C reaches both: one process group",
+        'pid=$!; pids="$pids $pid"',
         f"for s in {socks}; do",
-        '  while [ ! -S "$s" ]; do kill -0 $qsd || exit 1; sleep 0.05; done',
+        '  while [ ! -S "$s" ]; do kill -0 $pid || exit 1; sleep 0.05; done',
         "done",
     ]
 
@@ -80,7 +97,10 @@ def script(argv: Sequence[str], run_dir: Path, spec: MachineSpec, ctx: LaunchCon
     rd = str(run_dir)
     served = [d for d in spec.disks if d.bus == "vhost-user-blk" and d.external_socket is None]
     command = " ".join(_quote(a, rd) for a in _without_fw_cfg(argv))
-    exec_or_run = "exec " if not served else ""
+    helpers = [*_storage_daemon(served, ctx, rd, spec.smp), *_passts(spec, ctx, rd)]
+    exec_or_run = "exec " if not helpers else ""
+    # Ctrl-C reaches the helpers too (one process group); the trap covers the rest.
+    trap = ["pids=", "trap 'kill $pids 2>/dev/null' EXIT"] if helpers else []
     lines = [
         "#!/bin/sh",
         "# This guest's QEMU command line as pytest-virtio ran it, runnable after the",
@@ -93,7 +113,8 @@ def script(argv: Sequence[str], run_dir: Path, spec: MachineSpec, ctx: LaunchCon
          f'guest shell is on {COMMAND_TTYS[spec.command_channel]}: '
          'socat - UNIX-CONNECT:$R/cmd.sock)" >&2'),
         *_blank_disks(spec, ctx, rd),
-        *_storage_daemon(served, ctx, rd, spec.smp),
+        *trap,
+        *helpers,
         f'{exec_or_run}{command} "$@"',
     ]
     return "\n".join(lines) + "\n"

@@ -5,10 +5,8 @@ passt gone with its guest.  One boot under TCG (about 20 s)."""
 
 from __future__ import annotations
 
-import shlex
-
 from pytest_virtio import procs
-from pytest_virtio.guests.netcheck import GUEST_GATEWAY, guest_iperf3, token_server
+from pytest_virtio.guests.netcheck import fetch_token, iperf3_both_ways
 from pytest_virtio.guests.passt import listeners
 from pytest_virtio.guests.session import VirtioSession
 from pytest_virtio.spec import MachineSpec, Nic
@@ -36,15 +34,8 @@ def test_a_guest_on_passt(virtio_session: VirtioSession) -> None:
         # 10.0.2.2 in the guest is the host's 127.0.0.1.  The guest closes its side
         # only after the server's close has arrived: this passt (Debian 2023-03-09)
         # can lose the host's FIN when the guest's crosses it, leaving nc in FIN_WAIT2.
-        with token_server() as server:
-            nc = f"sleep 2 | busybox nc {GUEST_GATEWAY} {server.port}"
-            got = guest.check(f"timeout 20 sh -c {shlex.quote(nc)}", via="ssh").stdout
-        assert got.strip() == server.token
-
-        tx = guest_iperf3(guest, seconds=SECONDS)
-        rx = guest_iperf3(guest, seconds=SECONDS, reverse=True)
-        for direction, res in (("guest→host", tx), ("host→guest", rx)):
-            assert res.bytes > 0 and res.bits_per_second > 0, (direction, res)
+        fetch_token(guest, hold=2)
+        tx, rx = iperf3_both_ways(guest, seconds=SECONDS)
         print(f"passt virtio-net: {tx.bits_per_second / 1e6:.0f} Mbit/s guest→host, "
               f"{rx.bits_per_second / 1e6:.0f} Mbit/s host→guest")
     finally:

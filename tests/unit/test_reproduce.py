@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+import subprocess
 from pathlib import Path
 
 from pytest_virtio.guests import reproduce
@@ -61,3 +62,21 @@ def test_script_names_the_shells_terminal_per_transport() -> None:
         ctx = _ctx(spec)
         assert f"guest shell is on {tty}:" in reproduce.script(to_argv(spec, ctx), Path(RUN),
                                                                 spec, ctx)
+
+
+def test_script_starts_passt_for_a_passt_nic_and_kills_it_with_the_script(
+        tmp_path: Path) -> None:
+    spec = MachineSpec(nics=(Nic(name="net0", backend="passt"), Nic(name="net1")),
+                       disks=(Disk(name="vu", bus="vhost-user-blk", size="8M"),))
+    ctx = _ctx(spec, net_sockets={"net0": f"{RUN}/passt-net0.sock"})
+    text = reproduce.script(to_argv(spec, ctx), Path(RUN), spec, ctx)
+    assert RUN not in text
+    passt = next(line for line in text.splitlines() if line.startswith("passt "))
+    assert '--socket "$R"/passt-net0.sock' in passt and "--tcp-ports none" in passt
+    assert passt.endswith(" &") and text.count("--socket") == 1  # net1 stays user-mode
+    assert "qemu-storage-daemon" in text  # both helpers, one trap for both
+    assert text.count("trap ") == 1 and text.index("trap ") < text.index("qemu-storage-daemon")
+    assert not text.strip().splitlines()[-1].startswith("exec ")
+    script = tmp_path / "reproduce.sh"
+    script.write_text(text)
+    assert subprocess.run(["sh", "-n", str(script)], check=False).returncode == 0
