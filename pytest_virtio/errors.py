@@ -87,13 +87,17 @@ class MissingDriver(LaunchError):
     """
 
     def __init__(self, kernel_version: str, device: str, modules: tuple[str, ...],
-                 where: str) -> None:
+                 where: str, config_verdict: str = "") -> None:
         self.kernel_version = kernel_version
         self.device = device
         self.modules = modules
+        #: What the kernel's config says about the drivers (``CONFIG_X is not set``
+        #: or ``CONFIG_X=m`` with the module missing); '' when no config is known.
+        self.config_verdict = config_verdict
+        why = f"; {config_verdict}" if config_verdict else ""
         super().__init__(
             f"kernel {kernel_version} has no driver for {device}: {', '.join(modules)} "
-            f"neither a module (modules.dep) nor built in (modules.builtin) in {where}"
+            f"neither a module (modules.dep) nor built in (modules.builtin) in {where}{why}"
         )
 
 

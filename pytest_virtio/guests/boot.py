@@ -18,6 +18,7 @@ from pytest_virtio.channels import ssh as ssh_mod
 from pytest_virtio.errors import GuestError, LaunchError, MissingDriver
 from pytest_virtio.guests import provision, reproduce
 from pytest_virtio.guests.guest import Guest
+from pytest_virtio.guests.kernel_config import missing_driver_verdict
 from pytest_virtio.guests.launch import (
     backend_socket,
     check_cdrom_isos,
@@ -232,7 +233,8 @@ def check_memory_available(spec: spec_mod.MachineSpec) -> None:
 
 
 def check_drivers(image: GuestImage, spec: spec_mod.MachineSpec) -> None:
-    """Every device of the spec has a driver in the image's kernel (module or built in)."""
+    """Every device of the spec has a driver in the image's kernel (module or built in);
+    a missing one is explained by the kernel's config when the host has it."""
     if image.modules_dir is None:
         return
     have = available_modules(image.modules_dir)
@@ -240,7 +242,8 @@ def check_drivers(image: GuestImage, spec: spec_mod.MachineSpec) -> None:
         for alternatives in needs:
             if not any(m.replace("-", "_") in have for m in alternatives):
                 raise MissingDriver(image.kernel_version, device, alternatives,
-                                    str(image.modules_dir))
+                                    str(image.modules_dir),
+                                    missing_driver_verdict(image, alternatives))
 
 
 def _wait_ready(machine: Machine, spec: spec_mod.MachineSpec, timeout: float) -> float:

@@ -31,6 +31,7 @@ from pytest_virtio.errors import ConfigError, GuestError, GuestTimeout
 from pytest_virtio.guests import (
     drivers,
     hotplug,
+    kernel_config,
     media,
     memory,
     ports,
@@ -49,6 +50,8 @@ from pytest_virtio.workloads import fio as fio_mod
 
 if TYPE_CHECKING:
     from pytest_virtio.channels.balloon import BalloonStats
+    from pytest_virtio.images import GuestImage
+    from pytest_virtio.images.kconfig import KernelConfig
     from pytest_virtio.spec import Disk, LaunchContext
 
 
@@ -77,6 +80,9 @@ class Guest:
     serial_ports: dict[str, SerialPort] = field(default_factory=dict)
     #: Disks added by :meth:`hotplug` and not yet unplugged, by name.
     hot_disks: dict[str, Disk] = field(default_factory=dict)
+    #: The image it booted (its kernel's config is read from it, host side).
+    image: GuestImage | None = None
+    _kernel_config: KernelConfig | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         #: The kernel's log since the last look (the plugin looks after each test).
@@ -193,6 +199,20 @@ class Guest:
     def bound_drivers(self) -> set[str]:
         """Every driver bound to some device on any bus (virtio, PCI)."""
         return drivers.bound_drivers(self)
+
+    def kernel_config(self, *, in_guest: bool = False) -> KernelConfig:
+        """The running kernel's config (``.state("VIRTIO_BLK")``, ``.module(...)``).
+
+        Read on the host when it has the kernel's config (build tree, package,
+        the image's /boot), else, or with ``in_guest=True``, in the guest
+        (``/proc/config.gz``, ``/boot/config-$(uname -r)``); read once per guest.
+        """
+        if in_guest:
+            return kernel_config.read_in_guest(self)
+        if self._kernel_config is None:
+            host = kernel_config.image_config(self.image) if self.image else None
+            self._kernel_config = host or kernel_config.read_in_guest(self)
+        return self._kernel_config
 
     # -- workloads -----------------------------------------------------------
     def fio(self, device: str | fio_mod.FioJob | None = None, *, jobfile: str | None = None,

@@ -139,7 +139,8 @@ def start(host: Host, launch: Launch, bring_up: BringUp, *, register: bool = Tru
                   timeout_scale=launch.scale, run_dir=launch.run_dir, spec=spec,
                   backends=launch.backends, passts=launch.passts,
                   disk_serials={d.name: d.serial or d.name for d in spec.disks},
-                  boot_uptime=launch.boot_uptime, ctx=launch.ctx)
+                  boot_uptime=launch.boot_uptime, ctx=launch.ctx,
+                  image=host.image_for(spec))
     try:
         launch.machine.launch(incoming_timeout)
         guest.serial_ports = connect_serial_ports(launch.ctx, guest.default_timeout())

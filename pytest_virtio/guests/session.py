@@ -26,12 +26,14 @@ from pytest_virtio.errors import ConfigError
 from pytest_virtio.guests import provision
 from pytest_virtio.guests.boot import Boot, MissingDevices, check_drivers, mem_available_mib
 from pytest_virtio.guests.guest import Guest
+from pytest_virtio.guests.kernel_config import image_config
 from pytest_virtio.guests.settings import Settings
 from pytest_virtio.guests.sharing import Shared, SharedGuests
 from pytest_virtio.guests.snapshot import Templates
 from pytest_virtio.guests.teardown import Teardown
 from pytest_virtio.images import GuestImage, custom_image, ensure_image, load_recipe
 from pytest_virtio.images import kernel as kernel_mod
+from pytest_virtio.images.kconfig import KernelConfig
 from pytest_virtio.qemu import capabilities
 from pytest_virtio.qemu.accel import TIMEOUT_SCALE, AccelChoice, choose_accel
 from pytest_virtio.qemu.machine import reap_all
@@ -132,6 +134,12 @@ class VirtioSession:
         if spec.kernel is None:
             return self.image()
         return self._kernel_image(spec.kernel, spec.modules, "vm")
+
+    def kernel_config(self, spec: spec_mod.MachineSpec | None = None) -> KernelConfig | None:
+        """The config of the kernel ``spec`` (default: the session's) boots, read on the
+        host without booting; None when the host has none (a bare kernel file: ask a
+        booted guest's :meth:`Guest.kernel_config`)."""
+        return image_config(self.image_for(spec or spec_mod.MachineSpec()))
 
     def _recipe_image(self, recipe: str) -> GuestImage:
         """A recipe's image (the session's or a test's ``vm(image=...)``), built once, cached."""

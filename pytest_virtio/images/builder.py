@@ -81,6 +81,10 @@ class GuestImage:
     #: Where the rootfs keeps the initramfs its own tools (update-initramfs) write:
     #: a guest with its own writable root boots that one, as a bootloader would.
     root_initrd: str | None = None
+    #: The kernel's config file on the host (a build tree's ``.config``, a package's
+    #: ``config-<release>``); None = the rootfs's ``/boot/config-<release>`` for the
+    #: image's own kernel, or unknown (:mod:`pytest_virtio.guests.kernel_config`).
+    config: Path | None = None
 
     @property
     def cache_dir(self) -> Path:

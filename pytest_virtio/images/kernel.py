@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import struct
@@ -37,6 +38,8 @@ from pytest_virtio.images.builder import (
     file_sha256,
 )
 from pytest_virtio.tools import require_tool
+
+log = logging.getLogger(__name__)
 
 #: The label our initramfs looks for; also the disk's serial in the guest.
 MODULES_LABEL = "pvmods"
@@ -287,7 +290,24 @@ def prepare(choice: KernelChoice, base: GuestImage, cache_dir: Path,
         base, key=f"{base.key}+kernel-{mrelease}-{key}", kernel=boot,
         kernel_version=mrelease, modules_dir=final / "root" / "lib" / "modules" / mrelease,
         modules_disk=final / "modules.img", initrd=None, cache=final,
+        config=config_file(choice, kfile, mrelease),
     )
+
+
+def config_file(choice: KernelChoice, kfile: Path, release: str) -> Path | None:
+    """The kernel's config on the host: a build tree's ``.config`` (the kernel's tree,
+    else the modules' tree), else ``config-<release>`` beside the kernel file (as
+    ``/boot`` and an unpacked kernel package have it); None for a bare kernel file.
+
+    Not staged: it is read where it is, so an edited ``.config`` is what is reported.
+    """
+    trees = [p for p in (choice.kernel, choice.modules) if p is not None and p.is_dir()]
+    candidates = [t / ".config" for t in trees] + [kfile.parent / f"config-{release}"]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        log.info("no config for kernel %s (looked at %s)", kfile,
+                 ", ".join(map(str, candidates)))
+    return found
 
 
 def _stage(kfile: Path, src: Path, release: str, build_tree: bool, final: Path,
