@@ -8,7 +8,8 @@ whole Guest: :mod:`.drivers` (devices, drivers, modules, disks and NICs as the
 guest sees them), :mod:`.hotplug` (disks added and removed), :mod:`.storage`
 (resize), :mod:`.media` (CD-ROM discs), :mod:`.memory` (balloon), :mod:`.ports`
 (virtio-serial, guest agent), :mod:`.power` (poweroff, reboot, reset), :mod:`.runstate`
-(pause, resume). A new capability is a new room and a one-line call here.
+(pause, resume), :mod:`.writelogs` (logged disks). A new capability is a new room and a
+one-line call here.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from pytest_virtio.guests import (
     power,
     runstate,
     storage,
+    writelogs,
 )
 from pytest_virtio.guests.hotplug import AttachedDisks
 from pytest_virtio.guests.kernel_log import KernelLog
@@ -401,6 +403,12 @@ class Guest:
         dev = self.disk_path(name).removeprefix("/dev/")
         return storage.wait_capacity(self.run, disk, dev, nbytes, self._timeout(timeout),
                                      self.console_tail)
+
+    def logged_disk(self, name: str) -> writelogs.LoggedDisk:
+        """Data disk ``name``'s write log (``Disk(write_log=True)``) so far, its base image
+        (the disk before the guest started) and the durability rule its driver chose:
+        what :func:`pytest_virtio.guests.crashcheck.check_crash_states` checks."""
+        return writelogs.logged_disk(self.backends, self.run_dir, name, "guest")
 
     def pause(self) -> None:
         """Stop the guest's vCPUs (QMP ``stop``); commands refuse to run until :meth:`resume`."""

@@ -20,6 +20,7 @@ from pytest_virtio import spec as spec_mod
 from pytest_virtio.channels import serial as serial_mod
 from pytest_virtio.errors import LaunchError
 from pytest_virtio.files import check_readable_file
+from pytest_virtio.guests import writelogs
 from pytest_virtio.tools import require_tool
 
 __all__ = ["backend_socket", "check_cdrom_isos", "check_image_file", "connect_serial_ports",
@@ -141,13 +142,16 @@ def backend_socket(run_dir: Path, name: str) -> str:
 
 
 def start_backend(disk: spec_mod.Disk, path: str, run_dir: Path, smp: int) -> Any:
-    """Start the in-process vhost-user-blk server for ``disk`` (before QEMU connects)."""
+    """Start the in-process vhost-user-blk server for ``disk`` (before QEMU connects);
+    with ``write_log=True`` its storage is logged (:mod:`.writelogs`)."""
     # Start-up cost: the backend package takes 0.2-0.4 s to import (measured with
     # -X importtime on this 2-core host), paid only by sessions that serve a disk.
-    from pytest_virtio.vhost_user import FileStorage, VhostUserBlkServer
+    from pytest_virtio.vhost_user import FileStorage, Storage, VhostUserBlkServer
 
-    storage = FileStorage(path, readonly=disk.readonly)
+    storage: Storage = FileStorage(path, readonly=disk.readonly)
     try:
+        if disk.write_log:
+            storage = writelogs.logged_storage(disk, storage, path, run_dir)
         server = VhostUserBlkServer(
             backend_socket(run_dir, disk.name), storage,
             num_queues=disk.num_queues or smp, readonly=disk.readonly,

@@ -93,6 +93,10 @@ class Disk:
     #: vhost-user-blk served by an outside daemon listening here (e.g. for comparing
     #: against qemu-storage-daemon): no in-process backend is started for the disk.
     external_socket: str | None = None
+    #: Record every completed write, flush, discard and write-zeroes of the in-process
+    #: backend (``vhost_user.writelog``), and keep the disk's image as it was before
+    #: the guest started: ``guest.logged_disk(name)`` gives both, for crash states.
+    write_log: bool = False
 
     def __post_init__(self) -> None:
         _check_name(self.name, "disk")
@@ -135,6 +139,9 @@ class Disk:
             raise ConfigError(f"{where}: reconnect= only applies to bus 'vhost-user-blk'")
         elif self.external_socket is not None:
             raise ConfigError(f"{where}: external_socket= only applies to bus 'vhost-user-blk'")
+        elif self.write_log is not False:
+            raise ConfigError(f"{where}: write_log= records the in-process backend's "
+                              "requests, so it only applies to bus 'vhost-user-blk'")
         if self.readonly and self.bus in ("ide", "ahci"):
             raise ConfigError(
                 f"{where}: QEMU's ide-hd cannot use a read-only drive; use one of "
@@ -157,6 +164,11 @@ class Disk:
         if self.discard:
             raise ConfigError(f"{where}: discard= is a QEMU block-layer option; use 'virtio-blk'")
         _check_count(self.reconnect, f"{where}: reconnect (seconds)", 1, 60)
+        if not isinstance(self.write_log, bool):
+            raise ConfigError(f"{where}: write_log must be True or False, got {self.write_log!r}")
+        if self.write_log and self.external_socket is not None:
+            raise ConfigError(f"{where}: write_log=True needs the in-process backend; "
+                              "a disk served by external_socket= cannot be logged")
 
     def _check_queues(self) -> None:
         where = f"disk {self.name!r} (bus {self.bus!r})"

@@ -430,8 +430,9 @@ class LoggedStorage(Storage):
                       "those sectors are undefined")
 
     def close(self) -> None:
+        """Close the medium and the log (its index and meta.json written; still loadable)."""
         try:
-            self.log.sync()
+            self.log.close()
         finally:
             self.inner.close()
 
