@@ -19,7 +19,7 @@ import logging
 import os
 from pathlib import Path
 
-from pytest_virtio.errors import GuestError, VirtioError
+from pytest_virtio.errors import GuestError, LaunchError, VirtioError
 from pytest_virtio.guests.launch import root_file
 from pytest_virtio.guests.shell import Shell
 from pytest_virtio.images import GuestImage
@@ -54,15 +54,21 @@ def image_config(image: GuestImage) -> KernelConfig | None:
         return None  # a user kernel without a config file, or a custom image
     if image.rootfs_format != "raw":
         return None
-    return read_config(_rootfs_config(image))
+    path = _rootfs_config(image)
+    return read_config(path) if path is not None else None
 
 
-def _rootfs_config(image: GuestImage) -> Path:
-    """``/boot/config-<release>`` of the image's root disk, copied beside the image once."""
+def _rootfs_config(image: GuestImage) -> Path | None:
+    """``/boot/config-<release>`` of the image's root disk, copied beside the image once;
+    None when the root disk has none (a recipe may leave it out)."""
     dest = image.cache_dir / f"config-{image.kernel_version}"
     if not dest.is_file():
         tmp = dest.with_name(f".{dest.name}-{os.getpid()}")
-        root_file(image.rootfs, f"/boot/config-{image.kernel_version}", tmp)
+        try:
+            root_file(image.rootfs, f"/boot/config-{image.kernel_version}", tmp)
+        except LaunchError as exc:
+            log.info("no kernel config on the host for %s: %s", image.kernel_version, exc)
+            return None
         os.replace(tmp, dest)
         log.info("copied the kernel config of %s out of %s", image.kernel_version,
                     image.rootfs)

@@ -203,8 +203,8 @@ def driver_verdict(module: str, config: KernelConfig | None, modules_dir: Path |
     if symbol is None:
         return ""
     if config is None:
-        return (f"{PREFIX}{symbol} unknown: no config for this kernel (a bare kernel file; "
-                "a build tree's .config or a config-<release> beside it would say)")
+        return (f"{PREFIX}{symbol} unknown: the host has no config for this kernel (a "
+                "build tree's .config, or config-<release> beside the kernel file, would say)")
     where = f"({config.source})"
     state = config.state(symbol)
     if state is Tristate.M:
