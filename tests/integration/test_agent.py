@@ -8,7 +8,9 @@ from pytest_virtio.channels.agent import AgentError
 from pytest_virtio.errors import ConfigError, GuestError, GuestTimeout
 from pytest_virtio.guests.guest import Guest
 
-pytestmark = pytest.mark.vm(devices=["agent"])
+# One guest for the module: the agent keeps answering after each test's errors,
+# which the tests check themselves; two boots fewer per run under TCG.
+pytestmark = pytest.mark.vm(devices=["agent"], scope="module")
 
 
 def test_agent_runs_commands_like_the_console(guest: Guest) -> None:

@@ -6,6 +6,10 @@ import pytest
 
 from pytest_virtio.errors import GuestTimeout
 
+# One guest for the module's default-shape tests (none breaks it; the timed-out
+# command's test shows it recovers): four boots fewer per run under TCG.
+pytestmark = pytest.mark.vm(scope="module")
+
 
 def test_proc_version(guest):
     res = guest.run("cat /proc/version")

@@ -180,9 +180,8 @@ def test_two_queues_both_carry_requests(shared: Guest, vu: VhostUserBlkServer) -
 def test_data_survives_a_guest_reset(shared: Guest, vu: VhostUserBlkServer) -> None:
     """Data written before a reboot reads back after it, through a re-initialised device.
 
-    QEMU runs with ``-no-reboot``: an in-guest ``reboot -f`` or a plain QMP
-    ``system_reset`` ends QEMU. QMP ``set-action reboot=reset`` lifts that for
-    this one guest, then ``system_reset`` reboots it: the same QEMU and backend connection, the
+    ``guest.reset()`` (QMP ``system_reset``, allowed for that one boot by
+    ``set-action reboot=reset``) reboots it: the same QEMU and backend connection, the
     guest kernel boots again and virtio_blk renegotiates the device (the
     front-end stops and restarts our rings: GET_VRING_BASE, then SET_VRING_*).
     Runs last in the module because the guest's page cache and shell restart.
@@ -193,10 +192,7 @@ def test_data_survives_a_guest_reset(shared: Guest, vu: VhostUserBlkServer) -> N
                  "oflag=direct")
     connections = vu.connections
     stops = vu.messages_seen["GET_VRING_BASE"]
-    shared.machine.qmp("set-action", reboot="reset")
-    shared.machine.qmp("system_reset")
-    shared.machine.console.wait_ready(60 * shared.timeout_scale)
-    shared.load_drivers()
+    shared.reset()
     out = shared.check(f"dd if={_dev(shared)} bs=4096 skip=300 count=1 iflag=direct "
                        f"2>/dev/null | head -c {len(token)}").stdout
     assert out == token
