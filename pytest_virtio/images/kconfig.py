@@ -67,7 +67,9 @@ def _value(raw: str) -> Value:
     if len(raw) >= 2 and raw[0] == raw[-1] == '"':
         return re.sub(r"\\(.)", r"\1", raw[1:-1])
     if _NUMBER.fullmatch(raw):
-        return int(raw, 0)
+        # Kconfig reads an int in base 10 (``010`` is ten) and a hex with its 0x;
+        # int(raw, 0) would refuse ``010`` and crash the whole parse.
+        return int(raw, 16) if raw[:2] in ("0x", "0X") else int(raw, 10)
     return raw
 
 

@@ -279,3 +279,9 @@ def test_the_guest_side_read_of_boot_config_and_of_none(tmp_path: Path) -> None:
     config = read_in_guest(shell)
     assert config == read_config(DEBIAN)
     assert config.source == f"{tmp_path}/config-{os.uname().release} in the guest"
+
+
+def test_numbers_read_as_kconfig_reads_them() -> None:
+    """Decimal with leading zeros is base 10 (Kconfig's strtoll), hex needs 0x: neither crashes."""
+    config = parse_config("CONFIG_A=010\nCONFIG_B=00\nCONFIG_C=0x1F\nCONFIG_D=-07\n", "t")
+    assert (config["A"], config["B"], config["C"], config["D"]) == (10, 0, 31, -7)
