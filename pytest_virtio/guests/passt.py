@@ -157,7 +157,7 @@ def accepting(sock: Path, table: Path = Path("/proc/net/unix")) -> bool:
     except OSError:
         return False
     for line in lines:
-        cols = line.split()
+        cols = line.split(None, 7)  # the path is the rest of the line, spaces and all
         if len(cols) >= 8 and cols[7] == str(sock) and int(cols[3], 16) & _ACCEPTING:
             return True
     return False

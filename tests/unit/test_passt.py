@@ -58,6 +58,16 @@ def test_accepting_reads_listening_unix_sockets(tmp_path: Path) -> None:
     assert not accepting(Path("/r/absent.sock"), table)
 
 
+def test_accepting_a_socket_whose_path_has_spaces(run_dir: Path) -> None:
+    """/proc/net/unix prints the path raw: a run directory with a space is still found."""
+    sock = run_dir / "run dir" / "passt-net0.sock"
+    sock.parent.mkdir()
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(sock))
+        listener.listen()
+        assert accepting(sock)
+
+
 def test_a_missing_passt_names_the_package_and_the_nic(
         run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", str(run_dir))
