@@ -341,9 +341,16 @@ class WriteLog:
                 self._break(f"writing the index failed: {exc}")
 
     def recorded(self) -> RecordedLog:
-        """Everything so far, as a loaded log (syncs first)."""
+        """Everything so far, as a loaded log (syncs first).
+
+        Only the records written out by then are read: the backend thread may be
+        writing the next batch meanwhile, and a read racing that write could see a
+        record half written (its seq and kind but no sectors).
+        """
         self.sync()
-        return RecordedLog.load(self.directory)
+        with self._lock:
+            written = self._written
+        return RecordedLog.load(self.directory, records=written)
 
     def close(self) -> None:
         self.sync()
@@ -449,14 +456,17 @@ class RecordedLog:
     closed: bool
 
     @classmethod
-    def load(cls, directory: str | os.PathLike[str]) -> RecordedLog:
+    def load(cls, directory: str | os.PathLike[str], *, records: int | None = None
+             ) -> RecordedLog:
+        """The log in ``directory``; with ``records``, only its first that many (what
+        its writer had written out: bytes after them may be a write in progress)."""
         path = Path(directory)
         meta = _read_meta(path)
         disk_size = _int_field(path, meta, "disk_size")
         spill_size = _file_size(path / DATA_NAME)
-        records = _read_index(path, disk_size, spill_size)
+        got = _read_index(path, disk_size, spill_size, records)
         broken = meta.get("broken")
-        return cls(path, disk_size, records, broken if isinstance(broken, str) else None,
+        return cls(path, disk_size, got, broken if isinstance(broken, str) else None,
                    meta.get("closed") is True)
 
     def check(self) -> None:
@@ -504,9 +514,12 @@ def _file_size(path: Path) -> int:
         raise WriteLogCorrupt(f"write log {path.parent}: {exc}") from exc
 
 
-def _read_index(path: Path, disk_size: int, spill_size: int) -> tuple[LogRecord, ...]:
-    """Whole records in order; reserved space (seq 0) and a torn tail end the list."""
-    raw = (path / INDEX_NAME).read_bytes()
+def _read_index(path: Path, disk_size: int, spill_size: int,
+                limit: int | None = None) -> tuple[LogRecord, ...]:
+    """Whole records in order, at most ``limit``; reserved space (seq 0) and a torn tail
+    end the list."""
+    with open(path / INDEX_NAME, "rb") as f:
+        raw = f.read() if limit is None else f.read(limit * INDEX.size)
     records: list[LogRecord] = []
     for off in range(0, len(raw) - INDEX.size + 1, INDEX.size):
         if INDEX.unpack_from(raw, off)[0] == 0:

@@ -247,3 +247,22 @@ def test_a_served_disk_is_logged_through_the_socket(tmp_path: Path) -> None:
     assert got.records == (LogRecord(1, W, 3, 8), LogRecord(2, F, flush_start=1))
     assert got.data(got.records[0]) == b"Q" * 4096
     wlog.close()
+
+
+def test_recorded_reads_only_what_was_written_out(tmp_path: Path) -> None:
+    """recorded() in the test's thread while the backend's thread writes the next index
+    record: the half-written record (seq and kind there, sectors not yet) is not read."""
+    r = LoggedRig(tmp_path / "log")
+    try:
+        for i in range(3):
+            assert r.write(i, bytes([i]) * 512) == BlkStatus.OK
+        # What a reader sees of record 4 while its pwrite is under way.
+        half = INDEX.pack(4, RecordKind.WRITE, 0, 7, 1, 1536)[:10].ljust(INDEX.size, b"\0")
+        with open(tmp_path / "log" / "index.bin", "r+b") as f:
+            f.seek(3 * INDEX.size)
+            f.write(half)
+        got = r.log.recorded()
+        assert [(rec.seq, rec.sectors) for rec in got.records] == [(1, 1), (2, 1), (3, 1)]
+    finally:
+        r.log.close()
+        r.close()
