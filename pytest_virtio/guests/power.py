@@ -102,9 +102,24 @@ def restart(machine: Machine, name: str, timeout: float, trigger: Callable[[], o
     machine.qmp("set-action", reboot="reset")
     console = machine.console
     console.begin_reboot()
-    trigger()
-    uptime = console.wait_ready(timeout)
+    try:
+        trigger()
+        uptime = console.wait_ready(timeout)
+    except BaseException:
+        _forbid_reboot_after_failure(machine, name)
+        raise
     machine.qmp("set-action", reboot="shutdown")
     log.info("guest %s: back after reboot (uptime %.2f s); a further reboot ends QEMU again",
              name, uptime)
     return uptime
+
+
+def _forbid_reboot_after_failure(machine: Machine, name: str) -> None:
+    """A restart that failed (no reboot began, or the new boot never answered) still
+    puts ``-no-reboot``'s rule back: a later stray reboot must end QEMU, not loop.
+    What this QMP call raises is logged, never raised over the restart's own error."""
+    try:
+        machine.qmp("set-action", reboot="shutdown")
+    except Exception as exc:  # the restart's own error is the one to report
+        log.warning("guest %s: could not forbid reboots again after a failed restart: %s",
+                    name, exc)

@@ -103,6 +103,47 @@ def test_poweroff_that_never_comes_times_out() -> None:
         power.poweroff(_m(ScriptedMachine()), ScriptedShell(), "g", timeout=0.01)
 
 
+class RebootConsole:
+    """The console side of a restart: the new boot's shell answers, or never does."""
+
+    def __init__(self, ready: bool = True) -> None:
+        self.ready = ready
+        self.calls: list[str] = []
+
+    def begin_reboot(self) -> None:
+        self.calls.append("begin_reboot")
+
+    def wait_ready(self, timeout: float) -> float:
+        self.calls.append("wait_ready")
+        if not self.ready:
+            raise GuestTimeout(f"guest did not answer within {timeout:.0f}s while booting")
+        return 1.5
+
+
+def _rebooting(console: RebootConsole) -> ScriptedMachine:
+    machine = ScriptedMachine()
+    machine.console = console  # type: ignore[attr-defined]
+    return machine
+
+
+def test_restart_allows_one_reboot_then_forbids_it_again() -> None:
+    machine = _rebooting(RebootConsole())
+    assert power.restart(_m(machine), "g", 10.0, lambda: machine.qmp("system_reset")) == 1.5
+    assert machine.qmp_calls == [("set-action", {"reboot": "reset"}), ("system_reset", {}),
+                                 ("set-action", {"reboot": "shutdown"})]
+
+
+@pytest.mark.parametrize("fails", ["trigger", "new boot"])
+def test_a_failed_restart_still_forbids_reboots_again(fails: str) -> None:
+    """-no-reboot's rule is back after a reboot that could not start (the guest's reboot
+    command failed) or whose boot never answered: a later stray reboot ends QEMU."""
+    machine = _rebooting(RebootConsole(ready=fails != "new boot"))
+    shell = ScriptedShell(rc=127 if fails == "trigger" else 0)
+    with pytest.raises(CommandFailed if fails == "trigger" else GuestTimeout):
+        power.restart(_m(machine), "g", 0.01, lambda: shell.check(power.REBOOT_SCRIPT))
+    assert machine.qmp_calls[-1] == ("set-action", {"reboot": "shutdown"})
+
+
 # --------------------------------------------------------------------------- memory
 
 
