@@ -126,7 +126,12 @@ def _launch(tool: str, nic: str, sock: Path, log_path: Path, port: int | None,
                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL)
     passt = Passt(nic=nic, proc=proc, socket=sock, log=log_path, ssh_port=port)
-    if _wait_accepting(proc, sock, timeout):
+    try:
+        ready = _wait_accepting(proc, sock, timeout)
+    except BaseException:  # ^C while it starts: not in start_passts' list yet, stop it here
+        passt.close()
+        raise
+    if ready:
         log.info("passt %d serves nic %s at %s (ssh: 127.0.0.1:%s)", proc.pid, nic, sock, port)
         return passt
     exited = proc.poll()

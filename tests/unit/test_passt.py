@@ -137,6 +137,32 @@ def test_a_port_never_free_is_a_clear_launch_error(
             start_passt(Nic(backend="passt"), run_dir, attempts=2)
 
 
+class Interrupted(Exception):
+    """What the test's alarm raises in the middle of the wait (a ^C, as far as passt.py sees)."""
+
+
+def test_a_passt_interrupted_while_starting_is_stopped(
+        run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """^C while a passt is starting (not listening yet): that passt does not outlive it."""
+    fake = run_dir / "passt"
+    fake.write_text(f"#!/bin/sh\necho $$ > {run_dir}/pid\nexec sleep 60\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{run_dir}:{os.environ['PATH']}")
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise Interrupted
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 0.5)
+    try:
+        with pytest.raises(Interrupted):
+            start_passt(Nic(backend="passt"), run_dir, timeout=30.0)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert not procs.running(int((run_dir / "pid").read_text()))
+
+
 #: A stand-in for pytest: starts a passt for one NIC, says its pid, waits to be killed.
 PARENT = textwrap.dedent("""
     import sys, time
