@@ -71,12 +71,18 @@ def root_file(root: Path, guest_path: str, dest: Path) -> Path:
     """
     debugfs = require_tool("debugfs", "e2fsprogs")
     dest.unlink(missing_ok=True)
-    proc = subprocess.run([debugfs, "-R", f"dump {guest_path} {dest}", str(root)],
+    request = f"dump {_debugfs_quote(guest_path)} {_debugfs_quote(str(dest))}"
+    proc = subprocess.run([debugfs, "-R", request, str(root)],
                           capture_output=True, text=True, check=False)
     if not dest.is_file() or dest.stat().st_size == 0:
         said = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise LaunchError(f"cannot read {guest_path} from the root disk {root}: {said}")
     return dest
+
+
+def _debugfs_quote(arg: str) -> str:
+    """One argument of a debugfs request: it splits on blanks, so quoted (a quote doubled)."""
+    return '"' + arg.replace('"', '""') + '"'
 
 
 def prepare_disk_file(disk: spec_mod.Disk, run_dir: Path) -> str:

@@ -51,6 +51,14 @@ def test_the_initramfs_is_read_off_the_root(tmp_path: Path) -> None:
     assert got.read_bytes() == b"\x07070 newc archive" * 1000
 
 
+def test_a_destination_with_blanks_and_quotes(tmp_path: Path) -> None:
+    """debugfs splits its request on blanks: an image cache under "My Cache" still works."""
+    image = _ext4_root(tmp_path, b"config text")
+    dest = tmp_path / 'My "Cache"' / ".config-6.1.0-test-1"
+    dest.parent.mkdir()
+    assert root_file(image, "/boot/initrd.img-6.1.0-test", dest).read_bytes() == b"config text"
+
+
 def test_a_file_the_root_lacks_names_it(tmp_path: Path) -> None:
     image = _ext4_root(tmp_path, b"x")
     with pytest.raises(LaunchError, match=re.escape("/boot/initrd.img-9.9 from the root disk")):
