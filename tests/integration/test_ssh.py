@@ -19,7 +19,8 @@ from pytest_virtio.errors import GuestError, GuestTimeout
 from pytest_virtio.guests.guest import Guest
 from pytest_virtio.guests.session import VirtioSession
 
-pytestmark = pytest.mark.vm(nics=["virtio-net"])
+# One guest for the module; the failure-mode test (it kills dropbear) comes last.
+pytestmark = pytest.mark.vm(nics=["virtio-net"], scope="module")
 
 
 def test_run_via_ssh_gives_the_console_result(guest: Guest) -> None:
