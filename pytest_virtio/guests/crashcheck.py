@@ -359,7 +359,17 @@ def check_crash_states(host: CheckerHost, disk: LoggedDisk, directory: str | Pat
             verdicts.append(run.one(index, state, spec or spec_mod.MachineSpec()))
             if fail_fast and not verdicts[-1].ok:
                 break
-    finally:
-        run.close()
+    except BaseException:
+        _close_quietly(run, disk.name)  # the check's own error is the one to report
+        raise
+    run.close()
     return CrashReport(disk.name, seed, len(states), tuple(verdicts), out, run.kept,
                        run.reproducer, run.timings)
+
+
+def _close_quietly(run: _Run, disk: str) -> None:
+    """Close the checker after a failure; what closing raises is logged, not raised."""
+    try:
+        run.close()
+    except Exception as exc:
+        log.warning("crash checker of disk %s did not close cleanly: %s", disk, exc)

@@ -101,9 +101,11 @@ def restart(machine: Machine, name: str, timeout: float, trigger: Callable[[], o
     log.info("guest %s: reboot allowed (QMP set-action reboot=reset)", name)
     machine.qmp("set-action", reboot="reset")
     console = machine.console
-    console.begin_reboot()
     try:
         trigger()
+        # After the trigger: a failed one leaves the console as it was (its boot
+        # watch off); what the new boot writes is only read from here on.
+        console.begin_reboot()
         uptime = console.wait_ready(timeout)
     except BaseException:
         _forbid_reboot_after_failure(machine, name)

@@ -137,11 +137,15 @@ def test_restart_allows_one_reboot_then_forbids_it_again() -> None:
 def test_a_failed_restart_still_forbids_reboots_again(fails: str) -> None:
     """-no-reboot's rule is back after a reboot that could not start (the guest's reboot
     command failed) or whose boot never answered: a later stray reboot ends QEMU."""
-    machine = _rebooting(RebootConsole(ready=fails != "new boot"))
+    console = RebootConsole(ready=fails != "new boot")
+    machine = _rebooting(console)
     shell = ScriptedShell(rc=127 if fails == "trigger" else 0)
     with pytest.raises(CommandFailed if fails == "trigger" else GuestTimeout):
         power.restart(_m(machine), "g", 0.01, lambda: shell.check(power.REBOOT_SCRIPT))
     assert machine.qmp_calls[-1] == ("set-action", {"reboot": "shutdown"})
+    # A reboot that never began leaves the console as it was (no boot watch armed
+    # over the running boot's kernel lines).
+    assert console.calls == ([] if fails == "trigger" else ["begin_reboot", "wait_ready"])
 
 
 # --------------------------------------------------------------------------- memory
