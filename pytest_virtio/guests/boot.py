@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from pytest_virtio import spec as spec_mod
 from pytest_virtio.channels import ssh as ssh_mod
@@ -35,6 +35,9 @@ from pytest_virtio.images import GuestImage, initramfs_for
 from pytest_virtio.images.initramfs import available_modules
 from pytest_virtio.qemu import capabilities
 from pytest_virtio.qemu.machine import Machine
+
+if TYPE_CHECKING:
+    from pytest_virtio.vhost_user.server import VhostUserBlkServer
 
 __all__ = ["BASE_APPEND", "BOOT_TIMEOUT", "Boot", "MissingDevices", "check_drivers",
            "check_memory_available", "mem_available_mib", "start_backends"]
@@ -133,7 +136,7 @@ class Boot:
 
     def _context(self, spec: spec_mod.MachineSpec, image: GuestImage, name: str, *,
                  accel: str, run_dir: Path, disk_files: dict[str, str],
-                 backends: dict[str, Any], own_root: Path | None, ssh: bool
+                 backends: dict[str, VhostUserBlkServer], own_root: Path | None, ssh: bool
                  ) -> spec_mod.LaunchContext:
         """Everything the argv needs from the host: image paths, the kernel command
         line, sockets, disk files, fw_cfg blobs."""
@@ -191,11 +194,11 @@ def _bring_up(guest: Guest, timeout: float) -> None:
 
 
 def start_backends(spec: spec_mod.MachineSpec, run_dir: Path, disk_files: dict[str, str],
-                   name: str = "guest") -> dict[str, Any]:
+                   name: str = "guest") -> dict[str, VhostUserBlkServer]:
     """Start one in-process vhost-user-blk server per such disk, before QEMU."""
     wanted = [d for d in spec.disks
               if d.bus == "vhost-user-blk" and d.external_socket is None]
-    servers: dict[str, Any] = {}
+    servers: dict[str, VhostUserBlkServer] = {}
     try:
         for disk in wanted:
             servers[disk.name] = start_backend(disk, disk_files[disk.name], run_dir, spec.smp)

@@ -55,6 +55,7 @@ if TYPE_CHECKING:
     from pytest_virtio.images import GuestImage
     from pytest_virtio.images.kconfig import KernelConfig
     from pytest_virtio.spec import Disk, LaunchContext
+    from pytest_virtio.vhost_user.server import VhostUserBlkServer
 
 
 @dataclass
@@ -68,7 +69,7 @@ class Guest:
     timeout_scale: float
     run_dir: Path
     spec: Any = None
-    backends: dict[str, Any] = field(default_factory=dict)
+    backends: dict[str, VhostUserBlkServer] = field(default_factory=dict)
     #: The passt of each NIC with ``backend="passt"``, by NIC name: stopped after QEMU.
     passts: dict[str, Passt] = field(default_factory=dict)
     disk_serials: dict[str, str] = field(default_factory=dict)

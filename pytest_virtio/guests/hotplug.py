@@ -16,7 +16,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pytest_virtio import ids
 from pytest_virtio import spec as spec_mod
@@ -26,6 +26,9 @@ from pytest_virtio.guests.shell import Shell
 from pytest_virtio.guests.teardown import stop_backends
 from pytest_virtio.qemu.machine import Machine
 from pytest_virtio.spec.parse import disk_from
+
+if TYPE_CHECKING:
+    from pytest_virtio.vhost_user.server import VhostUserBlkServer
 
 __all__ = ["AttachedDisks", "attach", "data_disk", "detach", "free_disk_name",
            "qmp_once_released", "wait_block"]
@@ -44,7 +47,7 @@ class AttachedDisks:
 
     serials: dict[str, str]
     hot: dict[str, spec_mod.Disk]
-    backends: dict[str, Any]
+    backends: dict[str, VhostUserBlkServer]
 
 
 def free_disk_name(spec: spec_mod.MachineSpec | None, serials: Mapping[str, str]) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from pytest_virtio import ids
 from pytest_virtio import spec as spec_mod
@@ -22,6 +22,9 @@ from pytest_virtio.errors import LaunchError
 from pytest_virtio.files import check_readable_file
 from pytest_virtio.guests import writelogs
 from pytest_virtio.tools import require_tool
+
+if TYPE_CHECKING:
+    from pytest_virtio.vhost_user.server import VhostUserBlkServer
 
 __all__ = ["backend_socket", "check_cdrom_isos", "check_image_file", "connect_serial_ports",
            "create_overlay", "external_sockets", "prepare_disk_file", "prepare_root_disk",
@@ -147,7 +150,8 @@ def backend_socket(run_dir: Path, name: str) -> str:
     return str(run_dir / ids.vhost_socket_name(name))
 
 
-def start_backend(disk: spec_mod.Disk, path: str, run_dir: Path, smp: int) -> Any:
+def start_backend(disk: spec_mod.Disk, path: str, run_dir: Path, smp: int
+                  ) -> VhostUserBlkServer:
     """Start the in-process vhost-user-blk server for ``disk`` (before QEMU connects);
     with ``write_log=True`` its storage is logged (:mod:`.writelogs`)."""
     # Start-up cost: the backend package takes 0.2-0.4 s to import (measured with

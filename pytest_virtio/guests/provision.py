@@ -25,7 +25,7 @@ import logging
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from pytest_virtio import spec as spec_mod
 from pytest_virtio.channels import ssh as ssh_mod
@@ -38,6 +38,9 @@ from pytest_virtio.guests.teardown import stop_backends
 from pytest_virtio.images import GuestImage
 from pytest_virtio.qemu.accel import AccelChoice
 from pytest_virtio.qemu.machine import Machine
+
+if TYPE_CHECKING:
+    from pytest_virtio.vhost_user.server import VhostUserBlkServer
 
 __all__ = ["Fallback", "Host", "Launch", "Strategy", "closed_on_failure", "reach", "ssh_port",
            "start", "stop_after_failure"]
@@ -118,7 +121,7 @@ class Launch:
     #: The accelerator's timeout factor.
     scale: float
     #: In-process vhost-user-blk servers, by disk name (started before QEMU).
-    backends: dict[str, Any] = field(default_factory=dict)
+    backends: dict[str, VhostUserBlkServer] = field(default_factory=dict)
     #: The passt of each NIC with ``backend="passt"``, by NIC name (started before QEMU).
     passts: dict[str, Passt] = field(default_factory=dict)
     #: The guest's uptime when its shell answered (a restore's is its template's).
@@ -170,7 +173,8 @@ def attach_ssh(guest: Guest, key: ssh_mod.KeyPair, nic: spec_mod.Nic, scale: flo
     guest.host_key = session.host_key_line()
 
 
-def stop_after_failure(backends: dict[str, Any], guest: str, exc: BaseException) -> None:
+def stop_after_failure(backends: Mapping[str, VhostUserBlkServer], guest: str,
+                       exc: BaseException) -> None:
     """Stop the backends of a launch that failed; one that will not stop is noted on
     the launch's own error (the cause the user must see first)."""
     try:

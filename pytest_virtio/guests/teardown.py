@@ -8,9 +8,12 @@ guest means QEMU was already gone, and its shutdown escalated to a kill.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from pytest_virtio.errors import BackendError, VirtioError
+
+if TYPE_CHECKING:
+    from pytest_virtio.vhost_user.server import VhostUserBlkServer
 
 __all__ = ["Closable", "Teardown", "stop_backends"]
 
@@ -21,7 +24,7 @@ class Closable(Protocol):
     def close(self) -> None: ...
 
 
-def stop_backends(backends: Mapping[str, Any], owner: str) -> None:
+def stop_backends(backends: Mapping[str, VhostUserBlkServer], owner: str) -> None:
     """Stop every in-process vhost-user backend, each one even if another fails.
 
     A backend whose thread will not stop (stuck in a storage call, say) keeps a

@@ -19,7 +19,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pytest_virtio.errors import ConfigError
 
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from pytest_virtio.spec import Disk
     from pytest_virtio.vhost_user.blk import Storage
     from pytest_virtio.vhost_user.crashstates import Durability
+    from pytest_virtio.vhost_user.server import VhostUserBlkServer
     from pytest_virtio.vhost_user.writelog import RecordedLog
 
 __all__ = ["LoggedDisk", "base_path", "log_dir", "logged_disk", "logged_storage"]
@@ -75,18 +76,17 @@ def logged_storage(disk: Disk, inner: Storage, image: str, run_dir: Path) -> Sto
     return LoggedStorage(inner, writelog)
 
 
-def logged_disk(backends: Mapping[str, Any], run_dir: Path, name: str,
+def logged_disk(backends: Mapping[str, VhostUserBlkServer], run_dir: Path, name: str,
                 owner: str) -> LoggedDisk:
     """Disk ``name``'s log (its index flushed first), base and durability rule."""
     # Start-up cost: see the module docstring.
     from pytest_virtio.vhost_user.crashstates import durability_of
     from pytest_virtio.vhost_user.writelog import LoggedStorage
 
-    server: Any = backends.get(name)
-    storage = getattr(server, "storage", None)
-    if not isinstance(storage, LoggedStorage):
-        logged = sorted(n for n, b in backends.items()
-                        if isinstance(getattr(b, "storage", None), LoggedStorage))
+    server = backends.get(name)
+    storage = server.storage if server is not None else None
+    if server is None or not isinstance(storage, LoggedStorage):
+        logged = sorted(n for n, b in backends.items() if isinstance(b.storage, LoggedStorage))
         raise ConfigError(f"{owner}.logged_disk({name!r}): no in-process disk of that name "
                           "with a write log; give the disk write_log=True (logged disks "
                           f"now: {', '.join(logged) or 'none'})")

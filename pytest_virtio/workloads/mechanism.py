@@ -295,7 +295,8 @@ class StatsLike(Protocol):
 class BackendLike(Protocol):
     """What a backend window needs from a vhost-user server."""
 
-    stats: StatsLike
+    @property
+    def stats(self) -> StatsLike: ...  # read-only: a server's Stats is a StatsLike
 
     def thread_cpu_seconds(self) -> float | None: ...
 
