@@ -56,7 +56,7 @@ import logging
 import os
 import struct
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -315,11 +315,13 @@ class WriteLog:
             raise
         self._written += len(pending) // INDEX.size
 
+    def _meta(self) -> dict[str, object]:
+        """What meta.json holds (call with the lock held)."""
+        return {"format": FORMAT, "disk_size": self.disk_size, "records": self._written,
+                "spilled": self._data.used, "broken": self.broken, "closed": self._closed}
+
     def _sync_meta(self) -> None:
-        _write_meta(self._meta_fd, {
-            "format": FORMAT, "disk_size": self.disk_size, "records": self._written,
-            "spilled": self._data.used, "broken": self.broken, "closed": self._closed,
-        })
+        _write_meta(self._meta_fd, self._meta())
 
     # --- the test's side --------------------------------------------------------------
 
@@ -345,12 +347,14 @@ class WriteLog:
 
         Only the records written out by then are read: the backend thread may be
         writing the next batch meanwhile, and a read racing that write could see a
-        record half written (its seq and kind but no sectors).
+        record half written (its seq and kind but no sectors).  The meta is taken
+        under the lock, not read from meta.json: the backend thread rewrites that
+        file in place when the log breaks, and a read racing it could be torn.
         """
         self.sync()
         with self._lock:
-            written = self._written
-        return RecordedLog.load(self.directory, records=written)
+            written, meta = self._written, self._meta()
+        return RecordedLog.load(self.directory, records=written, meta=meta)
 
     def close(self) -> None:
         self.sync()
@@ -456,12 +460,14 @@ class RecordedLog:
     closed: bool
 
     @classmethod
-    def load(cls, directory: str | os.PathLike[str], *, records: int | None = None
-             ) -> RecordedLog:
+    def load(cls, directory: str | os.PathLike[str], *, records: int | None = None,
+             meta: Mapping[str, object] | None = None) -> RecordedLog:
         """The log in ``directory``; with ``records``, only its first that many (what
-        its writer had written out: bytes after them may be a write in progress)."""
+        its writer had written out: bytes after them may be a write in progress);
+        with ``meta``, that in place of ``meta.json`` (its live writer's, taken under
+        its lock: the file may be mid-rewrite)."""
         path = Path(directory)
-        meta = _read_meta(path)
+        meta = _read_meta(path) if meta is None else meta
         disk_size = _int_field(path, meta, "disk_size")
         spill_size = _file_size(path / DATA_NAME)
         got = _read_index(path, disk_size, spill_size, records)
@@ -500,7 +506,7 @@ def _read_meta(path: Path) -> dict[str, object]:
     return meta
 
 
-def _int_field(path: Path, meta: dict[str, object], key: str) -> int:
+def _int_field(path: Path, meta: Mapping[str, object], key: str) -> int:
     value = meta.get(key)
     if not isinstance(value, int) or value <= 0:
         raise WriteLogCorrupt(f"write log {path}: {META_NAME} has no valid {key!r}")

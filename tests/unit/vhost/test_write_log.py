@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
@@ -263,6 +264,47 @@ def test_recorded_reads_only_what_was_written_out(tmp_path: Path) -> None:
             f.write(half)
         got = r.log.recorded()
         assert [(rec.seq, rec.sectors) for rec in got.records] == [(1, 1), (2, 1), (3, 1)]
+    finally:
+        r.log.close()
+        r.close()
+
+
+def test_recorded_takes_the_meta_under_the_lock(tmp_path: Path) -> None:
+    """recorded() while the backend's thread rewrites meta.json in place (as ``_break``
+    does, holding the log's lock): the file is torn JSON until that pwrite ends, and a
+    read of it then failed with "cannot read meta.json"."""
+    r = LoggedRig(tmp_path / "log")
+    meta_path = tmp_path / "log" / "meta.json"
+    stop, rewrites = threading.Event(), [0]
+
+    def rewriter() -> None:
+        """Under the lock, leave meta.json as a reader sees it mid-pwrite (the first half
+        of a broken log's meta over the old one), then as it was."""
+        broken = {**json.loads(meta_path.read_bytes()), "broken": "medium failed " * 64}
+        half = json.dumps(broken).encode()[:len(json.dumps(broken)) // 2]
+        with open(meta_path, "r+b", buffering=0) as f:
+            while not stop.is_set():
+                with r.log._lock:
+                    os.pwrite(f.fileno(), half, 0)
+                    stop.wait(0.002)
+                    r.log._sync_meta()
+                rewrites[0] += 1
+                stop.wait(0.0005)
+
+    try:
+        for i in range(3):
+            assert r.write(i, bytes([i]) * 512) == BlkStatus.OK
+        thread = threading.Thread(target=rewriter, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 20
+        try:
+            while rewrites[0] < 100 and time.monotonic() < deadline:  # reads race them all
+                got = r.log.recorded()
+                assert ([rec.seq for rec in got.records], got.broken) == ([1, 2, 3], None)
+        finally:
+            stop.set()
+            thread.join(5)
+        assert rewrites[0] >= 100, f"only {rewrites[0]} rewrites in 20 s"
     finally:
         r.log.close()
         r.close()
