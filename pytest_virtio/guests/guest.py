@@ -8,8 +8,8 @@ whole Guest: :mod:`.drivers` (devices, drivers, modules, disks and NICs as the
 guest sees them), :mod:`.hotplug` (disks added and removed), :mod:`.storage`
 (resize), :mod:`.media` (CD-ROM discs), :mod:`.memory` (balloon), :mod:`.ports`
 (virtio-serial, guest agent), :mod:`.power` (poweroff, reboot, reset), :mod:`.runstate`
-(pause, resume), :mod:`.writelogs` (logged disks). A new capability is a new room and a
-one-line call here.
+(pause, resume), :mod:`.writelogs` (logged disks), :mod:`.kernel_config` (the kernel's
+config). A new capability is a new room and a one-line call here.
 """
 
 from __future__ import annotations
