@@ -14,7 +14,7 @@ import shutil
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -40,6 +40,9 @@ from pytest_virtio.plugin.state import (
 from pytest_virtio.workloads.dd import DdResult
 from pytest_virtio.workloads.fio import FioResult
 from pytest_virtio.workloads.iperf import NetResult
+
+if TYPE_CHECKING:  # the backend package loads lazily (its import cost: guests/launch.py)
+    from pytest_virtio.vhost_user.server import VhostUserBlkServer
 
 MakeGuest = Callable[..., Guest]
 
@@ -277,6 +280,6 @@ def check_drivers(g: Guest, present: tuple[str, ...], absent: tuple[str, ...]) -
 
 
 @pytest.fixture
-def vhost(guest: Guest) -> Mapping[str, Any]:
+def vhost(guest: Guest) -> Mapping[str, VhostUserBlkServer]:
     """The in-process vhost-user-blk servers of ``guest``, keyed by disk name."""
     return guest.backends
