@@ -24,46 +24,39 @@ log = logging.getLogger(__name__)
 #: What the guest prints on its kernel console when its power-off command failed.
 POWEROFF_FAILED = "PYTEST-VIRTIO-POWEROFF-FAILED"
 
-#: Picks the way to power off now, and fails now (rc 127, its reason on stderr)
-#: when there is none: systemd's orderly ``systemctl poweroff`` when it is PID 1,
-#: else the poweroff syscall after a sync, through busybox's applet (our init
-#: runs under busybox; the default image has no poweroff program) or a poweroff
-#: program.  Then answers (the framed reply must leave before systemd stops the
-#: console service: seen as exit 143 'Terminated' when it did not) and powers
-#: off a second later, its output and a failure (:data:`POWEROFF_FAILED`) on the
-#: kernel's console, which the host watches while it waits.  Killed by a signal,
-#: the command failed nothing: the shutdown it started stops its service.
-POWEROFF_SCRIPT = f"""\
-if [ -d /run/systemd/system ]; then off="systemctl poweroff"
-elif /bin/busybox --list 2>/dev/null | grep -qx poweroff; then off="/bin/busybox poweroff -f"
-elif command -v poweroff >/dev/null; then off="poweroff -f"
+def _action_script(action: str, words: str, delay: str) -> str:
+    """The guest's own ``action`` (poweroff or reboot), picked now, started ``delay``
+    seconds later in the background; rc 127 with the reason when there is no way.
+
+    systemd's orderly ``systemctl <action>`` when it is PID 1, else the syscall
+    after a sync, through busybox's applet (our init runs under busybox, whose
+    shell a plain ``reboot`` would only signal; the default image has no poweroff
+    program) or a program of that name.  The command answers first (the framed
+    reply must leave before systemd stops the console service: seen as exit 143
+    'Terminated' when it did not); the action's output and a failure
+    (:data:`POWEROFF_FAILED`) go to the kernel's console, which the host watches.
+    Killed by a signal, the command failed nothing: the shutdown stops its service.
+    """
+    return f"""\
+if [ -d /run/systemd/system ]; then how="systemctl {action}"
+elif /bin/busybox --list 2>/dev/null | grep -qx {action}; then how="/bin/busybox {action} -f"
+elif command -v {action} >/dev/null; then how="{action} -f"
 else
-  echo "cannot power off: systemd is not running (no /run/systemd/system), /bin/busybox \
-has no poweroff applet, no poweroff program on PATH ($PATH)" >&2
+  echo "cannot {words}: systemd is not running (no /run/systemd/system), /bin/busybox \
+has no {action} applet, no {action} program on PATH ($PATH)" >&2
   exit 127
 fi
-command -v "${{off%% *}}" >/dev/null || {{ echo "cannot power off: ${{off%% *}} not found \
+command -v "${{how%% *}}" >/dev/null || {{ echo "cannot {words}: ${{how%% *}} not found \
 on PATH ($PATH)" >&2; exit 127; }}
-(sleep 1; sync; $off || {{ r=$?; [ $r -gt 128 ] || echo "{POWEROFF_FAILED}: '$off' exited $r"; }}
-) >/dev/console 2>&1 &
+(sleep {delay}; sync; $how || {{ r=$?; [ $r -gt 128 ] || \
+echo "{POWEROFF_FAILED}: '$how' exited $r"; }}) >/dev/console 2>&1 &
 """
 
-#: The guest's own reboot, picked like the power-off: ``systemctl reboot`` under
-#: systemd, else the reboot syscall after a sync (busybox's applet: our init is
-#: busybox's shell, which a plain ``reboot`` would only signal).  It answers
-#: first and reboots a moment later, for the reason :data:`POWEROFF_SCRIPT` does.
-REBOOT_SCRIPT = f"""\
-if [ -d /run/systemd/system ]; then how="systemctl reboot"
-elif /bin/busybox --list 2>/dev/null | grep -qx reboot; then how="/bin/busybox reboot -f"
-elif command -v reboot >/dev/null; then how="reboot -f"
-else
-  echo "cannot reboot: systemd is not running (no /run/systemd/system), /bin/busybox has \
-no reboot applet, no reboot program on PATH ($PATH)" >&2
-  exit 127
-fi
-(sleep 0.5; sync; $how || {{ r=$?; [ $r -gt 128 ] || echo "{POWEROFF_FAILED}: '$how' exited $r"; }}
-) >/dev/console 2>&1 &
-"""
+
+#: The guest's own power-off, a second after the command answered.
+POWEROFF_SCRIPT = _action_script("poweroff", "power off", "1")
+#: The guest's own reboot, half a second after the command answered.
+REBOOT_SCRIPT = _action_script("reboot", "reboot", "0.5")
 
 #: While it waits for QEMU to exit, poweroff() looks at the console this often.
 _POLL = 0.5
