@@ -77,13 +77,13 @@ SHELL_FUNCTIONS = (
     "pv_o() { pv_t=$(printf \"$1\"; printf x); pv_c=$pv_c${pv_t%x}; }; "
     "pv_x() { pv_m=$pv_c; pv_c=; "
     "if [ \"${#pv_m}\" != \"$2\" ]; then printf '%sL %s\\n' \"$1\" \"${#pv_m}\"; return; fi; "
-    "pv_f=/tmp/.pv-$1.o; pv_g=/tmp/.pv-$1.e; "
+    "pv_f=${TMPDIR:-/tmp}/.pv-$1.o; pv_g=${TMPDIR:-/tmp}/.pv-$1.e; "
     "if ! { : >$pv_f && : >$pv_g; } 2>/dev/null; then printf '%sN\\n' \"$1\"; return; fi; "
     "( set --; eval \"$pv_m\"\n) </dev/null >$pv_f 2>$pv_g; pv_r=$?; "
     "printf '%sS\\n' \"$1\"; [ ! -s $pv_f ] || cat $pv_f; : >$pv_f; "
     "printf '\\n%sE %d\\n' \"$1\" $pv_r; [ ! -s $pv_g ] || cat $pv_g; : >$pv_g; "
     "printf '\\n%sF\\n' \"$1\"; pv_k=$((pv_k+1)); "
-    f"[ $pv_k -lt {CLEANUP_EVERY} ] || {{ pv_k=0; rm -f /tmp/.pv-*.[oe]; }}; }}"
+    f"[ $pv_k -lt {CLEANUP_EVERY} ] || {{ pv_k=0; rm -f ${{TMPDIR:-/tmp}}/.pv-*.[oe]; }}; }}"
 )
 #: The terminal mode the channel needs: raw (no canonical line limit, no CR/LF
 #: translation either way), no echo, no extended input processing (^V, ^O), but

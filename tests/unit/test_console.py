@@ -80,7 +80,8 @@ LINE_FD = 9  # dash redirects single-digit descriptors only
 def dash(tmp_path: Path) -> Iterator[tuple[Console, socket.socket]]:
     kernel, kernel_end = socket.socketpair()
     ours, shell_end = socket.socketpair()
-    env = {"PATH": "/usr/bin:/bin", "PS1": "", "PS2": "", "HOME": str(tmp_path)}
+    env = {"PATH": "/usr/bin:/bin", "PS1": "", "PS2": "", "HOME": str(tmp_path),
+           "TMPDIR": str(tmp_path)}  # the frame files stay in the test's tree
     # The line is also kept open as fd LINE_FD, as a command could reach its
     # terminal in a guest (stdout and stderr are its files).
     line = shell_end.fileno()
@@ -91,6 +92,7 @@ def dash(tmp_path: Path) -> Iterator[tuple[Console, socket.socket]]:
     console = Console(kernel, ours, tmp_path / "console.log")
     console.adopt_booted()
     yield console, kernel_end
+    assert not list(Path("/tmp").glob(f".pv-{NONCE}.*"))  # nothing outside the test's tree
     proc.kill()
     proc.wait()
     for sock in (kernel, kernel_end, ours):
