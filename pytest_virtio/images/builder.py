@@ -104,8 +104,12 @@ def _require(tool: str, package: str) -> str:
 HEARTBEAT = 10.0
 
 
-def _run(argv: list[str], progress: Progress, what: str) -> None:
+def _run(argv: list[str], progress: Progress, what: str, scratch: Path) -> None:
     """Run a build step, streaming its lines to ``progress``; fail with its tail.
+
+    ``TMPDIR`` is ``scratch``, inside the build's own directory: mmdebstrap
+    makes its gpg home there, and a step killed mid-way must not leave it in
+    the host's ``/tmp``.
 
     The step runs contained (:func:`pytest_virtio.procs.start`): it and every
     process it forks die with this one, even by SIGKILL, and its mounts
@@ -114,8 +118,10 @@ def _run(argv: list[str], progress: Progress, what: str) -> None:
     once: its output is thrown away anyway.
     """
     progress(f"{what}: {' '.join(argv[:3])} ...")
+    scratch.mkdir(exist_ok=True)
     proc = procs.start(argv, contain=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                       stderr=subprocess.STDOUT, text=True)
+                       stderr=subprocess.STDOUT, text=True,
+                       env={**os.environ, "TMPDIR": str(scratch)})
     try:
         tail = _follow(proc.stdout, progress, what)
         proc.wait()
@@ -217,7 +223,8 @@ def _build_into(recipe: Recipe, out: Path, progress: Progress) -> None:
             "run once: sudo python -m pytest_virtio.images build"
         )
     rootdir = out / "rootfs"
-    _run(_mmdebstrap_argv(recipe, rootdir), progress, "step 1/3 mmdebstrap")
+    scratch = out / "tmp"
+    _run(_mmdebstrap_argv(recipe, rootdir), progress, "step 1/3 mmdebstrap", scratch)
     kver = _kernel_version(rootdir)
     shutil.copy2(rootdir / "boot" / f"vmlinuz-{kver}", out / "vmlinuz")
     shutil.copy2(rootdir / "usr" / "bin" / "busybox", out / "busybox")
@@ -228,7 +235,7 @@ def _build_into(recipe: Recipe, out: Path, progress: Progress) -> None:
     _run(
         [mke2fs, "-q", "-t", "ext4", "-L", "pvroot", "-d", str(rootdir), "-F",
          str(out / "rootfs.img"), recipe.rootfs_size],
-        progress, "step 3/3 mke2fs",
+        progress, "step 3/3 mke2fs", scratch,
     )
     initrd = rootdir / "boot" / f"initrd.img-{kver}"
     if recipe.boot == "distro":
@@ -237,6 +244,7 @@ def _build_into(recipe: Recipe, out: Path, progress: Progress) -> None:
                              "is initramfs-tools in packages?")
         shutil.copy2(initrd, out / "initrd.img")
     shutil.rmtree(rootdir)
+    shutil.rmtree(scratch)
     manifest = {
         "key": recipe.key(),
         "initrd": "initrd.img" if recipe.boot == "distro" else None,

@@ -12,11 +12,12 @@ from filelock import FileLock
 from pytest_virtio.images import builder
 
 
-def test_a_quiet_build_step_says_it_is_still_running(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_quiet_build_step_says_it_is_still_running(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(builder, "HEARTBEAT", 0.1)
     said: list[str] = []
     builder._run(["sh", "-c", "sleep 0.45; echo 'I: configuring'; echo n$((1))oise"], said.append,
-                 "step 1/3 mmdebstrap")
+                 "step 1/3 mmdebstrap", tmp_path / "tmp")
     assert said[0].startswith("step 1/3 mmdebstrap: sh -c")
     beats = [m for m in said if "still running" in m]
     assert len(beats) >= 2, said
@@ -24,9 +25,19 @@ def test_a_quiet_build_step_says_it_is_still_running(monkeypatch: pytest.MonkeyP
     assert not any("noise" in m for m in said)
 
 
-def test_a_failed_step_raises_with_its_tail(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_step_raises_with_its_tail(tmp_path: Path) -> None:
     with pytest.raises(builder.ImageError, match=r"(?s)mke2fs failed \(exit 3\).*why-it-failed"):
-        builder._run(["sh", "-c", "echo why-it-failed; exit 3"], lambda _m: None, "mke2fs")
+        builder._run(["sh", "-c", "echo why-it-failed; exit 3"], lambda _m: None, "mke2fs",
+                     tmp_path / "tmp")
+
+
+def test_a_step_keeps_its_temporary_files_in_the_build_directory(tmp_path: Path) -> None:
+    """mmdebstrap's gpg home goes under TMPDIR: the host's /tmp is not the build's."""
+    scratch = tmp_path / "tmp"
+    builder._run(["sh", "-c", 'mktemp -d "$TMPDIR/mmdebstrap.gpghome.XXXX" >"$TMPDIR/made"'],
+                 lambda _m: None, "step", scratch)
+    made = Path((scratch / "made").read_text().strip())
+    assert made.parent == scratch and made.is_dir()
 
 
 def test_a_waiting_process_names_the_builder(tmp_path: Path,
