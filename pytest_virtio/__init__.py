@@ -12,12 +12,17 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from pytest_virtio.guests.crashcheck import CrashCheckFailed, CrashReport
     from pytest_virtio.guests.guest import Guest
     from pytest_virtio.guests.session import VirtioSession
+    from pytest_virtio.plugin.crash_check import CrashCheck
     from pytest_virtio.plugin.fixtures import MakeGuest
 
 #: public name -> the module that defines it
 _PUBLIC = {
+    "CrashCheck": "pytest_virtio.plugin.crash_check",
+    "CrashCheckFailed": "pytest_virtio.guests.crashcheck",
+    "CrashReport": "pytest_virtio.guests.crashcheck",
     "Guest": "pytest_virtio.guests.guest",
     "VirtioSession": "pytest_virtio.guests.session",
     "MakeGuest": "pytest_virtio.plugin.fixtures",
@@ -25,7 +30,8 @@ _PUBLIC = {
 
 __version__ = "0.1.0"
 
-__all__ = ["Guest", "MakeGuest", "VirtioSession", "__version__"]
+__all__ = ["CrashCheck", "CrashCheckFailed", "CrashReport", "Guest", "MakeGuest", "VirtioSession",
+           "__version__"]
 
 
 def __getattr__(name: str) -> object:

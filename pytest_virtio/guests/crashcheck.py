@@ -52,7 +52,7 @@ from pytest_virtio.guests.writelogs import LoggedDisk
 from pytest_virtio.images import GuestImage
 from pytest_virtio.vhost_user.crashstates import CrashState, DiscardRule, crash_states, materialize
 
-__all__ = ["CRASH_DISK", "FSCK", "CheckerHost", "CrashCheckFailed", "CrashReport",
+__all__ = ["CRASH_DISK", "FSCK", "Check", "CheckerHost", "CrashCheckFailed", "CrashReport",
            "StateVerdict", "Timings", "check_crash_states", "reproducer_wrapper"]
 
 log = logging.getLogger(__name__)

@@ -86,7 +86,7 @@ def _marker_docs() -> dict[str, str]:
 
 MARKERS = _marker_docs()
 
-pytest_plugins = ["pytest_virtio.plugin.fixtures"]
+pytest_plugins = ["pytest_virtio.plugin.fixtures", "pytest_virtio.plugin.crash_check"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -384,7 +384,8 @@ def pytest_testnodedown(node: Any, error: object) -> None:
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
     """The results table, then relative-perf and baseline verdicts and written files."""
     results = config.stash.get(RESULTS_KEY, None)
-    if results is None or (not results.records and not config.stash.get(OUTCOME_KEY, [])):
+    if results is None or (not results.records and not results.crash
+                           and not config.stash.get(OUTCOME_KEY, [])):
         return
     terminalreporter.section("pytest-virtio results")
     outcome: list[str] = config.stash.get(OUTCOME_KEY, [])

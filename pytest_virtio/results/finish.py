@@ -19,6 +19,7 @@ from pytest_virtio.errors import ConfigError, VirtioError
 from pytest_virtio.results import baseline as baseline_mod
 from pytest_virtio.results import perf as perf_mod
 from pytest_virtio.results import plot as plot_mod
+from pytest_virtio.results.crash import CrashCount, crash_lines
 from pytest_virtio.results.plot import VerdictLine
 from pytest_virtio.results.records import Record, RelativeCheck, SessionResults, write_json
 from pytest_virtio.results.render import render_table
@@ -135,7 +136,8 @@ def _compare_lines(records: Sequence[Record], settings: FinishOptions) -> tuple[
 
 def _write_outputs(records: Sequence[Record], settings: FinishOptions,
                    verdicts: Sequence[VerdictLine] = (),
-                   checks: Sequence[RelativeCheck] = ()) -> list[str]:
+                   checks: Sequence[RelativeCheck] = (),
+                   crash: Sequence[CrashCount] = ()) -> list[str]:
     """Write JSON, baseline and chart; a failed write is reported, never a traceback."""
     lines: list[str] = []
     def save(path: Path) -> None:
@@ -145,7 +147,7 @@ def _write_outputs(records: Sequence[Record], settings: FinishOptions,
         plot_mod.write_chart(records, path, verdicts)
 
     def json_file(path: Path) -> None:
-        write_json(records, path, checks)
+        write_json(records, path, checks, crash)
 
     writers: list[tuple[str, Path | None, Callable[[Path], None]]] = [
         ("results JSON", settings.json, json_file),
@@ -204,15 +206,20 @@ def finish(results: SessionResults, settings: FinishOptions) -> Finish:
     """Judge and write; the summary lines and whether (and why) the session must fail."""
     judgement = judge_relative(results)
     cmp_lines, cmp_failed = _compare_lines(results.records, settings)
-    out_lines = _write_outputs(results.records, settings, judgement.verdicts, results.checks)
+    out_lines = _write_outputs(results.records, settings, judgement.verdicts, results.checks,
+                               results.crash)
     return Finish((*judgement.lines, *cmp_lines, *out_lines), judgement, cmp_failed,
                   settings.perf_inconclusive)
 
 
 def summary_lines(results: SessionResults, outcome: Sequence[str]) -> list[str]:
-    """The table (sorted by test id, so -n 2 and -n 0 print alike) and the verdicts."""
+    """The table (sorted by test id, so -n 2 and -n 0 print alike), the crash-state
+    counts and the verdicts."""
     records = sorted(results.records, key=lambda r: (r.test_id, r.device, r.workload))
     lines = render_table(records).splitlines() if records else []
+    crash = crash_lines(results.crash)
+    if crash:
+        lines.extend(["", *crash] if lines else crash)
     if outcome:
         lines.append("")
         lines.extend(outcome)

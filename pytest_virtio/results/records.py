@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pytest_virtio.errors import ConfigError
+from pytest_virtio.results.crash import CrashCount
 from pytest_virtio.results.metrics import METRICS, spread
 from pytest_virtio.workloads.fio import FioResult
 
@@ -258,12 +259,14 @@ def _loads(text: str, what: str) -> Any:
         raise ConfigError(f"{what} is not valid JSON: {exc}") from None
 
 
-def records_to_json(records: Iterable[Record], checks: Iterable[RelativeCheck] = ()) -> str:
+def records_to_json(records: Iterable[Record], checks: Iterable[RelativeCheck] = (),
+                    crash: Iterable[CrashCount] = ()) -> str:
     """A whole session's records (and its relative checks, so shards can be merged and
-    judged later) as one JSON document (the ``--virtio-json`` format)."""
+    judged later, and its crash-state counts) as one JSON document (the
+    ``--virtio-json`` format)."""
     return json.dumps(
         {"version": FORMAT_VERSION, "records": [r.to_dict() for r in records],
-         "checks": [c.to_dict() for c in checks]},
+         "checks": [c.to_dict() for c in checks], "crash": [c.to_dict() for c in crash]},
         indent=2,
         sort_keys=True,
     )
@@ -312,9 +315,9 @@ def write_atomically(path: Path, text: str) -> None:
 
 
 def write_json(records: Iterable[Record], path: str | os.PathLike[str],
-               checks: Iterable[RelativeCheck] = ()) -> None:
+               checks: Iterable[RelativeCheck] = (), crash: Iterable[CrashCount] = ()) -> None:
     """Write :func:`records_to_json` to ``path`` atomically."""
-    write_atomically(Path(path), records_to_json(records, checks) + "\n")
+    write_atomically(Path(path), records_to_json(records, checks, crash) + "\n")
 
 
 def load_json(path: str | os.PathLike[str]) -> list[Record]:
@@ -373,11 +376,14 @@ class SessionResults:
 
     records: list[Record] = field(default_factory=list)
     checks: list[RelativeCheck] = field(default_factory=list)
+    crash: list[CrashCount] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"records": [r.to_dict() for r in self.records],
-                "checks": [c.to_dict() for c in self.checks]}
+                "checks": [c.to_dict() for c in self.checks],
+                "crash": [c.to_dict() for c in self.crash]}
 
     def merge_dict(self, data: Mapping[str, Any]) -> None:
         self.records.extend(Record.from_dict(r) for r in data.get("records") or ())
         self.checks.extend(RelativeCheck.from_dict(c) for c in data.get("checks") or ())
+        self.crash.extend(CrashCount.from_dict(c) for c in data.get("crash") or ())
