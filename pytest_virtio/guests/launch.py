@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pytest_virtio import ids
+from pytest_virtio import files, ids
 from pytest_virtio import spec as spec_mod
 from pytest_virtio.channels import serial as serial_mod
 from pytest_virtio.errors import LaunchError
@@ -56,14 +56,18 @@ def prepare_root_disk(path: Path, rootfs: Path, rootfs_format: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.part")
     if rootfs_format == "raw":
-        argv = ["cp", "--sparse=always", str(rootfs), str(tmp)]
+        try:
+            files.sparse_copy(rootfs, tmp)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise LaunchError(f"cannot copy the root {rootfs} to {path}: {exc}") from None
     else:
         qemu_img = require_tool("qemu-img", "qemu-utils")
         argv = [qemu_img, "convert", "-f", rootfs_format, "-O", "raw", str(rootfs), str(tmp)]
-    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        tmp.unlink(missing_ok=True)
-        raise LaunchError(f"cannot copy the root {rootfs} to {path}: {proc.stderr.strip()}")
+        proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            tmp.unlink(missing_ok=True)
+            raise LaunchError(f"cannot copy the root {rootfs} to {path}: {proc.stderr.strip()}")
     tmp.rename(path)
 
 

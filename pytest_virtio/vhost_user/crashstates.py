@@ -48,6 +48,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pytest_virtio import files
 from pytest_virtio.errors import BackendError
 from pytest_virtio.vhost_user.blk import SECTOR_SIZE, FileStorage
 from pytest_virtio.vhost_user.protocol import BlkFeature
@@ -64,7 +65,6 @@ __all__ = [
     "sparse_copy",
 ]
 
-_COPY_CHUNK = 1 << 20
 _DRAWS_PER_STATE = 32  # random draws tried per wanted state before an epoch counts as spent
 
 
@@ -255,52 +255,11 @@ def crash_states(log: RecordedLog, *, durability: Durability = Durability.WRITE_
 # --- materialization --------------------------------------------------------------
 
 
-def _data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
-    """(offset, length) of the data in a file, holes skipped (SEEK_DATA/SEEK_HOLE)."""
-    pos = 0
-    while pos < size:
-        try:
-            start = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:
-                return  # only a hole is left
-            yield pos, size - pos  # no SEEK_DATA here: all of it is data
-            return
-        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-        yield start, end - start
-        pos = end
-
-
-def _copy_range(src: int, dst: int, offset: int, length: int) -> None:
-    while length > 0:
-        try:
-            n = os.copy_file_range(src, dst, min(length, 1 << 30), offset, offset)
-        except OSError as exc:
-            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
-                raise
-            n = os.pwrite(dst, os.pread(src, min(length, _COPY_CHUNK), offset), offset)
-        if n <= 0:
-            raise OSError(errno.EIO, f"copy stopped at byte {offset} with {length} left")
-        offset += n
-        length -= n
-
-
 def sparse_copy(src: Path, dest: Path) -> None:
     """Copy ``src`` to ``dest`` keeping holes (``src`` opened read-only, never written)."""
     if dest.exists() and os.path.samefile(src, dest):
         raise BackendError(f"crash image {dest} is the base image itself; name another file")
-    sfd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        size = os.fstat(sfd).st_size
-        dfd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        try:
-            os.ftruncate(dfd, size)
-            for offset, length in _data_extents(sfd, size):
-                _copy_range(sfd, dfd, offset, length)
-        finally:
-            os.close(dfd)
-    finally:
-        os.close(sfd)
+    files.sparse_copy(src, dest)
 
 
 def _apply(disk: FileStorage, spill: int, record: LogRecord, discard: DiscardRule) -> None:
