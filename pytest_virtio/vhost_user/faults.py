@@ -1,9 +1,10 @@
 """Fault injection for the in-process backend.
 
 Tests provoke the error paths a driver must survive: I/O errors by sector
-range, type or every Nth request, added latency, the medium turning read-only,
-a queue broken through the ERR eventfd.  What the guest did is counted in
-:mod:`.stats`.
+range, type or every Nth request, added latency (on every request or on chosen
+ones), the medium turning read-only, a queue broken through the ERR eventfd.
+What the guest did is counted in :mod:`.stats`; schedules of faults at chosen
+requests are :mod:`.faultschedule`.
 """
 
 from __future__ import annotations
@@ -19,17 +20,20 @@ __all__ = ["FaultInjector", "FaultRule"]
 
 @dataclass(slots=True)
 class FaultRule:
-    """Fail matching requests with IOERR.
+    """Fail matching requests with IOERR, or delay them.
 
     ``sectors`` is a half-open ``[start, end)`` range a request must overlap;
     ``types`` restricts by request type; ``every`` fails only every Nth match;
-    ``remaining`` (if set) disarms the rule after that many failures.
+    ``remaining`` (if set) disarms the rule after that many failures.  With
+    ``delay`` (seconds) the rule does not fail what it hits: it holds it that
+    long, then the request is served as usual.
     """
 
     sectors: tuple[int, int] | None = None
     types: frozenset[int] | None = None
     every: int = 1
     remaining: int | None = None
+    delay: float | None = None
     matched: int = 0
     fired: int = 0
 
@@ -101,10 +105,29 @@ class FaultInjector:
             raise ValueError("n must be >= 1")
         return self._add(FaultRule(types=_types(types), every=n, remaining=count))
 
-    def _add(self, rule: FaultRule) -> FaultRule:
+    def add(self, *rules: FaultRule) -> None:
+        """Arm prepared rules at once: they count requests from the same one on.
+
+        ``FaultRule(types=..., every=3, remaining=1, delay=0.5)`` delays the third
+        matching request only (unlike :meth:`add_latency`, which slows every one).
+        """
+        for rule in rules:
+            if rule.every < 1:
+                raise ValueError("every must be >= 1")
+            if rule.delay is not None and rule.delay < 0:
+                raise ValueError("delay must be >= 0")
         with self._lock:
-            self.rules = [*self.rules, rule]
+            self.rules = [*self.rules, *rules]
             self._refresh()
+
+    def remove(self, *rules: FaultRule) -> None:
+        """Disarm these rules (others, latency and read-only stay as they are)."""
+        with self._lock:
+            self.rules = [r for r in self.rules if not any(r is x for x in rules)]
+            self._refresh()
+
+    def _add(self, rule: FaultRule) -> FaultRule:
+        self.add(rule)
         return rule
 
     def add_latency(self, seconds: float, types: Iterable[int] | int | None = None) -> None:
@@ -145,5 +168,8 @@ class FaultInjector:
         fail = False
         for rule in self.rules:
             if rule.matches(rtype, sector, nsectors):
-                fail = True
+                if rule.delay is None:
+                    fail = True
+                else:
+                    time.sleep(rule.delay)
         return fail
