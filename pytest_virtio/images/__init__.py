@@ -6,17 +6,26 @@ from pathlib import Path
 
 from pytest_virtio.errors import ImageError
 from pytest_virtio.files import check_readable_file
-from pytest_virtio.images.builder import GuestImage, default_cache_dir, ensure_image, verify
+from pytest_virtio.images.builder import (
+    BootableDisk,
+    GuestImage,
+    default_cache_dir,
+    ensure_disk_image,
+    ensure_image,
+    verify,
+)
 from pytest_virtio.images.driverdisk import driver_disk
 from pytest_virtio.images.initramfs import initramfs_for, resolve
 from pytest_virtio.images.recipe import Recipe, load_recipe
 
 __all__ = [
+    "BootableDisk",
     "GuestImage",
     "Recipe",
     "custom_image",
     "default_cache_dir",
     "driver_disk",
+    "ensure_disk_image",
     "ensure_image",
     "initramfs_for",
     "load_recipe",

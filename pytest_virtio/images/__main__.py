@@ -12,6 +12,7 @@ from pytest_virtio.images.builder import (
     MANIFEST,
     current_keys,
     default_cache_dir,
+    ensure_disk_image,
     ensure_image,
     image_dir,
     prune_images,
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "kernel-deb":
             kernel, modules = fetch_deb_kernel(
                 args.package, args.cache_dir or default_cache_dir(),
-                progress=lambda m: print(m, file=sys.stderr, flush=True))
+                progress=_progress)
             print(f"--virtio-kernel={kernel} --virtio-modules={modules}")
             return 0
         if args.command == "path":
@@ -50,17 +51,20 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{recipe.key()}: not built (would be {where})")
                 return 1
             print(json.dumps(json.loads((where / MANIFEST).read_text()), indent=2))
+        elif recipe.boot == "firmware":
+            disk = ensure_disk_image(recipe, args.cache_dir, progress=_progress, force=args.force)
+            print(disk.path)
         else:
-            image = ensure_image(
-                recipe, args.cache_dir,
-                progress=lambda m: print(m, file=sys.stderr, flush=True),
-                force=args.force,
-            )
+            image = ensure_image(recipe, args.cache_dir, progress=_progress, force=args.force)
             print(image.cache_dir)
     except VirtioError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def _prune(cache_dir: Path | None, dry_run: bool) -> int:

@@ -26,15 +26,23 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, TypeVar
 
 from filelock import FileLock, Timeout
 
 from pytest_virtio import procs
 from pytest_virtio.errors import ImageError
+from pytest_virtio.images import diskimage
 from pytest_virtio.images.mounts import mounts_under, remove_tree
-from pytest_virtio.images.recipe import DATA_DIR, DISTRO_BOOT_TIMEOUT, Recipe, load_recipe
+from pytest_virtio.images.recipe import (
+    DATA_DIR,
+    DISTRO_BOOT_TIMEOUT,
+    FIRMWARE_FILES,
+    Recipe,
+    load_recipe,
+)
 from pytest_virtio.tools import require_tool
+from pytest_virtio.units import parse_size
 
 Progress = Callable[[str], None]
 
@@ -91,7 +99,31 @@ class GuestImage:
         return self.cache or self.kernel.parent
 
 
+@dataclass(frozen=True, slots=True)
+class BootableDisk:
+    """A whole disk a firmware boots (a ``boot = "firmware"`` recipe's image).
+
+    ``path`` is the cached qcow2: guests boot it through an overlay of their own,
+    never writing it. Its GRUB finds the root by ``root_uuid``; the kernel prints
+    to ttyS0 (``console=ttyS0,115200``) after GRUB's banner line
+    (:data:`pytest_virtio.images.diskimage.GRUB_BANNER`).
+    """
+
+    key: str
+    path: Path
+    format: str
+    kernel_version: str
+    #: The kernel's config copied out of the image's /boot (driver verdicts on the host).
+    config: Path
+    root_uuid: str
+    #: The partition table as :meth:`diskimage.Layout.describe` gives it.
+    layout: dict[str, object]
+
+
 MANIFEST = "manifest.json"
+#: The disk of a firmware-booted image, in its cache directory.
+DISK_FILE = "disk.qcow2"
+QCOW2_MAGIC = b"QFI\xfb"
 #: A build in progress: ``.build-<key>-<builder pid>`` beside the final directory.
 BUILD_PREFIX = ".build-"
 
@@ -176,20 +208,34 @@ def _mmdebstrap_argv(recipe: Recipe, rootdir: Path) -> list[str]:
         'printf "#!/bin/sh\\nexit 0\\n" > "$1/usr/sbin/update-initramfs" && '
         'chmod 755 "$1/usr/sbin/update-initramfs"'
     )
-    distro = recipe.boot == "distro"
     argv = [
         _require("mmdebstrap", "mmdebstrap"),
         f"--variant={recipe.variant}",
         "--include=" + ",".join(recipe.packages),
-        *([] if distro else [f"--essential-hook={divert}"]),
+        *([f"--essential-hook={divert}"] if recipe.boot == "ours" else []),
         "--dpkgopt=force-confold",
     ]
     argv += [f"--dpkgopt=path-exclude={p}" for p in recipe.path_exclude]
-    argv.append(f'--customize-hook=install -m 755 "{DATA_DIR / "pvinit"}" "$1/sbin/pvinit"')
-    argv += [f'--customize-hook=install -m 755 "{DATA_DIR / name}" "$1/usr/sbin/{name}"'
-             for name in ("pv-ssh", "pv-shell")]
-    argv += _distro_hooks() if distro else ['--customize-hook=rm -f "$1"/boot/initrd.img-*']
+    argv += _firmware_hooks() if recipe.boot == "firmware" else _guest_hooks(recipe)
     return [*argv, recipe.suite, str(rootdir)]
+
+
+def _guest_hooks(recipe: Recipe) -> list[str]:
+    """Our init, SSH start-up and command shell in; then the distro's console service,
+    or (our own initramfs) the distro's initramfs out."""
+    hooks = [f'--customize-hook=install -m 755 "{DATA_DIR / "pvinit"}" "$1/sbin/pvinit"']
+    hooks += [f'--customize-hook=install -m 755 "{DATA_DIR / name}" "$1/usr/sbin/{name}"'
+              for name in ("pv-ssh", "pv-shell")]
+    if recipe.boot == "distro":
+        return hooks + _distro_hooks()
+    return [*hooks, '--customize-hook=rm -f "$1"/boot/initrd.img-*']
+
+
+def _firmware_hooks() -> list[str]:
+    """A cloud image's hygiene: no SSH host keys (each instance makes its own: cloud-init
+    does on its first boot) and no machine id (systemd makes one on the first boot)."""
+    return ['--customize-hook=rm -f "$1"/etc/ssh/ssh_host_*_key "$1"/etc/ssh/ssh_host_*_key.pub',
+            '--customize-hook=: > "$1/etc/machine-id" && rm -f "$1/var/lib/dbus/machine-id"']
 
 
 def _distro_hooks() -> list[str]:
@@ -215,13 +261,17 @@ def _kernel_version(rootdir: Path) -> str:
     return kernels[-1].name.removeprefix("vmlinuz-")
 
 
-def _build_into(recipe: Recipe, out: Path, progress: Progress) -> None:
-    """The build proper, into a private directory that is renamed when complete."""
+def _need_root(recipe: Recipe) -> None:
     if os.geteuid() != 0:
         raise ImageError(
             "building the guest image needs root (mmdebstrap writes a rootfs owned by root); "
-            "run once: sudo python -m pytest_virtio.images build"
+            f"run once: sudo python -m pytest_virtio.images build --recipe {recipe.name}"
         )
+
+
+def _build_into(recipe: Recipe, out: Path, progress: Progress) -> None:
+    """The build proper, into a private directory that is renamed when complete."""
+    _need_root(recipe)
     rootdir = out / "rootfs"
     scratch = out / "tmp"
     _run(_mmdebstrap_argv(recipe, rootdir), progress, "step 1/3 mmdebstrap", scratch)
@@ -251,6 +301,40 @@ def _build_into(recipe: Recipe, out: Path, progress: Progress) -> None:
         "kernel_version": kver,
         "kernel_sha256": file_sha256(out / "vmlinuz"),
         "rootfs_size": (out / "rootfs.img").stat().st_size,
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
+def _build_disk_into(recipe: Recipe, out: Path, progress: Progress) -> None:
+    """A firmware-booted disk: the rootfs, configured for its layout, assembled into a
+    sparse raw disk in place (:mod:`.diskimage`: no loop device, no mount), exported
+    as qcow2. The raw disk and the rootfs are removed; the kernel's config is kept."""
+    _need_root(recipe)
+    rootdir, scratch = out / "rootfs", out / "tmp"
+    _run(_mmdebstrap_argv(recipe, rootdir), progress, "step 1/3 mmdebstrap", scratch)
+    kver = _kernel_version(rootdir)
+    layout = diskimage.plan_layout(parse_size(recipe.rootfs_size, "rootfs_size"), recipe.key())
+    files = dict(recipe.files)
+    diskimage.configure_root(
+        rootdir, layout, f"Debian GNU/Linux {recipe.suite} ({recipe.name})",
+        extra={guest: files[name].decode() for name, guest in FIRMWARE_FILES.items()})
+    shutil.copy2(rootdir / "boot" / f"config-{kver}", out / f"config-{kver}")
+    raw = out / "disk.raw"
+    diskimage.assemble(raw, layout, rootdir, scratch / "grub",
+                       lambda argv, what: _run(argv, progress, f"step 2/3 {what}", scratch))
+    diskimage.export_qcow2(raw, out / DISK_FILE,
+                           lambda argv, what: _run(argv, progress, f"step 3/3 {what}", scratch))
+    raw.unlink()
+    shutil.rmtree(rootdir)
+    shutil.rmtree(scratch)
+    manifest = {
+        "key": recipe.key(),
+        "disk": DISK_FILE,
+        "format": "qcow2",
+        "disk_bytes": (out / DISK_FILE).stat().st_size,
+        "kernel_version": kver,
+        "config": f"config-{kver}",
+        "layout": layout.describe(),
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
 
@@ -368,6 +452,29 @@ def verify(image_dir: Path) -> GuestImage:
     )
 
 
+def verify_disk(image_dir: Path) -> BootableDisk:
+    """Check a cached firmware-booted disk against its manifest; ImageError says how
+    to rebuild."""
+    fix = f"remove {image_dir} (or run: python -m pytest_virtio.images build --force)"
+    try:
+        manifest = json.loads((image_dir / MANIFEST).read_text())
+        disk = image_dir / manifest["disk"]
+        if disk.stat().st_size != manifest["disk_bytes"]:
+            raise ImageError(f"cached disk image {disk} has the wrong size; {fix}")
+        with disk.open("rb") as f:
+            if f.read(4) != QCOW2_MAGIC:
+                raise ImageError(f"cached disk image {disk} is not a qcow2 file; {fix}")
+        config = image_dir / manifest["config"]
+        if not config.is_file():
+            raise ImageError(f"cached kernel config {config} is missing; {fix}")
+        layout = manifest["layout"]
+        return BootableDisk(key=manifest["key"], path=disk, format=manifest["format"],
+                            kernel_version=manifest["kernel_version"], config=config,
+                            root_uuid=layout["root_uuid"], layout=layout)
+    except (OSError, KeyError, TypeError, ValueError) as exc:
+        raise ImageError(f"cached disk image {image_dir} is unreadable: {exc}; {fix}") from exc
+
+
 def image_dir(recipe: Recipe, cache_dir: Path | None = None) -> Path:
     return (cache_dir or default_cache_dir()) / "images" / recipe.key()
 
@@ -394,9 +501,40 @@ def ensure_image(
     read-only from then on (guests boot it through a snapshot overlay).
     """
     recipe = recipe or load_recipe()
+    if recipe.boot == "firmware":
+        raise ImageError(f"image recipe {recipe.name} is boot = \"firmware\": a whole disk "
+                         "its own bootloader boots, not a kernel and a root for direct kernel "
+                         "boot; build it with ensure_disk_image (python -m "
+                         f"pytest_virtio.images build --recipe {recipe.name})")
+    return _ensure(recipe, cache_dir, progress, force, _build_into, verify)
+
+
+def ensure_disk_image(
+    recipe: Recipe,
+    cache_dir: Path | None = None,
+    progress: Progress = lambda _msg: None,
+    force: bool = False,
+) -> BootableDisk:
+    """A ``boot = "firmware"`` recipe's disk from the cache, built first if missing;
+    cached, locked and verified as :func:`ensure_image` does for the others."""
+    if recipe.boot != "firmware":
+        raise ImageError(f"image recipe {recipe.name} is boot = {recipe.boot!r}: QEMU boots its "
+                         "kernel directly; only a boot = \"firmware\" recipe (e.g. "
+                         "bookworm-cloud) makes a bootable disk")
+    return _ensure(recipe, cache_dir, progress, force, _build_disk_into, verify_disk)
+
+
+_Built = TypeVar("_Built")
+
+
+def _ensure(recipe: Recipe, cache_dir: Path | None, progress: Progress, force: bool,
+            build: Callable[[Recipe, Path, Progress], None],
+            check: Callable[[Path], _Built]) -> _Built:
+    """The cached build of ``recipe`` (``check``-ed), made by ``build`` under the image
+    lock if missing or ``force``; a half-built directory is never seen."""
     final = image_dir(recipe, cache_dir)
     if not force and (final / MANIFEST).exists():
-        return verify(final)
+        return check(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
 
@@ -406,20 +544,20 @@ def ensure_image(
     with _image_lock(final, recipe.key(), timed):
         if (final / MANIFEST).exists():
             if not force:
-                return verify(final)
+                return check(final)
             shutil.rmtree(final)
         _remove_dead_builds(final.parent, recipe.key(), timed)
         tmp = final.parent / f"{BUILD_PREFIX}{recipe.key()}-{os.getpid()}"
         tmp.mkdir()
         try:
-            timed(f"building guest image {recipe.key()} (once per machine, 1-3 min)")
-            _build_into(recipe, tmp, timed)
+            timed(f"building guest image {recipe.key()} (once per machine, 1-5 min)")
+            build(recipe, tmp, timed)
             os.rename(tmp, final)
         finally:
             if tmp.exists():  # the build failed or was interrupted
                 _discard(tmp, timed)
         timed(f"guest image ready: {final}")
-    return verify(final)
+    return check(final)
 
 
 def _build_key(entry: Path) -> str | None:

@@ -16,11 +16,14 @@ from typing import Any
 
 from pytest_virtio.errors import ConfigError
 
-__all__ = ["BOOTS", "BUILDER_VERSION", "DATA_DIR", "DISTRO_BOOT_TIMEOUT", "REQUIRED_PACKAGES",
-           "Recipe", "load_recipe", "load_recipe_file"]
+__all__ = ["BOOTS", "BUILDER_VERSION", "DATA_DIR", "DISK_BUILDER_VERSION", "DISTRO_BOOT_TIMEOUT",
+           "FIRMWARE_FILES", "REQUIRED_PACKAGES", "Recipe", "load_recipe", "load_recipe_file"]
 
 #: Bump when the build procedure changes in a way the recipe does not show.
 BUILDER_VERSION = "1"
+#: Bump when a firmware-booted disk is assembled differently (images/diskimage.py:
+#: layout, GRUB, its config): only ``boot = "firmware"`` keys change.
+DISK_BUILDER_VERSION = "1"
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
 
@@ -35,13 +38,19 @@ class Recipe:
     path_exclude: tuple[str, ...]
     rootfs_size: str
     files: tuple[tuple[str, bytes], ...]
-    #: "ours" (our initramfs, pvinit) or "distro" (the distro's initramfs and systemd).
+    #: "ours" (our initramfs, pvinit) or "distro" (the distro's initramfs and systemd),
+    #: both booted by QEMU's direct kernel boot; or "firmware": a whole GPT disk
+    #: (BIOS boot, ESP, root) that SeaBIOS or OVMF boots through its own GRUB, the
+    #: distro's initramfs and init, with none of pytest-virtio's files inside
+    #: (images/diskimage.py).
     boot: str = "ours"
 
     def key(self) -> str:
         """Content hash over everything that shapes the built image."""
         h = hashlib.sha256(BUILDER_VERSION.encode())
-        boot = (self.boot,) if self.boot != "ours" else ()  # keeps existing keys
+        boot: tuple[str, ...] = ()  # "ours" adds nothing: keeps existing keys
+        if self.boot != "ours":
+            boot = (self.boot, DISK_BUILDER_VERSION) if self.boot == "firmware" else (self.boot,)
         for part in (self.name, self.suite, self.variant, self.rootfs_size,
                      *self.packages, *self.path_exclude, *boot):
             h.update(part.encode() + b"\0")
@@ -56,7 +65,7 @@ _FIELDS: dict[str, tuple[type, bool]] = {
     "packages": (list, True), "path_exclude": (list, False), "rootfs_size": (str, False),
     "extends": (str, False), "boot": (str, False),
 }
-BOOTS = ("ours", "distro")
+BOOTS = ("ours", "distro", "firmware")
 #: systemd + udev coldplug (every matching module loaded) + a 37 MB initramfs:
 #: measured 237 s guest uptime to the console under TCG at host load ~27 on 2
 #: cores, vs pvinit's few seconds; scaled like every guest timeout (x4 TCG).
@@ -65,12 +74,18 @@ DISTRO_BOOT_TIMEOUT = 90.0
 _GUEST_FILES = ("pvinit", "pv-ssh", "pv-shell")
 #: Files a distro-boot image gets besides: the console service.
 _DISTRO_FILES = ("pv-console", "pytest-virtio-console.service")
+#: Files a firmware-booted disk gets (data file -> path in the guest), and nothing of
+#: ours: cloud-init looks for a NoCloud seed, else goes on with no datasource
+#: instead of waiting for a cloud's metadata service.
+FIRMWARE_FILES = {"cloud-datasources.cfg": "/etc/cloud/cloud.cfg.d/90-pytest-virtio.cfg"}
 #: mmdebstrap --variant values (mmdebstrap(1)).
 _VARIANTS = ("extract", "custom", "essential", "apt", "required", "minbase", "buildd",
              "important", "debootstrap", "standard")
 #: What the guest side needs: the initramfs (busybox), pvinit (kmod, iproute2,
 #: dropbear) and a kernel whose modules tree the initramfs is built from.
 REQUIRED_PACKAGES = ("busybox-static", "kmod", "iproute2", "dropbear-bin")
+#: A firmware-booted disk needs only the distro's initramfs generator (and a kernel).
+_FIRMWARE_PACKAGES = ("initramfs-tools",)
 _PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+(:[a-z0-9-]+)?$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _SIZE_RE = re.compile(r"^[1-9][0-9]*[KMG]$")
@@ -116,14 +131,15 @@ def load_recipe_file(path: Path, data_dir: Path = DATA_DIR) -> Recipe:
     boot = fields.get("boot", "ours")
     if boot not in BOOTS:
         raise ConfigError(f"{where}: field 'boot': {boot!r} is not one of {', '.join(BOOTS)}")
-    extra = _DISTRO_FILES if boot == "distro" else ()
+    names = {"ours": _GUEST_FILES, "distro": (*_GUEST_FILES, *_DISTRO_FILES),
+             "firmware": tuple(FIRMWARE_FILES)}[boot]
     recipe = Recipe(
         name=fields["name"], suite=fields["suite"], variant=fields.get("variant", "minbase"),
         packages=fields["packages"], path_exclude=fields.get("path_exclude", ()),
         rootfs_size=fields.get("rootfs_size", "1536M"),
         # Only what goes into the rootfs: initramfs-init is not baked into the image
         # (each initramfs's own cache key covers it), so editing it keeps the image.
-        files=tuple((f, (data_dir / f).read_bytes()) for f in (*_GUEST_FILES, *extra)),
+        files=tuple((f, (data_dir / f).read_bytes()) for f in names),
         boot=boot,
     )
     _check_values(recipe, where)
@@ -162,9 +178,12 @@ def _check_values(recipe: Recipe, where: str) -> None:
     if bad:
         raise ConfigError(f"{where}: field 'packages': {', '.join(map(repr, bad))} "
                           "is not a Debian package name")
-    missing = [p for p in REQUIRED_PACKAGES if p not in recipe.packages]
+    firmware = recipe.boot == "firmware"
+    required = _FIRMWARE_PACKAGES if firmware else REQUIRED_PACKAGES
+    missing = [p for p in required if p not in recipe.packages]
     if not any(p.startswith("linux-image-") for p in recipe.packages):
         missing.append("a linux-image-* kernel")
     if missing:
-        raise ConfigError(f"{where}: field 'packages' lacks {', '.join(missing)}: the guest "
-                          "init and initramfs need them")
+        needs = ("the bootloader loads the distro's kernel and initramfs" if firmware
+                 else "the guest init and initramfs need them")
+        raise ConfigError(f"{where}: field 'packages' lacks {', '.join(missing)}: {needs}")

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from pytest_virtio.errors import ConfigError
+from pytest_virtio.images import recipe as recipe_mod
 from pytest_virtio.images.recipe import load_recipe, load_recipe_file
 
 
@@ -55,5 +56,26 @@ def test_distro_boot_recipe_ships_its_console_service() -> None:
 
 
 def test_boot_field_is_checked(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"field 'boot': 'grub' is not one of ours, distro"):
+    with pytest.raises(ConfigError,
+                       match=r"field 'boot': 'grub' is not one of ours, distro, firmware"):
         load_recipe_file(_recipe(tmp_path, 'extends = "bookworm"\nname = "x"\nboot = "grub"'))
+
+
+def test_firmware_recipe_ships_nothing_of_ours_but_cloud_inits_datasources(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    cloud = load_recipe("bookworm-cloud")
+    assert cloud.boot == "firmware"
+    assert [name for name, _ in cloud.files] == ["cloud-datasources.cfg"]
+    assert b"datasource_list: [NoCloud, None]" in cloud.files[0][1]
+    assert not {"busybox-static", "dropbear-bin"} & set(cloud.packages)
+    # the disk's assembly is part of its key (and only of firmware recipes' keys)
+    before, distro = cloud.key(), load_recipe("bookworm-distro").key()
+    monkeypatch.setattr(recipe_mod, "DISK_BUILDER_VERSION", "changed")
+    assert cloud.key() != before and load_recipe("bookworm-distro").key() == distro
+
+
+def test_firmware_recipe_needs_a_kernel_and_initramfs_tools(tmp_path: Path) -> None:
+    text = 'name = "x"\nsuite = "bookworm"\nboot = "firmware"\npackages = ["systemd"]'
+    with pytest.raises(ConfigError, match=r"lacks initramfs-tools, a linux-image-\* kernel: "
+                                          "the bootloader loads"):
+        load_recipe_file(_recipe(tmp_path, text))
