@@ -233,9 +233,12 @@ def _guest_hooks(recipe: Recipe) -> list[str]:
 
 def _firmware_hooks() -> list[str]:
     """A cloud image's hygiene: no SSH host keys (each instance makes its own: cloud-init
-    does on its first boot) and no machine id (systemd makes one on the first boot)."""
+    does on its first boot), no machine id (systemd makes one on the first boot), and
+    a host name and hosts file of its own, not the build host's."""
     return ['--customize-hook=rm -f "$1"/etc/ssh/ssh_host_*_key "$1"/etc/ssh/ssh_host_*_key.pub',
-            '--customize-hook=: > "$1/etc/machine-id" && rm -f "$1/var/lib/dbus/machine-id"']
+            '--customize-hook=: > "$1/etc/machine-id" && rm -f "$1/var/lib/dbus/machine-id"',
+            '--customize-hook=echo debian > "$1/etc/hostname" && printf "127.0.0.1\\tlocalhost\\n'
+            '127.0.1.1\\tdebian\\n::1\\tlocalhost ip6-localhost ip6-loopback\\n" > "$1/etc/hosts"']
 
 
 def _distro_hooks() -> list[str]:

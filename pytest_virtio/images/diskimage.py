@@ -186,10 +186,15 @@ def sgdisk_argv(layout: Layout, disk: Path) -> list[str]:
 
 
 def mkfs_fat_argv(layout: Layout, disk: Path) -> list[str]:
-    """FAT32 (as the UEFI spec wants an ESP) written at the ESP's sector, in place."""
+    """FAT32 (as the UEFI spec wants an ESP) written at the ESP's sector, in place.
+
+    One sector per cluster: mkfs.fat would size clusters by the whole file, not the
+    partition (on a 1.6 GiB disk, 4 KiB clusters: too few for FAT32 in 64 MiB, which
+    mtools then refuses to read).
+    """
     esp = layout.esp
     return [require_tool("mkfs.fat", "dosfstools", "it makes the disk image's ESP"),
-            f"--offset={esp.start}", "-F", "32", "-n", "ESP", "-i", layout.esp_serial,
+            f"--offset={esp.start}", "-F", "32", "-s", "1", "-n", "ESP", "-i", layout.esp_serial,
             str(disk), str(esp.size // 1024)]
 
 
@@ -231,18 +236,27 @@ def early_config(layout: Layout) -> str:
 
 
 def grub_config(layout: Layout, title: str) -> str:
-    """``/boot/grub/grub.cfg`` of the image: serial and screen, no menu wait, one entry."""
+    """``/boot/grub/grub.cfg`` of the image: serial and screen, no menu wait, one entry.
+
+    Under UEFI the firmware's console is already the serial port and the screen
+    (OVMF), so GRUB writes there once; under a BIOS GRUB drives the serial port itself.
+    """
     args = " ".join((f"root=UUID={layout.root_uuid}", *KERNEL_ARGS))
     return (
         "# Written by pytest-virtio's image build (pytest_virtio/images/diskimage.py).\n"
         "# GRUB finds this file by the root's UUID; edit it as any grub.cfg.\n"
-        "serial --unit=0 --speed=115200\n"
-        "terminal_input console serial\n"
-        "terminal_output console serial\n"
+        'if [ "$grub_platform" = efi ]; then\n'
+        "    terminal_input console\n"
+        "    terminal_output console\n"
+        "else\n"
+        "    serial --unit=0 --speed=115200\n"
+        "    terminal_input console serial\n"
+        "    terminal_output console serial\n"
+        "fi\n"
         "set default=0\n"
         "set timeout=0\n"
         f"menuentry '{title}' {{\n"
-        f"    echo '{GRUB_BANNER}'\n"
+        f'    echo "{GRUB_BANNER}"\n'
         f"    linux /vmlinuz {args}\n"
         "    initrd /initrd.img\n"
         "}\n"

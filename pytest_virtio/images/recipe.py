@@ -77,7 +77,7 @@ _DISTRO_FILES = ("pv-console", "pytest-virtio-console.service")
 #: Files a firmware-booted disk gets (data file -> path in the guest), and nothing of
 #: ours: cloud-init looks for a NoCloud seed, else goes on with no datasource
 #: instead of waiting for a cloud's metadata service.
-FIRMWARE_FILES = {"cloud-datasources.cfg": "/etc/cloud/cloud.cfg.d/90-pytest-virtio.cfg"}
+FIRMWARE_FILES = {"cloud-init.cfg": "/etc/cloud/cloud.cfg.d/90-pytest-virtio.cfg"}
 #: mmdebstrap --variant values (mmdebstrap(1)).
 _VARIANTS = ("extract", "custom", "essential", "apt", "required", "minbase", "buildd",
              "important", "debootstrap", "standard")

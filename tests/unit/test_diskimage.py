@@ -70,6 +70,7 @@ def test_grub_finds_the_root_by_uuid_and_boots_the_kernel_links() -> None:
     assert f"linux /vmlinuz root=UUID={layout.root_uuid} ro console=tty0 " \
            "console=ttyS0,115200\n" in cfg
     assert "initrd /initrd.img\n" in cfg and diskimage.GRUB_BANNER in cfg
+    subprocess.run(["grub-script-check"], input=cfg + early, text=True, check=True)
     esp = f"{layout.esp_serial[:4]}-{layout.esp_serial[4:]}"
     assert diskimage.fstab(layout).splitlines() == [
         f"UUID={layout.root_uuid} / ext4 errors=remount-ro 0 1",
@@ -127,7 +128,7 @@ def small_disk(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Layout, 
     (root / "boot" / "initrd.img-6.1.0-test").write_bytes(b"initrd")
     (root / "vmlinuz").symlink_to("boot/vmlinuz-6.1.0-test")
     (root / "initrd.img").symlink_to("boot/initrd.img-6.1.0-test")
-    layout = plan_layout(16 * MIB, "unit-test")
+    layout = plan_layout(1536 * MIB, "unit-test")  # full size: sparse, costs nothing
     diskimage.configure_root(root, layout, "Test", extra={"/etc/cloud/x.cfg": "hello\n"})
     disk = tmp / "disk.raw"
     diskimage.assemble(disk, layout, root, tmp / "work", _step)

@@ -65,7 +65,7 @@ def test_firmware_recipe_ships_nothing_of_ours_but_cloud_inits_datasources(
         monkeypatch: pytest.MonkeyPatch) -> None:
     cloud = load_recipe("bookworm-cloud")
     assert cloud.boot == "firmware"
-    assert [name for name, _ in cloud.files] == ["cloud-datasources.cfg"]
+    assert [name for name, _ in cloud.files] == ["cloud-init.cfg"]
     assert b"datasource_list: [NoCloud, None]" in cloud.files[0][1]
     assert not {"busybox-static", "dropbear-bin"} & set(cloud.packages)
     # the disk's assembly is part of its key (and only of firmware recipes' keys)
