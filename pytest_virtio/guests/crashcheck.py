@@ -234,6 +234,7 @@ def reproducer_wrapper(image: Path, boot_script: Path, about: str) -> str:
         'here=$(cd "$(dirname "$0")" && pwd)',
         'PV_RUN=${PV_RUN:-$(mktemp -d "${TMPDIR:-/tmp}/pv-repro.XXXXXX")}',
         "export PV_RUN",
+        'mkdir -p "$PV_RUN"',
         f'qemu-img create -q -f qcow2 -F raw -b "$here/{image.name}" '
         f'"$PV_RUN/{CRASH_DISK}.qcow2"',
         f'exec sh "$here/{boot_script.name}" "$@"',

@@ -23,7 +23,8 @@ BAD = "test_crash_consistency.py::test_rename_without_fsync_is_caught"
 
 
 def test_counts_reach_summary_and_json_and_the_bad_state_is_kept(
-        pytester: pytest.Pytester, inner_tmp: Path, find_qemus) -> None:
+        pytester: pytest.Pytester, inner_tmp: Path, find_qemus, run_reproducer,
+        tmp_path: Path) -> None:
     pytester.makepyfile(test_crash_consistency=EXAMPLE.read_text())
     result = pytester.runpytest_subprocess("--virtio-accel=tcg", "--virtio-json=out.json")
     result.assert_outcomes(passed=2)
@@ -48,3 +49,9 @@ def test_counts_reach_summary_and_json_and_the_bad_state_is_kept(
     assert 'qemu-img create -q -f qcow2 -F raw -b "$here/' in reproducer.read_text()
     assert (image.parent / f"{image.stem}-boot.sh").is_file()
     assert find_qemus(inner_tmp) == []
+    # The kept state boots after the session, as its disk "crash" (an overlay over it).
+    before = image.read_bytes()
+    qemu = run_reproducer(reproducer, tmp_path / "repro")
+    assert f"{tmp_path / 'repro' / 'crash.qcow2'}" in qemu
+    assert image.read_bytes() == before  # the kept image is never written
+    assert find_qemus(tmp_path / "repro") == []

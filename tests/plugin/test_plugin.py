@@ -6,9 +6,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -256,7 +253,7 @@ def test_readme_documents_every_fixture_and_marker_key(pytester: pytest.Pytester
 
 
 def test_kept_reproduce_sh_boots_after_the_session(
-    pytester: pytest.Pytester, inner_tmp: Path, find_qemus, tmp_path: Path
+    pytester: pytest.Pytester, inner_tmp: Path, find_qemus, run_reproducer, tmp_path: Path
 ) -> None:
     """The kept reproduce.sh runs as it is once the session (and its run directory) is
     gone: its own sockets and console log, blank disks recreated, the vhost-user-blk
@@ -275,18 +272,5 @@ def test_kept_reproduce_sh_boots_after_the_session(
     script = next((pytester.path / ".pytest-virtio").glob("*test_fails-*")) / "guest" / \
         "reproduce.sh"
     run_dir = tmp_path / "repro"
-    proc = subprocess.Popen([str(script)], env={**os.environ, "PV_RUN": str(run_dir)},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
-    try:
-        log = run_dir / "command.log"
-        deadline = time.monotonic() + 300
-        while "PYTEST-VIRTIO-READY" not in (log.read_text(errors="replace")
-                                            if log.exists() else ""):
-            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-            assert time.monotonic() < deadline, log.read_text(errors="replace")[-2000:]
-            time.sleep(0.5)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(30)
+    run_reproducer(script, run_dir)
     assert find_qemus(run_dir) == []

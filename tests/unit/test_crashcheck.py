@@ -133,8 +133,7 @@ def test_reproducer_makes_an_overlay_over_the_kept_image_and_runs_the_boot(
     boot.write_text('echo "boot in $PV_RUN with $*"\n')
     script = tmp_path / "reproduce.sh"
     script.write_text(reproducer_wrapper(kept, boot, "flush-boundary: cut after 7"))
-    run = tmp_path / "r"
-    run.mkdir()
+    run = tmp_path / "r" / "new"  # a PV_RUN that does not exist yet is made
     res = subprocess.run(["sh", str(script), "-serial", "stdio"], capture_output=True,
                          text=True, env={**os.environ, "PV_RUN": str(run)}, check=True)
     assert res.stdout == f"boot in {run} with -serial stdio\n"
