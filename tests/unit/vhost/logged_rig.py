@@ -28,15 +28,6 @@ class LoggedRig(Rig):
         self.dev = BlkDevice(self.logged, serial="rig-serial", stats=self.stats,
                              faults=self.faults, trace=self.trace)
 
-    def do(self, rtype: int, sector: int = 0, data: bytes | int = 0) -> int:
-        """One request through the ring; returns its status byte."""
-        self.q.reset_alloc()
-        req = self.q.blk_request(rtype, sector, data, indirect=True)
-        self.q.publish(req.head)
-        assert self.run() == 1
-        (used,) = self.q.take_used()
-        assert used[0] == req.head
-        return self.q.status(req)
 
     def write(self, sector: int, data: bytes) -> int:
         return self.do(BlkType.OUT, sector, data)

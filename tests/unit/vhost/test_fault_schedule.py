@@ -92,26 +92,16 @@ def rig() -> Iterator[Rig]:
     r.close()
 
 
-def _do(rig: Rig, rtype: int, sector: int = 0, data: bytes | int = 0) -> int:
-    req = rig.q.blk_request(rtype, sector, data, indirect=True)
-    rig.q.publish(req.head)
-    rig.run()
-    rig.q.take_used()
-    status = rig.q.status(req)
-    rig.q.reset_alloc()
-    return status
-
-
 def _write(rig: Rig, sector: int = 0) -> int:
-    return _do(rig, BlkType.OUT, sector, b"w" * 512)
+    return rig.do(BlkType.OUT, sector, b"w" * 512)
 
 
 def _read(rig: Rig, sector: int = 0) -> int:
-    return _do(rig, BlkType.IN, sector, 512)
+    return rig.do(BlkType.IN, sector, 512)
 
 
 def _flush(rig: Rig) -> int:
-    return _do(rig, BlkType.FLUSH)
+    return rig.do(BlkType.FLUSH)
 
 
 def test_each_fault_hits_exactly_its_request_counted_from_arming(rig: Rig) -> None:

@@ -28,13 +28,7 @@ Program = Callable[[Rig], bool]
 
 
 def _write(rig: Rig, index: int) -> int:
-    req = rig.q.blk_request(BlkType.OUT, index * BLOCK // 512, BLOCKS[index], indirect=True)
-    rig.q.publish(req.head)
-    rig.run()
-    rig.q.take_used()
-    status = rig.q.status(req)
-    rig.q.reset_alloc()
-    return status
+    return rig.do(BlkType.OUT, index * BLOCK // 512, BLOCKS[index])
 
 
 def _program(*, retries: int, check: bool) -> Program:

@@ -41,6 +41,16 @@ class Rig:
     def run(self) -> int:
         return self.vq.drain(self.dev.handle)
 
+    def do(self, rtype: int, sector: int = 0, data: bytes | int = 0) -> int:
+        """One request through the ring; returns its status byte."""
+        self.q.reset_alloc()
+        req = self.q.blk_request(rtype, sector, data, indirect=True)
+        self.q.publish(req.head)
+        assert self.run() == 1
+        (used,) = self.q.take_used()
+        assert used[0] == req.head
+        return self.q.status(req)
+
     @staticmethod
     def _count(fd: int) -> int:
         try:
