@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Final
 
@@ -286,17 +286,32 @@ def nic_mac(nic: Nic, index: int) -> str:
     return nic.mac or f"52:54:00:12:34:{0x56 + index:02x}"
 
 
+def _user_netdev(nic: Nic, ctx: LaunchContext) -> list[tuple[str, str]]:
+    """QEMU's user-mode stack, forwarding a kernel-chosen loopback port to SSH."""
+    return [("hostfwd", "tcp:127.0.0.1:0-:22")] if nic.hostfwd_ssh else []
+
+
+def _stream_netdev(nic: Nic, ctx: LaunchContext) -> list[tuple[str, str]]:
+    """A stream to the NIC's passt (which does the SSH forward)."""
+    path = _lookup(ctx.net_sockets, nic.name, "net_sockets")
+    return [("server", "off"), ("addr.type", "unix"), ("addr.path", path)]
+
+
+def _tap_netdev(nic: Nic, ctx: LaunchContext) -> list[tuple[str, str]]:
+    """The NIC's tap device, opened by the host before QEMU and inherited as ``fd``."""
+    return [("fd", str(_lookup(ctx.net_fds, nic.name, "net_fds")))]
+
+
+#: Each NIC backend's ``-netdev`` type and its options after ``id``.
+_NETDEVS: Final[Mapping[str, tuple[str, Callable[[Nic, LaunchContext], list[tuple[str, str]]]]]] = (
+    MappingProxyType({"user": ("user", _user_netdev), "passt": ("stream", _stream_netdev),
+                      "tap": ("tap", _tap_netdev)}))
+
+
 def _netdev(nic: Nic, ctx: LaunchContext) -> str:
-    """The NIC's ``-netdev``: QEMU's user-mode stack forwarding a kernel-chosen
-    loopback port to SSH, or a stream to the NIC's passt (which does the forward)."""
-    if nic.backend == "passt":
-        path = _lookup(ctx.net_sockets, nic.name, "net_sockets")
-        return _opts("stream", [("id", nic.name), ("server", "off"), ("addr.type", "unix"),
-                                ("addr.path", path)])
-    netdev = [("id", nic.name)]
-    if nic.hostfwd_ssh:
-        netdev.append(("hostfwd", "tcp:127.0.0.1:0-:22"))
-    return _opts("user", netdev)
+    """The NIC's ``-netdev`` for its backend."""
+    kind, options = _NETDEVS[nic.backend]
+    return _opts(kind, [("id", nic.name), *options(nic, ctx)])
 
 
 def _nic_argv(nic: Nic, index: int, ctx: LaunchContext) -> list[str]:

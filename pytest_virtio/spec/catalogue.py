@@ -19,7 +19,9 @@ NIC_MODELS: Final = ("virtio-net", "e1000", "e1000e", "rtl8139")
 #: What carries a NIC's frames on the host.  ``user``: QEMU's own user-mode stack
 #: (slirp, in QEMU's process); ``passt``: Debian's ``passt``, one process per NIC
 #: that QEMU reaches over a unix socket (``-netdev stream``); neither needs root.
-NET_BACKENDS: Final = ("user", "passt")
+#: ``tap``: a tap device in a network namespace of its own per NIC, made by the
+#: plugin (root only); its fd is QEMU's (``-netdev tap,fd=N``).
+NET_BACKENDS: Final = ("user", "passt", "tap")
 CDROM_BUSES: Final = ("ide", "ahci", "scsi")
 MACHINES: Final = ("pc", "q35")
 #: How commands reach the guest's shell.  ``serial``: a second ISA UART (ttyS1), present

@@ -6,14 +6,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import PurePath
 from types import MappingProxyType
+from typing import TypeVar
 
 from pytest_virtio.errors import ConfigError
 from pytest_virtio.spec._util import _check_choice, _choices
 from pytest_virtio.spec.catalogue import DISK_FORMATS
 from pytest_virtio.spec.model import Disk
 
+_V = TypeVar("_V")
 
-def _frozen_map(value: Mapping[str, str]) -> Mapping[str, str]:
+
+def _frozen_map(value: Mapping[str, _V]) -> Mapping[str, _V]:
     return MappingProxyType(dict(value))
 
 
@@ -51,6 +54,8 @@ class LaunchContext:
     serial_sockets: Mapping[str, str] = field(default_factory=dict)
     #: NIC name → the unix socket its passt listens on (NICs with ``backend="passt"``).
     net_sockets: Mapping[str, str] = field(default_factory=dict)
+    #: NIC name → the descriptor of its tap device, which QEMU inherits (``backend="tap"``).
+    net_fds: Mapping[str, int] = field(default_factory=dict)
     name: str = "guest"
     #: fw_cfg blob name → host file (``-fw_cfg name=..,file=..``): per-launch data
     #: such as the session's SSH public key, which must not live in the shared image.
@@ -62,7 +67,8 @@ class LaunchContext:
     def __post_init__(self) -> None:
         _check_choice(self.accel, ("kvm", "tcg"), "accel")
         _check_choice(self.root_format, DISK_FORMATS, "root_format")
-        for attr in ("disk_files", "vhost_sockets", "serial_sockets", "net_sockets", "fw_cfg"):
+        for attr in ("disk_files", "vhost_sockets", "serial_sockets", "net_sockets", "net_fds",
+                     "fw_cfg"):
             object.__setattr__(self, attr, _frozen_map(getattr(self, attr)))
 
 
@@ -87,7 +93,7 @@ def command_channel_log(console_log: str | PurePath) -> str:
     return str(PurePath(console_log).parent / COMMAND_LOG)
 
 
-def _lookup(mapping: Mapping[str, str], key: str, what: str) -> str:
+def _lookup(mapping: Mapping[str, _V], key: str, what: str) -> _V:
     try:
         return mapping[key]
     except KeyError:

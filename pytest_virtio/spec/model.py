@@ -252,21 +252,27 @@ def _longer_serials(limit: int) -> str:
 
 #: Each NIC backend as an error message names it.
 _BACKEND_WHAT: Final[Mapping[str, str]] = MappingProxyType(
-    {"user": "QEMU user-mode networking", "passt": "one passt process"})
+    {"user": "QEMU user-mode networking", "passt": "one passt process",
+     "tap": "a single-queue tap device"})
 
 
 @dataclass(frozen=True, slots=True)
 class Nic:
-    """A NIC; no root, no bridge, xdist-safe on either ``backend``.
+    """A NIC; no bridge, xdist-safe on every ``backend``.
 
     ``backend`` carries its frames on the host: ``"user"`` (QEMU's user-mode
     network, slirp) or ``"passt"`` (Debian's ``passt``, one process per NIC,
     reached over a unix socket; several times faster, so a NIC model and not
-    the backend is what a bandwidth test measures).  Either way the guest is
-    10.0.2.15/24 behind gateway 10.0.2.2, which reaches the host's loopback.
-    ``hostfwd_ssh`` forwards a kernel-chosen port on 127.0.0.1 to guest port 22.
-    ``queues`` above 1 is refused: both backends have a single queue pair, so
-    multiqueue would silently measure nothing.
+    the backend is what a bandwidth test measures); neither needs root.
+    ``"tap"`` (root only): a tap device in a network namespace of its own, which
+    the plugin makes per NIC and which vanishes with it; the host side of the
+    guest's traffic (iperf3, the token server, SSH) lives in that namespace, so
+    nothing is exposed on the host.  Every way the guest is 10.0.2.15/24 behind
+    gateway 10.0.2.2 (the host's loopback, or the namespace's end of the tap).
+    ``hostfwd_ssh`` forwards a kernel-chosen port on 127.0.0.1 to guest port 22
+    (on tap: SSH connects inside the namespace).  ``queues`` above 1 is refused:
+    every backend has a single queue pair here, so multiqueue would silently
+    measure nothing.
     """
 
     model: str = "virtio-net"

@@ -255,9 +255,21 @@ def test_passt_nic_streams_to_its_socket_and_forwards_nothing_itself() -> None:
         "stream,id=net0,server=off,addr.type=unix,addr.path=/s")
 
 
+def test_tap_nic_is_its_inherited_fd_and_forwards_nothing_itself() -> None:
+    """A tap NIC's netdev is the tap descriptor the host opened (QEMU inherits it):
+    no hostfwd, no ifname or script; a missing descriptor names the NIC and the field."""
+    spec = MachineSpec(nics=(Nic(backend="tap"), Nic(name="b", model="e1000")))
+    full = argv(spec, net_fds={"net0": 7})
+    assert "tap,id=net0,fd=7" in full
+    assert "user,id=b,hostfwd=tcp:127.0.0.1:0-:22" in full
+    with pytest.raises(ConfigError, match="net_fds has no entry for 'net0'"):
+        argv(spec, net_fds={})
+    _raises(lambda: Nic(backend="tap", queues=2), "None, 1", "tap")
+
+
 def test_nic_backend_is_validated_naming_the_key() -> None:
-    message = _raises(lambda: Nic(backend="tap"), "user", "passt")
-    assert "nic 'net0': backend 'tap'" in message
+    message = _raises(lambda: Nic(backend="vde"), "user", "passt", "tap")
+    assert "nic 'net0': backend 'vde'" in message
     assert Nic().backend == "user"  # the default stays QEMU's user-mode network
     _raises(lambda: Nic(backend="passt", queues=2), "None, 1", "passt")
     spec = spec_from_kwargs({"nics": [{"model": "e1000", "backend": "passt"}]})

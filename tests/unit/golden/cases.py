@@ -123,6 +123,7 @@ def _nic_cases() -> dict[str, MachineSpec]:
         nic = Nic(model="virtio-net", transport=transport)
         cases[f"nic-virtio-net-{transport}"] = MachineSpec(nics=(nic,))
     cases["nic-virtio-net-passt"] = MachineSpec(nics=(Nic(backend="passt"),))
+    cases["nic-e1000-tap"] = MachineSpec(nics=(Nic(model="e1000", backend="tap"),))
     cases["nics-passt-and-user"] = MachineSpec(
         nics=(Nic(model="e1000", backend="passt"), Nic(name="lan", hostfwd_ssh=False))
     )
@@ -184,5 +185,6 @@ def context_for(
         serial_sockets={p: f"{run_dir}/ser{i}.sock" for i, p in enumerate(ports)},
         net_sockets={n.name: f"{run_dir}/passt-{n.name}.sock" for n in spec.nics
                      if n.backend == "passt"},
+        net_fds={n.name: 10 + i for i, n in enumerate(spec.nics) if n.backend == "tap"},
         name="golden",
     )
