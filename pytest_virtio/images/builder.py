@@ -115,7 +115,10 @@ class BootableDisk:
     kernel_version: str
     #: The kernel's config copied out of the image's /boot (driver verdicts on the host).
     config: Path
+    #: The root filesystem's UUID (the kernel's root=UUID=) and its partition's number
+    #: (the guest sees it as /dev/vda3, /dev/sda3, ... for 3).
     root_uuid: str
+    root_partition: int
     #: The partition table as :meth:`diskimage.Layout.describe` gives it.
     layout: dict[str, object]
 
@@ -471,9 +474,10 @@ def verify_disk(image_dir: Path) -> BootableDisk:
         if not config.is_file():
             raise ImageError(f"cached kernel config {config} is missing; {fix}")
         layout = manifest["layout"]
+        [root] = [p["number"] for p in layout["partitions"] if p["name"] == "root"]
         return BootableDisk(key=manifest["key"], path=disk, format=manifest["format"],
                             kernel_version=manifest["kernel_version"], config=config,
-                            root_uuid=layout["root_uuid"], layout=layout)
+                            root_uuid=layout["root_uuid"], root_partition=root, layout=layout)
     except (OSError, KeyError, TypeError, ValueError) as exc:
         raise ImageError(f"cached disk image {image_dir} is unreadable: {exc}; {fix}") from exc
 

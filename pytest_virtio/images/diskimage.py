@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import struct
+import textwrap
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -228,30 +229,32 @@ def grub_mkimage_argv(platform: str, out: Path, config: Path) -> list[str]:
 
 # -- GRUB's configuration and the root's own files -----------------------------------
 
-def early_config(layout: Layout) -> str:
-    """Built into both cores: the root by UUID, then the root's own grub.cfg."""
-    return (f"search --no-floppy --fs-uuid --set=root {layout.root_uuid}\n"
+#: GRUB on the serial port under a BIOS; under UEFI the firmware's console is already
+#: the serial port and the screen (OVMF), so GRUB writes there once.
+_SERIAL_TERMINAL = ("serial --unit=0 --speed=115200\n"
+                    "terminal_input console serial\n"
+                    "terminal_output console serial\n")
+
+
+def early_config(layout: Layout, platform: str) -> str:
+    """Built into ``platform``'s core: its terminals first (so a root GRUB cannot find
+    says so on the serial port: ``error: no such device: <uuid>``), the root by UUID,
+    then the root's own grub.cfg. Plain commands only: GRUB runs this before its
+    ``normal`` parser, which has no ``if``."""
+    terminals = _SERIAL_TERMINAL if platform == "i386-pc" else ""
+    return (f"{terminals}search --no-floppy --fs-uuid --set=root {layout.root_uuid}\n"
             "set prefix=($root)/boot/grub\n"
             "configfile $prefix/grub.cfg\n")
 
 
 def grub_config(layout: Layout, title: str) -> str:
-    """``/boot/grub/grub.cfg`` of the image: serial and screen, no menu wait, one entry.
-
-    Under UEFI the firmware's console is already the serial port and the screen
-    (OVMF), so GRUB writes there once; under a BIOS GRUB drives the serial port itself.
-    """
+    """``/boot/grub/grub.cfg`` of the image: serial and screen, no menu wait, one entry."""
     args = " ".join((f"root=UUID={layout.root_uuid}", *KERNEL_ARGS))
     return (
         "# Written by pytest-virtio's image build (pytest_virtio/images/diskimage.py).\n"
         "# GRUB finds this file by the root's UUID; edit it as any grub.cfg.\n"
-        'if [ "$grub_platform" = efi ]; then\n'
-        "    terminal_input console\n"
-        "    terminal_output console\n"
-        "else\n"
-        "    serial --unit=0 --speed=115200\n"
-        "    terminal_input console serial\n"
-        "    terminal_output console serial\n"
+        'if [ "$grub_platform" = pc ]; then\n'
+        f"{textwrap.indent(_SERIAL_TERMINAL, '    ')}"
         "fi\n"
         "set default=0\n"
         "set timeout=0\n"
@@ -357,9 +360,15 @@ def _create_sparse(disk: Path, size: int) -> None:
         f.truncate(size)
 
 
+def _grub_core(platform: str, out: Path, layout: Layout, step: Step, what: str) -> None:
+    config = out.with_name(f"early-{platform}.cfg")
+    config.write_text(early_config(layout, platform))
+    step(grub_mkimage_argv(platform, out, config), what)
+
+
 def _make_esp(disk: Path, layout: Layout, work: Path, step: Step) -> None:
     efi = work / "BOOTX64.EFI"
-    step(grub_mkimage_argv("x86_64-efi", efi, work / "early.cfg"), "GRUB for UEFI")
+    _grub_core("x86_64-efi", efi, layout, step, "GRUB for UEFI")
     step(mkfs_fat_argv(layout, disk), "ESP mkfs.fat")
     target = mtools_target(layout, disk)
     mtools = "it fills the disk image's ESP"
@@ -371,7 +380,7 @@ def _make_esp(disk: Path, layout: Layout, work: Path, step: Step) -> None:
 
 def _make_bios_boot(disk: Path, layout: Layout, work: Path, step: Step) -> None:
     core = work / "core.img"
-    step(grub_mkimage_argv("i386-pc", core, work / "early.cfg"), "GRUB for BIOS")
+    _grub_core("i386-pc", core, layout, step, "GRUB for BIOS")
     boot_img = Path(GRUB_DIRS["i386-pc"][0], "boot.img").read_bytes()
     install_bios_boot(disk, layout, core.read_bytes(), boot_img)
 
@@ -380,7 +389,6 @@ def assemble(disk: Path, layout: Layout, rootdir: Path, work: Path, step: Step) 
     """The raw disk at ``disk`` from ``rootdir`` (already :func:`configure_root`-ed);
     ``work`` holds the GRUB images meanwhile."""
     work.mkdir(parents=True, exist_ok=True)
-    (work / "early.cfg").write_text(early_config(layout))
     _create_sparse(disk, layout.size)
     step(sgdisk_argv(layout, disk), "GPT")
     _make_esp(disk, layout, work, step)

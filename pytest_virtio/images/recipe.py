@@ -23,7 +23,7 @@ __all__ = ["BOOTS", "BUILDER_VERSION", "DATA_DIR", "DISK_BUILDER_VERSION", "DIST
 BUILDER_VERSION = "1"
 #: Bump when a firmware-booted disk is assembled differently (images/diskimage.py:
 #: layout, GRUB, its config): only ``boot = "firmware"`` keys change.
-DISK_BUILDER_VERSION = "1"
+DISK_BUILDER_VERSION = "2"
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
 

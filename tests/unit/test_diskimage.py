@@ -63,9 +63,12 @@ def test_layout_ids_follow_the_seed() -> None:
 
 def test_grub_finds_the_root_by_uuid_and_boots_the_kernel_links() -> None:
     layout = plan_layout(MIB, "s")
-    early = diskimage.early_config(layout)
+    early = diskimage.early_config(layout, "i386-pc")
+    assert early.startswith("serial --unit=0 --speed=115200\n")  # a failure shows there
     assert f"search --no-floppy --fs-uuid --set=root {layout.root_uuid}" in early
     assert "configfile $prefix/grub.cfg" in early
+    assert "serial" not in diskimage.early_config(layout, "x86_64-efi")  # OVMF's console
+    assert not {"if", "fi"} & {line.split()[0] for line in early.splitlines()}
     cfg = diskimage.grub_config(layout, "Debian")
     assert f"linux /vmlinuz root=UUID={layout.root_uuid} ro console=tty0 " \
            "console=ttyS0,115200\n" in cfg
@@ -205,8 +208,8 @@ def test_a_cached_disk_is_checked_against_its_manifest(tmp_path: Path) -> None:
                 "layout": layout.describe()}
     (tmp_path / builder.MANIFEST).write_text(json.dumps(manifest))
     disk = builder.verify_disk(tmp_path)
-    assert (disk.path, disk.root_uuid, disk.format) == (
-        tmp_path / "disk.qcow2", layout.root_uuid, "qcow2")
+    assert (disk.path, disk.root_uuid, disk.root_partition, disk.format) == (
+        tmp_path / "disk.qcow2", layout.root_uuid, 3, "qcow2")
     (tmp_path / "disk.qcow2").write_bytes(b"\0" * 64)
     with pytest.raises(ImageError, match=r"disk.qcow2 is not a qcow2 file; remove .* --force"):
         builder.verify_disk(tmp_path)
