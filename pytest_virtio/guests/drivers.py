@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import shlex
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from pytest_virtio.channels import inventory
 from pytest_virtio.channels.inventory import Module, PciDevice, VirtioDevice
@@ -20,8 +20,8 @@ from pytest_virtio.guests.shell import Shell
 from pytest_virtio.spec import ROOT_MODULES, MachineSpec, nic_mac
 
 __all__ = ["block_devices", "bound_drivers", "disk_modules", "driver_chain", "drivers",
-           "find_disk", "lsmod", "modprobe", "nic_interface", "pci_devices",
-           "virtio_devices"]
+           "find_disk", "interfaces_by_mac", "lsmod", "modprobe", "nic_interface", "nic_macs",
+           "pci_devices", "virtio_devices"]
 
 _POLL = 0.2
 
@@ -104,16 +104,28 @@ def driver_chain(shell: Shell, sysfs_device: str) -> list[str]:
     return shell.check(inventory.DRIVER_CHAIN.format(path=sysfs_device)).stdout.split()
 
 
-def nic_interface(shell: Shell, spec: MachineSpec | None, name: str) -> str:
-    """The guest interface (``eth0``...) of NIC ``name``, matched by its MAC."""
-    nics = list(spec.nics if spec is not None else ())
-    index = next((i for i, n in enumerate(nics) if n.name == name), None)
-    if index is None:
-        raise ConfigError(f"no NIC named {name!r} in this guest's spec")
-    mac = nic_mac(nics[index], index)
+def nic_macs(spec: MachineSpec | None) -> dict[str, str]:
+    """The MAC of every NIC the guest boots with, by NIC name (how the guest finds them)."""
+    return {n.name: nic_mac(n, i) for i, n in enumerate(spec.nics if spec is not None else ())}
+
+
+def interfaces_by_mac(shell: Shell) -> dict[str, str]:
+    """The guest's network interfaces by MAC (``/sys/class/net/*/address``)."""
     out = shell.check('for i in /sys/class/net/*; do echo "${i##*/} $(cat $i/address)"; done')
-    for line in out.stdout.splitlines():
-        iface, _, addr = line.partition(" ")
-        if addr.strip() == mac:
-            return iface
-    raise GuestError(f"no guest interface has MAC {mac} (NIC {name!r})", shell.console_tail())
+    pairs = (line.partition(" ") for line in out.stdout.splitlines())
+    return {addr.strip(): iface for iface, _, addr in pairs if addr.strip()}
+
+
+def nic_interface(shell: Shell, macs: Mapping[str, str], name: str) -> str:
+    """The guest interface (``eth0``...) of NIC ``name``, matched by its MAC.
+
+    ``macs`` holds every NIC the guest has now by name (booted and hot-plugged:
+    :func:`nic_macs`, kept by :mod:`.nics`)."""
+    if name not in macs:
+        raise ConfigError(f"no NIC named {name!r} in this guest (have: "
+                          f"{', '.join(sorted(macs)) or 'none'})")
+    iface = interfaces_by_mac(shell).get(macs[name])
+    if iface is None:
+        raise GuestError(f"no guest interface has MAC {macs[name]} (NIC {name!r})",
+                         shell.console_tail())
+    return iface

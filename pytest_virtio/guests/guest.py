@@ -5,7 +5,8 @@ raises with the output); everything else is built on it, so the same code
 works over the console, SSH or the agent.  Each capability is a room of its
 own, given the Machine and the guest as a :class:`.shell.Shell`, never the
 whole Guest: :mod:`.drivers` (devices, drivers, modules, disks and NICs as the
-guest sees them), :mod:`.hotplug` (disks added and removed), :mod:`.storage`
+guest sees them), :mod:`.hotplug` (disks added and removed), :mod:`.nics` (NICs
+added and removed, their link, the network set up again), :mod:`.storage`
 (resize), :mod:`.media` (CD-ROM discs), :mod:`.memory` (balloon), :mod:`.ports`
 (virtio-serial, guest agent), :mod:`.power` (poweroff, reboot, reset), :mod:`.runstate`
 (pause, resume), :mod:`.writelogs` (logged disks), :mod:`.kernel_config` (the kernel's
@@ -35,6 +36,7 @@ from pytest_virtio.guests import (
     kernel_config,
     media,
     memory,
+    nics,
     ports,
     power,
     runstate,
@@ -43,7 +45,7 @@ from pytest_virtio.guests import (
 )
 from pytest_virtio.guests.hotplug import AttachedDisks
 from pytest_virtio.guests.kernel_log import KernelLog
-from pytest_virtio.guests.passt import Passt, stop_passts
+from pytest_virtio.guests.nethost import NicHost, stop_nets
 from pytest_virtio.guests.teardown import stop_backends
 from pytest_virtio.qemu.machine import Machine
 from pytest_virtio.spec import ROOT_MODULES, guest_modules
@@ -54,7 +56,7 @@ if TYPE_CHECKING:
     from pytest_virtio.channels.balloon import BalloonStats
     from pytest_virtio.images import GuestImage
     from pytest_virtio.images.kconfig import KernelConfig
-    from pytest_virtio.spec import Disk, LaunchContext
+    from pytest_virtio.spec import Disk, LaunchContext, Nic
     from pytest_virtio.vhost_user.server import VhostUserBlkServer
 
 
@@ -70,8 +72,9 @@ class Guest:
     run_dir: Path
     spec: Any = None
     backends: dict[str, VhostUserBlkServer] = field(default_factory=dict)
-    #: The passt of each NIC with ``backend="passt"``, by NIC name: stopped after QEMU.
-    passts: dict[str, Passt] = field(default_factory=dict)
+    #: Each NIC's host side (its passt, its tap's namespace), by NIC name: stopped
+    #: after QEMU.  :func:`pytest_virtio.guests.nethost.host_of` finds a NIC's.
+    nets: dict[str, NicHost] = field(default_factory=dict)
     disk_serials: dict[str, str] = field(default_factory=dict)
     boot_uptime: float | None = None
     host_key: str | None = None
@@ -83,11 +86,17 @@ class Guest:
     serial_ports: dict[str, SerialPort] = field(default_factory=dict)
     #: Disks added by :meth:`hotplug` and not yet unplugged, by name.
     hot_disks: dict[str, Disk] = field(default_factory=dict)
+    #: The MAC of every NIC the guest has now, by name (booted, then as
+    #: :meth:`hotplug_nic`/:meth:`unplug_nic` change it); empty: the spec's.
+    nic_macs: dict[str, str] = field(default_factory=dict)
+    #: NICs added by :meth:`hotplug_nic` and not yet unplugged, by name.
+    hot_nics: dict[str, Nic] = field(default_factory=dict)
     #: The image it booted (its kernel's config is read from it, host side).
     image: GuestImage | None = None
     _kernel_config: KernelConfig | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
+        self.nic_macs = self.nic_macs or drivers.nic_macs(self.spec)
         #: The kernel's log since the last look (the plugin looks after each test).
         self.kernel_log = KernelLog(self)
 
@@ -343,7 +352,7 @@ class Guest:
 
     def nic_interface(self, name: str) -> str:
         """The guest interface (``eth0``...) of NIC ``name``, matched by its MAC."""
-        return drivers.nic_interface(self, self.spec, name)
+        return drivers.nic_interface(self, self.nic_macs, name)
 
     def nic_drivers(self, name: str) -> list[str]:
         """Drivers from NIC ``name``'s device up to its PCI function (nearest first)."""
@@ -378,6 +387,41 @@ class Guest:
         """
         hotplug.detach(self.machine, self, self._disks(), self._owner(), name,
                        self._timeout(timeout))
+
+    def hotplug_nic(self, nic: Nic | Mapping[str, Any] | str,
+                    timeout: float | None = None) -> str:
+        """Hot-add ``nic`` through QMP and return its guest interface name (up, no address).
+
+        ``nic`` is what a ``vm(nics=[...])`` item is: a Nic, a dict of the same keys
+        (``{"model": "e1000"}``) or a model name; unnamed, it is called ``net<i>``,
+        the first such name the guest does not use yet, and it gets the first MAC
+        of the boot series no NIC has. Only ``backend="user"`` can be hot-plugged,
+        without SSH forwarding (a dict or name gets ``hostfwd_ssh=False``; a Nic
+        must say so). Waits until the guest shows the interface, its driver loaded.
+        """
+        return nics.attach(self.machine, self, self._nics(), self.spec, self.disk_serials,
+                           self._owner(), nic, self._timeout(timeout))
+
+    def unplug_nic(self, name: str, timeout: float | None = None) -> None:
+        """Hot-remove NIC ``name`` (hot-plugged or booted); returns once QEMU freed its
+        device and netdev and the guest's interface is gone."""
+        nics.detach(self.machine, self, self._nics(), self._owner(), name,
+                    self._timeout(timeout))
+
+    def set_link(self, name: str, up: bool, timeout: float | None = None) -> None:
+        """Link of NIC ``name`` up or down (QMP ``set_link`` on its device); returns once
+        the guest's ``/sys/class/net/<if>/carrier`` agrees (if the interface is up)."""
+        nics.set_link(self.machine, self, self.nic_macs, name, up, self._timeout(timeout))
+
+    def restore_network(self, timeout: float | None = None) -> str:
+        """The guest's network as its init set it at boot, again (after ``rmmod
+        virtio_net; modprobe virtio_net``, say): drivers loaded, interfaces up,
+        10.0.2.15/24 and the default route via 10.0.2.2; returns the address's interface."""
+        return nics.restore_network(self, self._timeout(timeout))
+
+    def _nics(self) -> nics.AttachedNics:
+        """This guest's NIC bookkeeping, for :mod:`.nics` to update in place."""
+        return nics.AttachedNics(self.nic_macs, self.hot_nics)
 
     def _disks(self) -> AttachedDisks:
         """This guest's disk bookkeeping, for :mod:`.hotplug` to update in place."""
@@ -468,7 +512,7 @@ class Guest:
             self.load_drivers(ROOT_MODULES[disk.bus])
 
     def close(self) -> None:
-        """Stop QEMU (soft, then hard), then every passt and backend; always all of them.
+        """Stop QEMU (soft, then hard), then every NIC's host side and backend; always all.
 
         A backend that will not stop is a BackendError naming its disk.
         """
@@ -479,7 +523,7 @@ class Guest:
         try:
             self.machine.shutdown(timeout=5.0)
         finally:
-            stop_passts(self.passts)
+            stop_nets(self.nets)
             stop_backends(self.backends, f"guest {self.name!r}")
 
     def __enter__(self) -> Guest:

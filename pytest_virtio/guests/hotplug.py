@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from pytest_virtio.vhost_user.server import VhostUserBlkServer
 
 __all__ = ["AttachedDisks", "attach", "data_disk", "detach", "free_disk_name",
-           "qmp_once_released", "wait_block"]
+           "qmp_once_released", "wait_block", "wait_qom_gone"]
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ def detach(machine: Machine, shell: Shell, disks: AttachedDisks, owner: str, nam
     mark = len(machine.events)
     machine.qmp("device_del", id=name)
     machine.wait_event("DEVICE_DELETED", timeout, {"device": name}, since=mark)
-    _wait_qom_gone(machine, shell, name, timeout)
+    wait_qom_gone(machine, shell, name, timeout)
     if name in disks.backends:
         qmp_once_released(machine, timeout, "chardev-remove", id=ids.vhost_chardev_id(name))
         stop_backends({name: disks.backends.pop(name)}, owner)
@@ -159,7 +159,7 @@ def qmp_once_released(machine: Machine, timeout: float, cmd: str, **args: Any) -
         time.sleep(0.05)
 
 
-def _wait_qom_gone(machine: Machine, shell: Shell, name: str, timeout: float) -> None:
+def wait_qom_gone(machine: Machine, shell: Shell, name: str, timeout: float) -> None:
     """Poll QOM until ``name`` left /machine/peripheral (a stale event cannot fool it)."""
     deadline = time.monotonic() + timeout
     while any(p.get("name") == name for p in

@@ -35,8 +35,13 @@ from pytest_virtio.spec.catalogue import (
     TRANSPORTS,
 )
 from pytest_virtio.spec.context import LaunchContext
-from pytest_virtio.spec.drivers import driver_needs, guest_modules, required_qemu_devices
-from pytest_virtio.spec.hotplug import hotplug_commands, hotplug_props
+from pytest_virtio.spec.drivers import (
+    driver_needs,
+    guest_modules,
+    nic_modules,
+    required_qemu_devices,
+)
+from pytest_virtio.spec.hotplug import hotplug_commands, hotplug_props, nic_hotplug_commands
 from pytest_virtio.spec.matrix import apply_matrix, matrix_params
 from pytest_virtio.spec.model import (
     Balloon,
@@ -87,7 +92,9 @@ __all__ = [
     "hotplug_props",
     "item_keys",
     "matrix_params",
+    "nic_hotplug_commands",
     "nic_mac",
+    "nic_modules",
     "required_qemu_devices",
     "spec_from_kwargs",
     "to_argv",

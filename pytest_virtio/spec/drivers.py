@@ -63,6 +63,13 @@ _NIC_DRIVERS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
 )
 
 
+def nic_modules(model: str) -> tuple[str, ...]:
+    """The guest modules that drive a NIC of ``model`` (a virtio one's transport too):
+    what a hot-plugged NIC needs loaded, with no udev in the guest to do it."""
+    transport = ("virtio_pci",) if model == "virtio-net" else ()
+    return (*transport, _NIC_DRIVERS[model][0])
+
+
 def driver_needs(spec: MachineSpec) -> tuple[tuple[str, tuple[tuple[str, ...], ...]], ...]:
     """(device, [alternatives per needed driver]) for every device of the spec.
 

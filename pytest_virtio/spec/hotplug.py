@@ -1,4 +1,5 @@
-"""Hotplug: a Disk as QMP blockdev-add/chardev-add/device_add arguments."""
+"""Hotplug: a Disk as QMP blockdev-add/chardev-add/device_add arguments, a Nic as
+netdev_add/device_add arguments."""
 
 from __future__ import annotations
 
@@ -6,10 +7,11 @@ from typing import Any, Final
 
 from pytest_virtio import ids
 from pytest_virtio.errors import ConfigError
-from pytest_virtio.spec._util import _choices
+from pytest_virtio.spec._util import _choices, _typed_transport_props
 from pytest_virtio.spec.argv import _FRONTEND_MODEL, frontend_props
+from pytest_virtio.spec.catalogue import _NIC_DEVICE
 from pytest_virtio.spec.context import LaunchContext, _disk_file, _lookup
-from pytest_virtio.spec.model import Disk
+from pytest_virtio.spec.model import Disk, Nic
 
 _HOTPLUG_BUSES: Final = ("virtio-blk", "vhost-user-blk", "virtio-scsi")
 
@@ -71,3 +73,30 @@ def hotplug_commands(disk: Disk, ctx: LaunchContext) -> list[tuple[str, dict[str
     backend, device = hotplug_props(disk, ctx)
     first = "chardev-add" if disk.bus == "vhost-user-blk" else "blockdev-add"
     return [(first, backend), ("device_add", device)]
+
+
+#: NIC backends a hot-plugged NIC may have: passt needs its process started and
+#: tap its namespace made before QEMU opens the netdev, which only a boot does.
+_HOTPLUG_NET_BACKENDS: Final = ("user",)
+
+
+def nic_hotplug_commands(nic: Nic, mac: str) -> list[tuple[str, dict[str, Any]]]:
+    """The QMP commands, in order, that hot-plug ``nic`` with MAC ``mac``: its
+    ``netdev_add`` (id: the NIC's name, as at boot) and ``device_add`` (id:
+    :func:`ids.nic_device_id`); ``device_del`` and ``netdev_del`` take them back."""
+    if nic.backend not in _HOTPLUG_NET_BACKENDS:
+        raise ConfigError(
+            f"nic {nic.name!r}: backend {nic.backend!r} cannot be hot-plugged (its host side "
+            f"starts with the guest); choose one of: {_choices(_HOTPLUG_NET_BACKENDS)}, or "
+            "give the guest this NIC at boot (vm(nics=[...]))"
+        )
+    if nic.hostfwd_ssh:
+        raise ConfigError(
+            f"nic {nic.name!r}: hostfwd_ssh=True cannot be hot-plugged (SSH is forwarded by "
+            "the NIC the guest booted with); pass hostfwd_ssh=False"
+        )
+    netdev: dict[str, Any] = {"type": "user", "id": nic.name}
+    device: dict[str, Any] = {"driver": _NIC_DEVICE[nic.model], "id": ids.nic_device_id(nic.name),
+                              "netdev": nic.name, "mac": mac}
+    device.update(_typed_transport_props(nic.transport))
+    return [("netdev_add", netdev), ("device_add", device)]

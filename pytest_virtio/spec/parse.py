@@ -74,6 +74,20 @@ def disk_from(item: Any, what: str, default_name: str) -> Disk:
     return disk
 
 
+def nic_from(item: Any, what: str, default_name: str) -> Nic:
+    """A Nic from what a marker's ``nics=`` item may be (a Nic, a model name or a dict
+    of Nic keys), for ``guest.hotplug_nic``: a name or dict that does not say
+    ``hostfwd_ssh`` gets False (SSH is forwarded by the NIC the guest booted with).
+    Every error starts with ``what``."""
+    if isinstance(item, str):
+        item = {"model": item}
+    if isinstance(item, Mapping):
+        item = {"hostfwd_ssh": False, **item}
+    with _errors_under(what):
+        nic: Nic = _item(item, what, default_name, Nic, "model", NIC_MODELS)
+    return nic
+
+
 @contextlib.contextmanager
 def _errors_under(label: str) -> Iterator[None]:
     """Every ConfigError raised inside starts with ``label`` (a device's own message,

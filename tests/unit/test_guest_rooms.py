@@ -1,4 +1,4 @@
-"""The guest's rooms (pytest_virtio/guests/{power,memory,media,ports,drivers,hotplug}.py)
+"""The guest's rooms (pytest_virtio/guests/{power,memory,media,ports,drivers,hotplug,nics}.py)
 without QEMU: what each refuses before touching QEMU, what it sends, and how it waits.
 
 The guest's side is scripted: a shell answering commands from a table and a machine
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shlex
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
@@ -18,8 +19,8 @@ import pytest
 
 from pytest_virtio.channels import inventory
 from pytest_virtio.channels.runners import Result
-from pytest_virtio.errors import CommandFailed, ConfigError, GuestError, GuestTimeout
-from pytest_virtio.guests import drivers, hotplug, media, memory, ports, power
+from pytest_virtio.errors import CommandFailed, ConfigError, GuestError, GuestTimeout, QmpError
+from pytest_virtio.guests import drivers, hotplug, media, memory, nics, ports, power
 from pytest_virtio.qemu.machine import Machine
 from pytest_virtio.spec import ROOT_MODULES, Disk, MachineSpec, Nic, spec_from_kwargs
 
@@ -225,11 +226,12 @@ def test_nic_interface_is_matched_by_mac() -> None:
     spec = MachineSpec(nics=(Nic(name="n0"), Nic(name="n1")))
     shell = ScriptedShell({"/sys/class/net": "lo 00:00:00:00:00:00\n"
                                               "eth0 52:54:00:12:34:56\neth1 52:54:00:12:34:57\n"})
-    assert drivers.nic_interface(shell, spec, "n1") == "eth1"
+    macs = drivers.nic_macs(spec)
+    assert drivers.nic_interface(shell, macs, "n1") == "eth1"
     with pytest.raises(ConfigError, match="no NIC named 'n9'"):
-        drivers.nic_interface(shell, spec, "n9")
+        drivers.nic_interface(shell, macs, "n9")
     with pytest.raises(GuestError, match="no guest interface has MAC 52:54:00:12:34:56"):
-        drivers.nic_interface(ScriptedShell({"/sys/class/net": "lo 0\n"}), spec, "n0")
+        drivers.nic_interface(ScriptedShell({"/sys/class/net": "lo 0\n"}), macs, "n0")
 
 
 def test_find_disk_loads_the_driver_once_then_finds_the_serial() -> None:
@@ -279,3 +281,81 @@ def test_detach_of_an_unknown_disk_names_the_disks_before_qmp() -> None:
         hotplug.detach(_m(machine), ScriptedShell(), _disks({"b": "b", "a": "a"}), "guest 'g'",
                        "x", 1.0)
     assert machine.qmp_calls == []
+
+
+# --------------------------------------------------------------------------- nics
+
+_NET = {"/sys/class/net/*": "lo 00:00:00:00:00:00\neth0 52:54:00:12:34:56\n"}
+
+
+def test_set_link_sends_the_nic_device_and_waits_for_the_guest_carrier() -> None:
+    carriers = iter(["1", "1", "0"])
+    shell = ScriptedShell({**_NET, "/carrier": lambda: next(carriers)})
+    machine = ScriptedMachine()
+    nics.set_link(_m(machine), shell, {"lan": "52:54:00:12:34:56"}, "lan", False, 10.0)
+    assert machine.qmp_calls == [("set_link", {"name": "lan-dev", "up": False})]
+    assert sum("eth0/carrier" in c for c in shell.commands) == 3
+
+
+def test_set_link_that_the_guest_never_sees_times_out_naming_the_nic() -> None:
+    shell = ScriptedShell({**_NET, "/carrier": "1"})
+    with pytest.raises(GuestError, match=r"NIC 'lan' \(eth0\): carrier still 1 .*up=False"):
+        nics.set_link(_m(ScriptedMachine()), shell, {"lan": "52:54:00:12:34:56"}, "lan",
+                      False, 0.01)
+
+
+def test_set_link_on_a_down_interface_does_not_wait() -> None:
+    shell = ScriptedShell({**_NET, "/carrier": "down"})
+    nics.set_link(_m(ScriptedMachine()), shell, {"lan": "52:54:00:12:34:56"}, "lan", True, 0.0)
+
+
+def test_set_link_and_unplug_of_an_unknown_nic_send_nothing() -> None:
+    machine = ScriptedMachine()
+    with pytest.raises(ConfigError, match=r"set_link\(\): no NIC named 'x' \(have: lan\)"):
+        nics.set_link(_m(machine), ScriptedShell(), {"lan": "m"}, "x", True, 1.0)
+    with pytest.raises(ConfigError, match=r"unplug_nic\(\): no NIC named 'x' \(have: lan\)"):
+        nics.detach(_m(machine), ScriptedShell(), nics.AttachedNics({"lan": "m"}, {}),
+                    "guest 'g'", "x", 1.0)
+    assert machine.qmp_calls == []
+
+
+class RefusingMachine(ScriptedMachine):
+    """QEMU refuses ``device_add`` (the netdev before it was added)."""
+
+    def qmp(self, cmd: str, **args: Any) -> Any:
+        super().qmp(cmd, **args)
+        if cmd == "device_add":
+            raise QmpError(cmd, args, "GenericError", "Bus 'pci.0' does not support hotplugging")
+        return {}
+
+
+def test_a_refused_nic_hotplug_takes_its_netdev_back_and_records_nothing() -> None:
+    machine, attached = RefusingMachine(), nics.AttachedNics({}, {})
+    with pytest.raises(QmpError, match="does not support hotplugging"):
+        nics.attach(_m(machine), ScriptedShell(), attached, None, {}, "guest 'g'", "e1000", 1.0)
+    assert [c for c, _ in machine.qmp_calls] == ["netdev_add", "device_add", "netdev_del"]
+    assert machine.qmp_calls[-1][1] == {"id": "net0"}
+    assert attached == nics.AttachedNics({}, {})
+
+
+def test_a_hot_nic_is_recorded_its_driver_loaded_and_its_interface_brought_up() -> None:
+    machine, attached = ScriptedMachine(), nics.AttachedNics({}, {})
+    shell = ScriptedShell({"/sys/class/net/*": "eth0 52:54:00:12:34:56\n"})
+    assert nics.attach(_m(machine), shell, attached, None, {}, "guest 'g'", "e1000", 1.0) == "eth0"
+    assert attached.macs == {"net0": "52:54:00:12:34:56"} and attached.hot["net0"].model == "e1000"
+    assert "modprobe -a e1000" in shell.commands
+    assert shell.commands[-1] == "/bin/busybox ip link set eth0 up"
+
+
+def test_restore_network_runs_the_boot_script_and_names_the_address_interface() -> None:
+    state = ("3: eth1    inet 10.0.2.15/24 scope global eth1\nroute\n"
+             "default via 10.0.2.2 dev eth1\n")
+    shell = ScriptedShell({"ip -o -4 addr": state})
+    assert nics.restore_network(shell, 5.0) == "eth1"
+    assert shell.commands[0] == f"/bin/busybox sh -c {shlex.quote(nics.NET_UP_SCRIPT)}"
+
+
+def test_restore_network_that_leaves_no_address_says_what_it_found() -> None:
+    shell = ScriptedShell({"ip -o -4 addr": "route\n"})
+    with pytest.raises(GuestError, match=r"15/24 on no interface, default route via none"):
+        nics.restore_network(shell, 5.0)
