@@ -13,17 +13,20 @@ Trust is set up without anything secret in the shared image:
   the host can read, so the key is pinned from there (``RejectPolicy``, never
   trust-on-first-use);
 * QEMU forwards a kernel-chosen host port (``hostfwd=tcp:127.0.0.1:0-:22``) and
-  we read the port back over QMP, so parallel guests never race for a port.
+  we read the port back over QMP, so parallel guests never race for a port; a
+  NIC whose guest is reachable through no host port (a tap in its own network
+  namespace) gives a ``dial`` that makes the connection there (:class:`SshEndpoint`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import NoReturn
+from typing import NamedTuple, NoReturn
 
 import paramiko
 
@@ -44,6 +47,7 @@ from pytest_virtio.starvation import Deadline
 __all__ = [
     "AUTHORIZED_KEYS_FW_CFG",
     "KeyPair",
+    "SshEndpoint",
     "SshSession",
     "announced_key",
     "generate_keypair",
@@ -79,6 +83,18 @@ SERVER_CLOSE_WAIT = 5.0
 
 
 HostKeySource = Callable[[], "tuple[str, str] | None"]
+#: A connected socket to the guest's SSH server, made within a timeout.
+Dial = Callable[[float], socket.socket]
+
+
+class SshEndpoint(NamedTuple):
+    """How SSH reaches a guest's port 22: a ``port`` on 127.0.0.1, or ``dial`` where
+    no host port leads there (``port`` then only names the host key); ``where``
+    says it in error messages."""
+
+    port: int
+    dial: Dial | None = None
+    where: str | None = None
 
 
 class SshSession:
@@ -92,8 +108,13 @@ class SshSession:
     def __init__(self, port: int, key: KeyPair, host_key_source: HostKeySource, *,
                  connect_timeout: float, console_tail: Callable[[], str] = lambda: "",
                  alive: Callable[[], None] = lambda: None,
-                 qemu_pid: int | None = None) -> None:
+                 qemu_pid: int | None = None, dial: Dial | None = None,
+                 where: str | None = None) -> None:
         self.port = port
+        #: Makes each connection instead of 127.0.0.1:``port`` (see SshEndpoint).
+        self.dial = dial
+        #: Where the guest's SSH server is, as messages say it.
+        self.where = where or f"{HOST}:{port}"
         self.key = key
         self.host_key_source = host_key_source
         self.connect_timeout = connect_timeout
@@ -134,14 +155,14 @@ class SshSession:
             self.alive()
             try:
                 self._client = self._connect_once(max(1.0, deadline - time.monotonic()))
-                log.info("ssh: connected to %s:%d (host key pinned)", HOST, self.port)
+                log.info("ssh: connected to %s (host key pinned)", self.where)
                 return self._client
             except (OSError, EOFError, paramiko.SSHException) as exc:
-                log.debug("ssh: connect to %s:%d failed, retrying: %r", HOST, self.port, exc)
+                log.debug("ssh: connect to %s failed, retrying: %r", self.where, exc)
                 last = exc
                 time.sleep(RETRY_PAUSE)
         raise GuestError(
-            f"SSH to the guest at {HOST}:{self.port} failed for {budget:.0f}s "
+            f"SSH to the guest at {self.where} failed for {budget:.0f}s "
             f"(last error: {last!r}); is dropbear running in the guest?",
             self.console_tail(),
         )
@@ -149,15 +170,16 @@ class SshSession:
     def _connect_once(self, timeout: float) -> paramiko.SSHClient:
         client = self._pinned_client()
         try:
+            sock = self.dial(timeout) if self.dial is not None else None
             client.connect(
-                HOST, port=self.port, username=USER, pkey=self.key.pkey(),
+                HOST, port=self.port, sock=sock, username=USER, pkey=self.key.pkey(),
                 look_for_keys=False, allow_agent=False, timeout=timeout,
                 banner_timeout=timeout, auth_timeout=timeout,
             )
         except paramiko.AuthenticationException as exc:
             client.close()
             raise GuestError(
-                f"the guest at {HOST}:{self.port} refused the session key "
+                f"the guest at {self.where} refused the session key "
                 f"{self.key.public_path} ({exc}); is the key in fw_cfg "
                 f"{AUTHORIZED_KEYS_FW_CFG!r}? (password login is never tried)",
                 self.console_tail(),
@@ -165,7 +187,7 @@ class SshSession:
         except (paramiko.BadHostKeyException, UnpinnedHostKey) as exc:
             client.close()
             raise GuestError(
-                f"the SSH server at {HOST}:{self.port} offered host key "
+                f"the SSH server at {self.where} offered host key "
                 f"{exc.key.get_name()} {exc.key.get_base64()}, not the one the guest "
                 "announced on its console: refusing to talk to it",
                 self.console_tail(),

@@ -8,7 +8,6 @@ root overlay, the in-process vhost-user-blk backends, the launch context
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,7 +29,7 @@ from pytest_virtio.guests.launch import (
     serial_sockets,
     start_backend,
 )
-from pytest_virtio.guests.passt import Passt, start_passts, stop_passts
+from pytest_virtio.guests.nethost import NicHost, net_links, start_nets, stop_nets
 from pytest_virtio.images import GuestImage, initramfs_for
 from pytest_virtio.images.initramfs import available_modules
 from pytest_virtio.qemu import capabilities
@@ -110,26 +109,26 @@ class Boot:
         disk_files = {d.name: prepare_disk_file(d, run_dir) for d in spec.disks}
         ssh = any(n.hostfwd_ssh for n in spec.nics)
         backends = start_backends(spec, run_dir, disk_files, name)
-        passts: dict[str, Passt] = {}
+        nets: dict[str, NicHost] = {}
         try:
-            passts = start_passts(spec, run_dir)
+            nets = start_nets(spec, run_dir)
             ctx = self._context(spec, image, name, accel=accel, run_dir=run_dir,
                                 disk_files=disk_files, backends=backends,
                                 own_root=own_root, ssh=ssh)
-            ctx = dataclasses.replace(ctx, net_sockets={n: str(p.socket)
-                                                        for n, p in passts.items()})
+            ctx = net_links(ctx, nets)
             argv = spec_mod.to_argv(spec, ctx)
             machine = Machine(argv, run_dir, qmp_socket=ctx.qmp_socket,
                               console_socket=ctx.console_socket,
-                              console_log=Path(ctx.console_log))
+                              console_log=Path(ctx.console_log),
+                              pass_fds=tuple(ctx.net_fds.values()))
             machine.reproducer = reproduce.script(argv, run_dir, spec, ctx)
         except BaseException as exc:
-            stop_passts(passts)
+            stop_nets(nets)
             provision.stop_after_failure(backends, name, exc)
             raise
         launch = provision.Launch(spec=spec, name=name, machine=machine, ctx=ctx,
                                   run_dir=run_dir, accel=accel, scale=scale, backends=backends,
-                                  passts=passts)
+                                  nets=nets)
         return provision.start(self.host, launch,
                                functools.partial(_bring_up, timeout=boot_timeout),
                                register=register)

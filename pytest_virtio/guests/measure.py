@@ -31,6 +31,7 @@ from typing import Any, Protocol
 from pytest_virtio import ids
 from pytest_virtio.channels.runners import Result
 from pytest_virtio.errors import ConfigError, WorkloadError
+from pytest_virtio.guests.nethost import NicHost, host_of
 from pytest_virtio.keywords import check_keys
 from pytest_virtio.results.baseline import machine_id
 from pytest_virtio.results.records import Record
@@ -81,6 +82,11 @@ class GuestLike(Protocol):
 
     spec: MachineSpec
     timeout_scale: float
+
+    @property
+    def nets(self) -> Mapping[str, NicHost]:
+        """Each NIC's host side (where the iperf3 server runs), by NIC name."""
+        ...
 
     def default_timeout(self) -> float: ...
     def disk_path(self, name: str) -> str: ...
@@ -430,7 +436,7 @@ def _run_iperf3(guest: GuestLike, spec: WorkloadSpec, device: str,
     seconds = job.seconds
     packets = _packets_shell(guest, spec.target)
     before = _packets(guest, packets)
-    with host_iperf3_server() as port:
+    with host_iperf3_server(host_of(guest.nets, guest.spec, device).server_place()) as port:
         gateway = iperf_mod.GUEST_GATEWAY
         cmd = iperf_mod.iperf3_client_shell(gateway, port, seconds, job.reverse)
         t = spec.timeout or guest.default_timeout() + seconds * 3

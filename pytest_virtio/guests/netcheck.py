@@ -1,9 +1,11 @@
 """Host-side peers for guest network checks: a token server and an iperf3 server.
 
-Why on the host's loopback: QEMU's user-mode network maps the guest's gateway
-10.0.2.2 to the host's 127.0.0.1, so a service bound to loopback is reachable
-from the guest and from nothing else — checks never send traffic anywhere but
-between this host and its own guests, and need no root or bridge.
+Where a peer runs is the guest's first NIC's host side to say
+(:mod:`pytest_virtio.guests.nethost`): on user-mode networking and passt the
+host's loopback (the guest's gateway 10.0.2.2 maps to 127.0.0.1), on a tap the
+NIC's own network namespace (10.0.2.2 is the namespace's end of the tap).  Either
+way the peer is reachable from the guest and from nothing else: checks never send
+traffic anywhere but between this host and its own guests.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ from dataclasses import dataclass
 
 from pytest_virtio.errors import GuestError, WorkloadError
 from pytest_virtio.guests.guest import Guest
+from pytest_virtio.guests.nethost import host_of
 from pytest_virtio.workloads.iperf import (
     GUEST_GATEWAY,
     NetResult,
     iperf3_client_shell,
     parse_iperf3_json,
 )
-from pytest_virtio.workloads.iperf_server import LOOPBACK, host_iperf3_server
+from pytest_virtio.workloads.iperf_server import LOOPBACK, host_iperf3_server, loopback_listener
 
 __all__ = [
     "GUEST_GATEWAY",
@@ -50,14 +53,13 @@ class TokenServer:
 
 
 @contextlib.contextmanager
-def token_server() -> Iterator[TokenServer]:
-    """Serve a random token to every client on 127.0.0.1:<kernel-chosen port>.
+def token_server(listener: socket.socket | None = None) -> Iterator[TokenServer]:
+    """Serve a random token to every client of ``listener`` (a listening socket this
+    takes over; default: 127.0.0.1 at a kernel-chosen port).
 
     A fresh random token, so a guest cannot pass by printing a cached answer.
     """
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind((LOOPBACK, 0))
-    listener.listen(4)
+    listener = loopback_listener() if listener is None else listener
     listener.settimeout(0.2)
     info = TokenServer(listener.getsockname()[1], secrets.token_hex(8))
     stop = threading.Event()
@@ -91,7 +93,8 @@ def guest_iperf3(guest: Guest, *, seconds: float = 2.0, reverse: bool = False,
     ``reverse`` makes the host send (the guest NIC's receive path); otherwise
     the guest sends.  The server is started per run because ``-1`` serves once.
     """
-    with host_iperf3_server() as port:
+    place = host_of(guest.nets, guest.spec).server_place()
+    with host_iperf3_server(place) as port:
         cmd = iperf3_client_shell(GUEST_GATEWAY, port, seconds=seconds, reverse=reverse)
         res = guest.run(cmd, timeout=guest.default_timeout() + seconds + IPERF_SLACK, via=via)
     if res.rc != 0 and not res.stdout.strip():
@@ -100,19 +103,20 @@ def guest_iperf3(guest: Guest, *, seconds: float = 2.0, reverse: bool = False,
 
 
 def fetch_token(guest: Guest, *, hold: float = 0.0, via: str = "ssh") -> None:
-    """The guest fetches a fresh token from the host's loopback through its gateway.
+    """The guest fetches a fresh token from its first NIC's host-side peer through
+    its gateway (the host's loopback, or a tap's namespace).
 
     ``hold`` is how long the guest keeps its side of the connection open: 0
     closes it at once (``</dev/null``), which a network backend must handle; an
     old passt can lose the host's close when the guest's crosses it, so its check
     holds a while.  A wrong or missing token is a GuestError with what came back.
     """
-    with token_server() as server:
+    with token_server(host_of(guest.nets, guest.spec).listener()) as server:
         nc = f"busybox nc {GUEST_GATEWAY} {server.port}"
         nc = f"sleep {hold:g} | {nc}" if hold > 0 else f"{nc} </dev/null"
         got = guest.check(f"timeout 20 sh -c {shlex.quote(nc)}", via=via).stdout
     if got.strip() != server.token:
-        raise GuestError(f"the guest did not reach the host's loopback through "
+        raise GuestError(f"the guest did not reach its host-side peer through "
                          f"{GUEST_GATEWAY}: expected the token {server.token!r}, got {got!r}")
 
 

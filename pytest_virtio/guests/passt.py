@@ -34,19 +34,21 @@ import os
 import socket
 import subprocess
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
 from pytest_virtio import ids, procs
+from pytest_virtio.channels.ssh import SshEndpoint
 from pytest_virtio.errors import LaunchError
-from pytest_virtio.spec import MachineSpec, Nic
+from pytest_virtio.qemu.machine import Machine
+from pytest_virtio.spec import Nic
 from pytest_virtio.tools import require_tool
 from pytest_virtio.workloads.iperf import GUEST_GATEWAY
+from pytest_virtio.workloads.iperf_server import LOOPBACK_PLACE, ServerPlace, loopback_listener
 
 __all__ = ["GUEST_ADDRESS", "GUEST_PREFIX", "Passt", "accepting", "listeners", "passt_argv",
-           "passt_log", "start_passt", "start_passts", "stop_passts"]
+           "passt_log", "start_passt"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,8 @@ _BIND_FAILED: Final = "Failed to bind"
 #: ``/proc/net/unix`` flag of a listening socket (``__SO_ACCEPTCON``).
 _ACCEPTING: Final = 0x10000
 _POLL: Final = 0.02
+#: (``Passt.socket``, its unix socket's path, hides the module in the class body.)
+_Socket = socket.socket
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +76,29 @@ class Passt:
     socket: Path
     log: Path
     ssh_port: int | None
+
+    @property
+    def net_socket(self) -> str | None:
+        """The unix socket QEMU's ``-netdev stream`` connects to."""
+        return str(self.socket)
+
+    @property
+    def net_fd(self) -> int | None:
+        return None
+
+    def ssh_endpoint(self, machine: Machine, nic: Nic) -> SshEndpoint:
+        """The loopback port passt forwards to the guest's port 22."""
+        if self.ssh_port is None:
+            raise LaunchError(f"nic {self.nic!r}: its passt forwards no SSH port")
+        return SshEndpoint(self.ssh_port)
+
+    def server_place(self) -> ServerPlace:
+        """The host's loopback: passt maps the gateway onto it."""
+        return LOOPBACK_PLACE
+
+    def listener(self, backlog: int = 4) -> _Socket:
+        """A listener on the host's loopback (the gateway, as passt maps it)."""
+        return loopback_listener(backlog)
 
     def close(self) -> None:
         """Stop passt (SIGTERM, then SIGKILL) and remove its socket; idempotent."""
@@ -128,7 +155,7 @@ def _launch(tool: str, nic: str, sock: Path, log_path: Path, port: int | None,
     passt = Passt(nic=nic, proc=proc, socket=sock, log=log_path, ssh_port=port)
     try:
         ready = _wait_accepting(proc, sock, timeout)
-    except BaseException:  # ^C while it starts: not in start_passts' list yet, stop it here
+    except BaseException:  # ^C while it starts: not in start_nets' list yet, stop it here
         passt.close()
         raise
     if ready:
@@ -214,23 +241,3 @@ def _tail(path: Path, limit: int = 2000) -> str:
     except OSError:
         return ""
     return " | ".join(line for line in text.strip()[-limit:].splitlines() if line.strip())
-
-
-def start_passts(spec: MachineSpec, run_dir: Path) -> dict[str, Passt]:
-    """One passt per NIC with ``backend="passt"``, by NIC name; all or none."""
-    started: dict[str, Passt] = {}
-    try:
-        for nic in spec.nics:
-            if nic.backend == "passt":
-                started[nic.name] = start_passt(nic, run_dir)
-    except BaseException:
-        stop_passts(started)
-        raise
-    return started
-
-
-def stop_passts(passts: Mapping[str, Passt]) -> None:
-    """Stop every passt (each even if another fails to)."""
-    for passt in passts.values():
-        with contextlib.suppress(OSError):
-            passt.close()

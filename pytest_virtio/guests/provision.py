@@ -32,7 +32,7 @@ from pytest_virtio.channels import ssh as ssh_mod
 from pytest_virtio.errors import BackendError, LaunchError, VirtioError
 from pytest_virtio.guests.guest import Guest
 from pytest_virtio.guests.launch import connect_serial_ports
-from pytest_virtio.guests.passt import Passt, stop_passts
+from pytest_virtio.guests.nethost import NicHost, host_of, stop_nets
 from pytest_virtio.guests.settings import Settings
 from pytest_virtio.guests.teardown import stop_backends
 from pytest_virtio.images import GuestImage
@@ -42,7 +42,7 @@ from pytest_virtio.qemu.machine import Machine
 if TYPE_CHECKING:
     from pytest_virtio.vhost_user.server import VhostUserBlkServer
 
-__all__ = ["Fallback", "Host", "Launch", "Strategy", "closed_on_failure", "reach", "ssh_port",
+__all__ = ["Fallback", "Host", "Launch", "Strategy", "closed_on_failure", "reach",
            "start", "stop_after_failure"]
 
 log = logging.getLogger(__name__)
@@ -122,8 +122,8 @@ class Launch:
     scale: float
     #: In-process vhost-user-blk servers, by disk name (started before QEMU).
     backends: dict[str, VhostUserBlkServer] = field(default_factory=dict)
-    #: The passt of each NIC with ``backend="passt"``, by NIC name (started before QEMU).
-    passts: dict[str, Passt] = field(default_factory=dict)
+    #: Each NIC's host side (passt, tap namespace), by NIC name (started before QEMU).
+    nets: dict[str, NicHost] = field(default_factory=dict)
     #: The guest's uptime when its shell answered (a restore's is its template's).
     boot_uptime: float | None = None
 
@@ -140,7 +140,7 @@ def start(host: Host, launch: Launch, bring_up: BringUp, *, register: bool = Tru
     spec = launch.spec
     guest = Guest(machine=launch.machine, name=launch.name, accel=launch.accel,
                   timeout_scale=launch.scale, run_dir=launch.run_dir, spec=spec,
-                  backends=launch.backends, passts=launch.passts,
+                  backends=launch.backends, nets=launch.nets,
                   disk_serials={d.name: d.serial or d.name for d in spec.disks},
                   boot_uptime=launch.boot_uptime, ctx=launch.ctx,
                   image=host.image_for(spec))
@@ -148,7 +148,7 @@ def start(host: Host, launch: Launch, bring_up: BringUp, *, register: bool = Tru
         launch.machine.launch(incoming_timeout)
         guest.serial_ports = connect_serial_ports(launch.ctx, guest.default_timeout())
     except BaseException as exc:
-        stop_passts(launch.passts)
+        stop_nets(launch.nets)
         stop_after_failure(launch.backends, launch.name, exc)
         if isinstance(exc, VirtioError):
             exc.failed_guest = guest
@@ -167,8 +167,8 @@ def start(host: Host, launch: Launch, bring_up: BringUp, *, register: bool = Tru
 
 def attach_ssh(guest: Guest, key: ssh_mod.KeyPair, nic: spec_mod.Nic, scale: float) -> None:
     """Give the guest its (lazily connecting) SSH session and pinned host key."""
-    port = ssh_port(guest.machine, guest.passts, nic)
-    session = _ssh_session_for(guest.machine, key, port, SSH_CONNECT_TIMEOUT * scale)
+    endpoint = host_of(guest.nets, guest.spec, nic.name).ssh_endpoint(guest.machine, nic)
+    session = _ssh_session_for(guest.machine, key, endpoint, SSH_CONNECT_TIMEOUT * scale)
     guest._ssh = session
     guest.host_key = session.host_key_line()
 
@@ -195,18 +195,7 @@ def closed_on_failure(guest: Guest) -> Iterator[None]:
         raise
 
 
-def ssh_port(machine: Machine, passts: Mapping[str, Passt], nic: spec_mod.Nic) -> int:
-    """The loopback port forwarded to ``nic``'s guest port 22: the one its passt was
-    given, or the one QEMU's user-mode stack chose (read back with ``info usernet``)."""
-    if nic.backend == "passt":
-        port = passts[nic.name].ssh_port
-        if port is None:
-            raise LaunchError(f"nic {nic.name!r}: its passt forwards no SSH port")
-        return port
-    return ssh_mod.parse_hostfwd_port(machine.hmp("info usernet"), 22, nic.name)
-
-
-def _ssh_session_for(machine: Machine, key: ssh_mod.KeyPair, port: int,
+def _ssh_session_for(machine: Machine, key: ssh_mod.KeyPair, endpoint: ssh_mod.SshEndpoint,
                      connect_timeout: float) -> ssh_mod.SshSession:
     """The SSH session of a guest that just announced readiness.
 
@@ -215,6 +204,8 @@ def _ssh_session_for(machine: Machine, key: ssh_mod.KeyPair, port: int,
     (:meth:`Guest.reboot`) pins the new boot's key the same way.
     """
     announced = ssh_mod.announced_key(machine.console_log)
-    return ssh_mod.SshSession(port, key, lambda: announced, connect_timeout=connect_timeout,
+    return ssh_mod.SshSession(endpoint.port, key, lambda: announced,
+                              connect_timeout=connect_timeout,
                               console_tail=machine.console.tail,
-                              alive=machine.check_alive, qemu_pid=machine.pid)
+                              alive=machine.check_alive, qemu_pid=machine.pid,
+                              dial=endpoint.dial, where=endpoint.where)

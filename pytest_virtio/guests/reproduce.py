@@ -6,7 +6,9 @@ server was the pytest process. The script therefore makes its own directory
 (``$PV_RUN`` or a fresh ``mktemp -d``), puts every run-directory path there,
 recreates blank data disks at their size, serves vhost-user-blk disks with
 ``qemu-storage-daemon`` (Debian ``qemu-system-common``), starts a passt per
-passt-backed NIC (without the SSH forward) and drops the session's
+passt-backed NIC (without the SSH forward), recreates tap NICs when run as root
+(QEMU in a new network namespace with one tap per such NIC; not root: user-mode
+networking carries them, and the script says so) and drops the session's
 SSH key (``-fw_cfg``; its private half is gone). Files that outlive the session
 stay as they were: the cached kernel, initramfs and root image (opened with
 ``snapshot=on``), and disk images the test named.
@@ -18,7 +20,8 @@ import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
-from pytest_virtio.guests.passt import passt_argv
+from pytest_virtio.guests.passt import GUEST_PREFIX, passt_argv
+from pytest_virtio.guests.tap import HOST_ADDRESS
 from pytest_virtio.spec import Disk, LaunchContext, MachineSpec
 from pytest_virtio.spec.catalogue import COMMAND_TTYS
 
@@ -80,6 +83,61 @@ def _passts(spec: MachineSpec, ctx: LaunchContext, run_dir: str) -> list[str]:
     return lines
 
 
+#: Set in the copy of the script that runs in its own network namespace.
+_NETNS_FLAG = "PV_TAP_NETNS"
+
+
+def _tap_variable(index: int) -> str:
+    return f"PV_TAP{index}"
+
+
+def _taps(spec: MachineSpec) -> list[str]:
+    """Lines giving each tap NIC its netdev (``$PV_TAP<i>``): as root, the script runs
+    again in a new network namespace and makes the taps there (the first addressed as
+    the guest's gateway); otherwise user-mode networking, said on stderr."""
+    taps = [nic for nic in spec.nics if nic.backend == "tap"]
+    if not taps:
+        return []
+    names = ", ".join(nic.name for nic in taps)
+    made: list[str] = ["  ip link set lo up"]
+    fallback: list[str] = []
+    for i, nic in enumerate(taps):
+        dev = f"pvtap{i}"
+        made += [f"  ip tuntap add dev {dev} mode tap vnet_hdr",
+                 *([f"  ip addr add {HOST_ADDRESS}/{GUEST_PREFIX} dev {dev}"] if i == 0 else []),
+                 f"  ip link set {dev} up",
+                 f"  {_tap_variable(i)}=tap,id={nic.name},ifname={dev},script=no,downscript=no"]
+        fallback.append(f"  {_tap_variable(i)}=user,id={nic.name}")
+    return [
+        f"# NIC(s) {names} were tap devices in a network namespace of their own (its end",
+        f"# {HOST_ADDRESS}/{GUEST_PREFIX}). As root this script makes that again: it runs "
+        "itself in a new",
+        "# network namespace with a tap per such NIC. Otherwise user-mode networking "
+        "carries them.",
+        f'if [ "$(id -u)" = 0 ] && [ -z "${{{_NETNS_FLAG}:-}}" ]; then',
+        f'  export {_NETNS_FLAG}=1; exec unshare --net -- sh "$0" "$@"',
+        "fi",
+        f'if [ -n "${{{_NETNS_FLAG}:-}}" ]; then',
+        *made,
+        "else",
+        f'  echo "reproduce.sh: not root: NIC(s) {names} on user-mode networking, not on a '
+        'tap" >&2',
+        *fallback,
+        "fi",
+    ]
+
+
+def _tap_netdevs(argv: Sequence[str], spec: MachineSpec) -> list[str]:
+    """``argv`` with each tap NIC's ``-netdev`` (an fd of the session's) as ``$PV_TAP<i>``."""
+    taps = [nic.name for nic in spec.nics if nic.backend == "tap"]
+    out = list(argv)
+    for i, arg in enumerate(argv):
+        if i and argv[i - 1] == "-netdev" and arg.startswith("tap,"):
+            name = arg.split("id=", 1)[1].split(",", 1)[0]
+            out[i] = f'"${_tap_variable(taps.index(name))}"'
+    return out
+
+
 def _in_background(args: Sequence[str], sockets: Sequence[str], run_dir: str) -> list[str]:
     """Start ``args`` in the background (killed with the script) and wait for its sockets."""
     socks = " ".join(_quote(s, run_dir) for s in sockets)
@@ -96,7 +154,8 @@ def script(argv: Sequence[str], run_dir: Path, spec: MachineSpec, ctx: LaunchCon
     """The text of ``reproduce.sh`` for one guest (see the module docstring)."""
     rd = str(run_dir)
     served = [d for d in spec.disks if d.bus == "vhost-user-blk" and d.external_socket is None]
-    command = " ".join(_quote(a, rd) for a in _without_fw_cfg(argv))
+    command = " ".join(a if a.startswith('"$') else _quote(a, rd)
+                       for a in _tap_netdevs(_without_fw_cfg(argv), spec))
     helpers = [*_storage_daemon(served, ctx, rd, spec.smp), *_passts(spec, ctx, rd)]
     exec_or_run = "exec " if not helpers else ""
     # Ctrl-C reaches the helpers too (one process group); the trap covers the rest.
@@ -107,6 +166,7 @@ def script(argv: Sequence[str], run_dir: Path, spec: MachineSpec, ctx: LaunchCon
         "# session: sockets, console log and blank disks go to $PV_RUN (default: a new",
         "# temporary directory). Extra QEMU arguments may follow, e.g. -serial stdio.",
         "set -e",
+        *_taps(spec),
         'R=${PV_RUN:-$(mktemp -d "${TMPDIR:-/tmp}/pv-repro.XXXXXX")}',
         'mkdir -p "$R"',
         ('echo "reproduce.sh: run directory $R (kernel console log: $R/console.log; the '

@@ -50,6 +50,7 @@ from pytest_virtio.guests import freshen, provision, reproduce
 from pytest_virtio.guests.boot import Boot
 from pytest_virtio.guests.guest import Guest
 from pytest_virtio.guests.launch import prepare_disk_file
+from pytest_virtio.guests.nethost import RESTORE_REFUSAL
 from pytest_virtio.qemu.machine import Machine
 
 #: The root overlay a template keeps (and the one its first guest runs on).
@@ -111,9 +112,8 @@ def unsupported(spec: spec_mod.MachineSpec) -> str | None:
         if isinstance(dev, spec_mod.SerialPorts):
             return "virtio-serial ports: their host sockets cannot follow a restore"
     for nic in spec.nics:
-        if nic.backend == "passt":
-            return (f"nic {nic.name!r} has backend='passt': its passt process and socket "
-                    "cannot follow a restore")
+        if nic.backend in RESTORE_REFUSAL:
+            return f"nic {nic.name!r} has backend={nic.backend!r}: {RESTORE_REFUSAL[nic.backend]}"
     return None
 
 

@@ -5,7 +5,8 @@ syntax with properties QEMU really has. Each case runs the generated argv
 minus -kernel/-initrd/-append plus ``-S`` (nothing executes: ~0.1 s each), lists
 /machine/peripheral over QMP to check every id we promised exists, and quits.
 vhost-user-blk disks are served by qemu-storage-daemon, the project's reference
-peer, so the device really connects and negotiates; passt NICs by a real passt.
+peer, so the device really connects and negotiates; passt NICs by a real passt, tap
+NICs by a real tap in its own network namespace (root).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -26,7 +27,7 @@ from typing import Any
 import pytest
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from pytest_virtio.guests.passt import start_passt, stop_passts
+from pytest_virtio.guests.nethost import net_links, start_nets, stop_nets
 from pytest_virtio.qemu.machine import connect_qmp
 from pytest_virtio.spec import (
     Balloon,
@@ -78,7 +79,7 @@ def _sparse(path: str, size: int = 64 << 20) -> str:
 
 
 @contextlib.contextmanager
-def _process(argv: list[str]) -> Iterator[subprocess.Popen[bytes]]:
+def _process(argv: list[str], pass_fds: Iterable[int] = ()) -> Iterator[subprocess.Popen[bytes]]:
     """Run argv in its own process group; always killed and reaped on exit."""
     proc = subprocess.Popen(
         argv,
@@ -86,6 +87,7 @@ def _process(argv: list[str]) -> Iterator[subprocess.Popen[bytes]]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         start_new_session=True,
+        pass_fds=tuple(pass_fds),
     )
     STARTED.append(proc.pid)
     try:
@@ -191,10 +193,12 @@ def _booted(spec: MachineSpec, run_dir: str) -> Iterator[tuple[QEMUMonitorProtoc
                 sock = ctx.vhost_sockets[name]
                 _wait_for(lambda s=sock: os.path.exists(s) or qsd.poll() is not None, 20, sock)
             assert qsd.poll() is None, qsd.stderr.read().decode() if qsd.stderr else ""
-        passts = {n.name: start_passt(n, Path(run_dir)) for n in spec.nics if n.backend == "passt"}
-        stack.callback(stop_passts, passts)
-        assert {n: str(p.socket) for n, p in passts.items()} == dict(ctx.net_sockets)
-        qemu = stack.enter_context(_process(_qemu_argv(spec, ctx)))
+        nets = start_nets(spec, Path(run_dir))
+        stack.callback(stop_nets, nets)
+        linked = net_links(ctx, nets)
+        assert dict(linked.net_sockets) == dict(ctx.net_sockets)  # passt's, as the golden's
+        ctx = linked
+        qemu = stack.enter_context(_process(_qemu_argv(spec, ctx), ctx.net_fds.values()))
         ready = lambda: os.path.exists(ctx.qmp_socket) or qemu.poll() is not None  # noqa: E731
         _wait_for(ready, 30, "the QMP socket")
         if qemu.poll() is not None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pytest_virtio import procs
 from pytest_virtio.guests.netcheck import fetch_token, iperf3_both_ways
-from pytest_virtio.guests.passt import listeners
+from pytest_virtio.guests.passt import Passt, listeners
 from pytest_virtio.guests.session import VirtioSession
 from pytest_virtio.spec import MachineSpec, Nic
 
@@ -18,7 +18,8 @@ def test_a_guest_on_passt(virtio_session: VirtioSession) -> None:
     spec = MachineSpec(nics=(Nic(model="virtio-net", backend="passt"),))
     guest = virtio_session.boot(spec, "passt")
     try:
-        passt = guest.passts["net0"]
+        passt = guest.nets["net0"]
+        assert isinstance(passt, Passt)
         assert procs.running(passt.proc.pid)
         # QEMU's netdev is the stream to passt: no slirp, no listener of QEMU's own.
         assert "stream" in guest.machine.hmp("info network")

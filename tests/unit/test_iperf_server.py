@@ -24,12 +24,12 @@ pytestmark = pytest.mark.skipif(shutil.which("iperf3") is None, reason="needs ip
 
 def test_server_serves_one_client_and_is_gone_after() -> None:
     with iperf_server.host_iperf3_server() as port:
-        assert iperf_server._listening(port)
+        assert iperf_server.listening("127.0.0.1", port)
         out = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", "1", "-J"],
                              capture_output=True, text=True, timeout=60).stdout
     result = parse_iperf3_json(out)
     assert result.bytes > 0 and json.loads(out)["start"]["connected"]
-    assert not iperf_server._listening(port)
+    assert not iperf_server.listening("127.0.0.1", port)
 
 
 def test_server_that_cannot_listen_is_retried_then_reported(
@@ -47,11 +47,11 @@ def test_server_that_cannot_listen_is_retried_then_reported(
         held.append(s)
         return int(s.getsockname()[1])
 
-    monkeypatch.setattr(iperf_server, "_free_loopback_port", taken_port)
-    monkeypatch.setattr(iperf_server, "_listening", lambda port: False)
+    monkeypatch.setattr(iperf_server, "listening", lambda *where: False)
+    place = iperf_server.ServerPlace(free_port=taken_port)
     try:
         with pytest.raises(WorkloadError, match=r"would not start on 127\.0\.0\.1: .*in use"), \
-                iperf_server.host_iperf3_server(start_timeout=5, attempts=2):
+                iperf_server.host_iperf3_server(place, start_timeout=5, attempts=2):
             pass
         assert len(held) == 2
     finally:
@@ -86,11 +86,11 @@ def test_server_dies_with_a_killed_pytest() -> None:
     servers = [pid for pid in child_pids(pytest_proc.pid)
                if Path(f"/proc/{pid}/comm").read_text().strip() == "iperf3"]
     try:
-        assert len(servers) == 1 and iperf_server._listening(port)
+        assert len(servers) == 1 and iperf_server.listening("127.0.0.1", port)
         pytest_proc.kill()
         pytest_proc.wait()
         assert procs.wait_gone(servers, 5.0) == [], "iperf3 outlived the killed pytest"
-        assert not iperf_server._listening(port)
+        assert not iperf_server.listening("127.0.0.1", port)
     finally:
         pytest_proc.kill()
         pytest_proc.wait()
