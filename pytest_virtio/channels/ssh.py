@@ -208,7 +208,9 @@ class SshSession:
                 self.console_tail(),
             )
         client = paramiko.SSHClient()
-        client.get_host_keys().add(f"[{HOST}]:{self.port}", announced[0],
+        # paramiko's own name for the server: bare on port 22, bracketed otherwise.
+        name = HOST if self.port == 22 else f"[{HOST}]:{self.port}"
+        client.get_host_keys().add(name, announced[0],
                                    host_key_object(*announced))
         client.set_missing_host_key_policy(PinnedOnly())
         return client

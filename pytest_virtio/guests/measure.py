@@ -436,7 +436,7 @@ def _run_iperf3(guest: GuestLike, spec: WorkloadSpec, device: str,
     seconds = job.seconds
     packets = _packets_shell(guest, spec.target)
     before = _packets(guest, packets)
-    with host_iperf3_server(host_of(guest.nets, guest.spec, device).server_place()) as port:
+    with host_iperf3_server(host_of(guest.nets, guest.spec, spec.target).server_place()) as port:
         gateway = iperf_mod.GUEST_GATEWAY
         cmd = iperf_mod.iperf3_client_shell(gateway, port, seconds, job.reverse)
         t = spec.timeout or guest.default_timeout() + seconds * 3

@@ -139,3 +139,23 @@ def test_watchdog_fires_past_the_deadline_and_not_after_cancel() -> None:
     dog.cancel()
     time.sleep(0.1 + ssh_mod.WATCHDOG_GRACE + 0.3)
     assert not quiet.is_set()
+
+
+@pytest.mark.parametrize("port", [22, 2222])
+def test_the_pinned_key_is_filed_under_paramikos_name_for_the_server(
+        port: int, tmp_path: Path) -> None:
+    """paramiko looks a server up as ``host`` on port 22 and ``[host]:port`` elsewhere;
+    a tap NIC's SSH is port 22 through a dialled socket (a key filed under
+    ``[127.0.0.1]:22`` was never found, and every connect refused as unpinned)."""
+    pair = ssh_mod.generate_keypair(tmp_path)
+    kind, blob = pair.public_line.split()[:2]
+
+    def refused(timeout: float) -> socket.socket:
+        return socket.create_connection(("127.0.0.1", 1), timeout)
+
+    session = ssh_mod.SshSession(port, pair, lambda: (kind, blob), connect_timeout=0.5,
+                                 dial=refused, where="somewhere else")
+    name = "127.0.0.1" if port == 22 else f"[127.0.0.1]:{port}"
+    assert session._pinned_client().get_host_keys().lookup(name) is not None
+    with pytest.raises(GuestError, match="guest at somewhere else failed"):
+        session.reconnect()  # the dial's refusal, retried until the deadline

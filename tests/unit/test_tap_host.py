@@ -28,14 +28,20 @@ from pytest_virtio.guests import tap as tap_mod
 from pytest_virtio.guests.netcheck import token_server
 from pytest_virtio.guests.tap import Tap, netns_holders, start_tap
 from pytest_virtio.interrupts import descendants
-from pytest_virtio.spec import MachineSpec, Nic, to_argv
+from pytest_virtio.spec import LaunchContext, MachineSpec, Nic, to_argv
 from pytest_virtio.workloads.iperf import parse_iperf3_json
 from pytest_virtio.workloads.iperf_server import host_iperf3_server, listening
-from tests.unit.golden import cases
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0 or not Path("/dev/net/tun").exists(),
                                 reason="a tap needs root and /dev/net/tun")
 _TUNGETIFF = 0x800454D2
+
+
+def _ctx(run_dir: str = "/run/pv/g0", qemu: str = "qemu-system-x86_64") -> LaunchContext:
+    return LaunchContext(qemu_binary=qemu, accel="tcg", kernel="/i/vmlinuz", initrd="/i/initrd",
+                         root_image="/i/root.img", qmp_socket=f"{run_dir}/qmp.sock",
+                         console_socket=f"{run_dir}/con.sock",
+                         console_log=f"{run_dir}/console.log", net_fds={"net0": 10})
 
 
 @pytest.fixture
@@ -212,7 +218,7 @@ def test_nets_give_each_nic_its_host_side_and_qemu_its_links(tmp_path: Path) -> 
     nets = nethost.start_nets(spec, tmp_path)
     try:
         assert isinstance(nets["net0"], Tap) and isinstance(nets["b"], nethost.UserNet)
-        ctx = nethost.net_links(cases.context_for(spec), nets)
+        ctx = nethost.net_links(_ctx(), nets)
         assert dict(ctx.net_fds) == {"net0": nets["net0"].net_fd} and not ctx.net_sockets
         assert nethost.host_of(nets, spec) is nets["net0"]  # the first NIC's
         assert nethost.host_of({}, spec, "b").server_place().address == "127.0.0.1"
@@ -246,7 +252,7 @@ def test_reproduce_remakes_the_tap_as_root_and_says_so_otherwise() -> None:
         qemu.write_text(FAKE_QEMU)
         qemu.chmod(0o755)
         spec = MachineSpec(nics=(Nic(backend="tap"), Nic(name="b", model="e1000")))
-        ctx = cases.context_for(spec, run_dir=str(folder / "run"), qemu=str(qemu))
+        ctx = _ctx(run_dir=str(folder / "run"), qemu=str(qemu))
         script = folder / "reproduce.sh"
         script.write_text(reproduce.script(to_argv(spec, ctx), folder / "run", spec, ctx))
         script.chmod(0o755)
@@ -274,7 +280,7 @@ def test_reproduce_remakes_the_tap_as_root_and_says_so_otherwise() -> None:
 
 def test_reproduce_of_a_guest_without_tap_is_unchanged() -> None:
     spec = MachineSpec(nics=(Nic(),))
-    ctx = cases.context_for(spec)
+    ctx = _ctx()
     text = reproduce.script(to_argv(spec, ctx), Path("/run/pv/g0"), spec, ctx)
     assert "unshare" not in text and "PV_TAP" not in text
 
