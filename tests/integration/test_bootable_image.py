@@ -6,8 +6,11 @@ kernel and initramfs, which finds the root on virtio-blk; systemd reaches its
 multi-user target and cloud-init finishes with no datasource (none is attached). Every
 stage is read off the serial console (SeaBIOS's hand-over off its debug port) and timed.
 
-One boot per firmware (TCG: a few minutes each), through a per-test qcow2 overlay: the
-cached disk is never written. The image is built on first use (root, a few minutes).
+One boot per firmware through a per-test qcow2 overlay: the cached disk is never
+written. The OVMF boot goes all the way to cloud-init's final message (about 2 min under
+TCG); the SeaBIOS boot stops once systemd has started (about 40 s): past GRUB, the
+kernel and the initramfs the two boots are the same, and make test's time is shared.
+The image is built on first use (root, a few minutes).
 """
 
 from __future__ import annotations
@@ -52,9 +55,10 @@ FIRMWARE_STAGES = {
 }
 
 
-def _stages(disk: BootableDisk, platform: str) -> tuple[Stage, ...]:
-    """What the console shows, in order, when each part of the boot has done its work."""
-    return (
+def _stages(disk: BootableDisk, platform: str, until: str) -> tuple[Stage, ...]:
+    """What the console shows, in order, when each part of the boot has done its work,
+    up to stage ``until``."""
+    stages = (
         FIRMWARE_STAGES[platform],
         Stage("grub", re.compile(rf"pytest-virtio: GRUB \({platform}\) loading /vmlinuz")),
         Stage("kernel", re.compile(r"Linux version \d+\.\d+\S* .*\n.*Command line: "
@@ -66,6 +70,8 @@ def _stages(disk: BootableDisk, platform: str) -> tuple[Stage, ...]:
         Stage("cloud-init", re.compile(r"Cloud-init v\. \S+ finished at .* "
                                        r"Datasource DataSourceNone\.")),
     )
+    names = [stage.name for stage in stages]
+    return stages[:names.index(until) + 1]
 
 
 #: Lines that end a boot early, by where they show: the firmware found nothing to
@@ -86,6 +92,8 @@ class Firmware:
     id: str
     machine: str
     platform: str  # GRUB's ${grub_platform}
+    #: The last stage this boot waits for.
+    until: str = "cloud-init"
 
     def argv(self, run_dir: Path) -> list[str]:
         debug = ["-chardev", f"file,id=fw,path={run_dir / 'firmware.log'}",
@@ -100,7 +108,8 @@ class Firmware:
                 "-drive", f"if=pflash,format=raw,unit=1,file={own_vars}"]
 
 
-FIRMWARES = [Firmware("seabios-pc", "pc", "pc"), Firmware("ovmf-q35", "q35", "efi")]
+FIRMWARES = [Firmware("seabios-pc", "pc", "pc", until="systemd"),
+             Firmware("ovmf-q35", "q35", "efi")]
 
 
 @pytest.fixture(scope="module")
@@ -164,15 +173,17 @@ def test_the_disk_boots_through_firmware_and_its_own_grub(
         qemu = procs.start(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                            stderr=stderr)
         try:
-            seen = _wait_stages(run_dir, _stages(cloud_disk, firmware.platform), qemu, start)
+            seen = _wait_stages(run_dir, _stages(cloud_disk, firmware.platform, firmware.until),
+                               qemu, start)
         finally:
             procs.stop(qemu)
     text = console.read_bytes().decode(errors="replace")
-    uptime = re.search(r"Datasource DataSourceNone\.\s+Up ([\d.]+) seconds", text)
-    assert uptime is not None
     times = ", ".join(f"{name} {at:.0f}s" for name, at in seen.items())
-    print(f"\n{firmware.id}: {times} (wall, from QEMU's start); cloud-init done at guest "
-          f"uptime {float(uptime[1]):.0f}s")
+    print(f"\n{firmware.id}: {times} (wall, from QEMU's start)")
+    if firmware.until == "cloud-init":
+        uptime = re.search(r"Datasource DataSourceNone\.\s+Up ([\d.]+) seconds", text)
+        assert uptime is not None, text[-2000:]
+        print(f"cloud-init done at guest uptime {float(uptime[1]):.0f}s")
     for name, at in seen.items():
         record_property(f"{firmware.id}-{name}-s", round(at, 1))
     # each stage came after the one before it: GRUB, then Linux, root, systemd, ...
