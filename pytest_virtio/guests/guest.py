@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from pytest_virtio import ids
 from pytest_virtio.channels.agent import GuestAgent
+from pytest_virtio.channels.features import Features
 from pytest_virtio.channels.inventory import Module, PciDevice, VirtioDevice
 from pytest_virtio.channels.runners import VIAS, Result, Runner
 from pytest_virtio.channels.serial import SerialPort
@@ -418,6 +419,16 @@ class Guest:
         virtio_net; modprobe virtio_net``, say): drivers loaded, interfaces up,
         10.0.2.15/24 and the default route via 10.0.2.2; returns the address's interface."""
         return nics.restore_network(self, self._timeout(timeout))
+
+    def nic_features(self, name: str) -> Features:
+        """The virtio feature bits NIC ``name``'s driver negotiated (virtio 1.2 §5.1.3
+        and §6 by name: ``"MRG_RXBUF" in guest.nic_features("net0")``)."""
+        return nics.features(self, self.nic_interface(name), name)
+
+    def nic_offloads(self, name: str) -> dict[str, bool]:
+        """NIC ``name``'s offloads as ``ethtool -k`` shows them: {"tcp-segmentation-
+        offload": True, ...}."""
+        return nics.offloads(self, self.nic_interface(name), name)
 
     def _nics(self) -> nics.AttachedNics:
         """This guest's NIC bookkeeping, for :mod:`.nics` to update in place."""

@@ -21,6 +21,7 @@ from typing import Any, Final
 
 from pytest_virtio import ids
 from pytest_virtio import spec as spec_mod
+from pytest_virtio.channels.features import Features, parse_features, parse_offloads
 from pytest_virtio.errors import ConfigError, GuestError, VirtioError
 from pytest_virtio.guests import drivers
 from pytest_virtio.guests.hotplug import qmp_once_released, wait_qom_gone
@@ -28,8 +29,8 @@ from pytest_virtio.guests.shell import Shell
 from pytest_virtio.qemu.machine import Machine
 from pytest_virtio.spec.parse import nic_from
 
-__all__ = ["GUEST_ADDRESS", "NET_UP_SCRIPT", "AttachedNics", "attach", "detach",
-           "restore_network", "set_link"]
+__all__ = ["GUEST_ADDRESS", "NET_UP_SCRIPT", "AttachedNics", "attach", "detach", "features",
+           "offloads", "restore_network", "set_link"]
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +190,27 @@ def _check_known(macs: Mapping[str, str], name: str, call: str) -> None:
     if name not in macs:
         raise ConfigError(f"guest.{call}(): no NIC named {name!r} "
                           f"(have: {', '.join(sorted(macs)) or 'none'})")
+
+
+def features(shell: Shell, iface: str, name: str) -> Features:
+    """The feature bits interface ``iface``'s virtio driver negotiated (its virtio
+    device's sysfs ``features``); a ConfigError for a NIC that is not virtio."""
+    path = shlex.quote(f"/sys/class/net/{iface}/device/features")
+    res = shell.run(f"cat {path}")
+    if not res.ok:
+        raise ConfigError(f"NIC {name!r} ({iface}) has no virtio feature bits: it is not a "
+                          f"virtio-net device ({res.stderr.strip()})")
+    return parse_features(res.stdout)
+
+
+def offloads(shell: Shell, iface: str, name: str) -> dict[str, bool]:
+    """``ethtool -k`` of interface ``iface``: each offload and whether it is on."""
+    res = shell.run(f"ethtool -k {shlex.quote(iface)}")
+    if res.rc == 127:
+        raise GuestError("ethtool is not in the guest image (Debian package ethtool): "
+                         f"cannot read NIC {name!r}'s offloads", shell.console_tail())
+    res.check(shell.console_tail())
+    return parse_offloads(res.stdout)
 
 
 def restore_network(shell: Shell, timeout: float) -> str:

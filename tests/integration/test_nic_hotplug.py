@@ -69,3 +69,30 @@ def test_link_off_on_and_network_restored_after_driver_reload(guest: Guest) -> N
     assert "10.0.2.15" not in guest.check(f"/bin/busybox ip -4 addr show dev {iface}").stdout
     assert guest.restore_network() == iface
     assert _fetch(guest) == "ok", "no traffic after restore_network()"
+
+
+@pytest.mark.vm(nics=[Nic(name="lan", hostfwd_ssh=False), Nic(name="old", model="e1000",
+                                                             hostfwd_ssh=False)])
+def test_negotiated_features_and_offloads_are_readable_and_offloads_settable(
+        guest: Guest) -> None:
+    """tp-qemu's ethtool checks through the public API: what virtio-net negotiated with
+    QEMU 7.2's device (virtio 1.2 §5.1.3, §6), and an offload switched off and on."""
+    features = guest.nic_features("lan")
+    for name in ("VERSION_1", "MRG_RXBUF", "CTRL_VQ", "RING_EVENT_IDX", "RING_INDIRECT_DESC",
+                 "MAC", "STATUS"):
+        assert name in features, sorted(features.names)
+    # User-mode networking has no virtio-net header, so QEMU offers no checksum or
+    # segmentation offload (why tap or passt show what virtio-net can do); one queue
+    # pair, so no MQ.
+    for name in ("CSUM", "GUEST_CSUM", "HOST_TSO4", "GUEST_TSO4", "MQ"):
+        assert name not in features, sorted(features.names)
+    iface = guest.nic_interface("lan")
+    assert guest.nic_offloads("lan")["tcp-segmentation-offload"] is False
+    assert guest.nic_offloads("lan")["generic-receive-offload"] is True
+    guest.check(f"ethtool -K {iface} gro off")
+    assert guest.nic_offloads("lan")["generic-receive-offload"] is False
+    guest.check(f"ethtool -K {iface} gro on")
+    assert guest.nic_offloads("lan")["generic-receive-offload"] is True
+    with pytest.raises(ConfigError, match=r"NIC 'old' \(\w+\) has no virtio feature bits"):
+        guest.nic_features("old")
+    assert "rx-checksumming" in guest.nic_offloads("old")  # e1000's, through ethtool too
