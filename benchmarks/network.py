@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """Network bandwidth per NIC model and backend: iperf3 both ways, one run.
 
-For e1000, rtl8139 and virtio-net, each over QEMU's user-mode network (slirp)
-and over passt (``Nic(backend="passt")``): one guest per pair, iperf3 guest→host
-(the NIC's transmit path) then host→guest (its receive path) against the host's
-loopback server, ``-r`` rounds each, medians in Mbit/s.  The peer is e1000 on the
-same backend in the same run: the virtio-net/e1000 ratio per backend says whether
-the backend lets the NIC model show (slirp caps every model at its own speed).
+For e1000, rtl8139 and virtio-net, each over QEMU's user-mode network (slirp),
+over passt (``Nic(backend="passt")``) and over a tap in a network namespace of its
+own (``Nic(backend="tap")``, root only: left out otherwise, said so): one guest per
+pair, iperf3 guest→host (the NIC's transmit path) then host→guest (its receive
+path) against the NIC's host-side server (loopback, or in the tap's namespace),
+``-r`` rounds each, medians in Mbit/s.  The peer is e1000 on the same backend in the
+same run: the virtio-net/e1000 ratio per backend says whether the backend lets the
+NIC model show (slirp caps every model at its own speed).
 
     flock /tmp/pv-qemu.lock .venv/bin/python benchmarks/network.py
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import statistics
 from collections.abc import Sequence
 
@@ -68,6 +71,25 @@ def table(rows: Sequence[Row]) -> list[str]:
     return lines
 
 
+def columns(rows: Sequence[Row]) -> list[str]:
+    """One line per model, a guest→host/host→guest column per backend (Mbit/s)."""
+    backends = list(dict.fromkeys(b for b, *_ in rows))
+    got = {(b, m): (tx, rx) for b, m, tx, rx in rows}
+    lines = [f"{'model':11} " + " ".join(f"{b + ' tx/rx':<15}" for b in backends)]
+    for model in dict.fromkeys(m for _, m, *_ in rows):
+        cells = [got.get((b, model), (FAILED, FAILED)) for b in backends]
+        lines.append(f"{model:11} " + " ".join(f"{tx:7.0f}/{rx:<7.0f}" for tx, rx in cells))
+    return lines
+
+
+def usable(backends: Sequence[str]) -> list[str]:
+    """The backends this host can run: tap needs root (and says so when left out)."""
+    if "tap" in backends and os.geteuid() != 0:
+        print("tap left out: it needs root (a network namespace and a tap device)")
+        return [b for b in backends if b != "tap"]
+    return list(backends)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-t", "--seconds", type=float, default=3.0)
@@ -78,13 +100,14 @@ def main() -> None:
     rows = []
     with VirtioSession(Settings.from_values({"accel": args.accel})) as session:
         choice = session.accel()
-        for backend in args.backends.split(","):
+        for backend in usable(args.backends.split(",")):
             for model in MODELS:
                 rows.append(measure(session, model, backend, args.seconds, args.rounds))
                 print(*table(rows[-1:])[1:], flush=True)
     print(f"accel: {choice.accel} ({choice.note}); iperf3 {args.seconds:g} s, "
           f"median of {args.rounds}")
     print("\n".join(table(rows)))
+    print("\n".join(columns(rows)))
 
 
 if __name__ == "__main__":
