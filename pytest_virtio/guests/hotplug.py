@@ -13,7 +13,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from pytest_virtio.vhost_user.server import VhostUserBlkServer
 
 __all__ = ["AttachedDisks", "attach", "data_disk", "detach", "free_disk_name",
-           "qmp_once_released", "wait_block", "wait_qom_gone"]
+           "qmp_once_released", "send_or_undo", "wait_block", "wait_qom_gone"]
 
 log = logging.getLogger(__name__)
 
@@ -99,12 +99,8 @@ def attach(machine: Machine, disks: AttachedDisks, spec: spec_mod.MachineSpec | 
 def _send(machine: Machine, disks: AttachedDisks, owner: str, disk: spec_mod.Disk,
           commands: list[tuple[str, dict[str, Any]]]) -> None:
     """Send the QMP commands; on failure undo what was added so the guest stays clean."""
-    done: list[str] = []
-    try:
-        for cmd, args in commands:
-            machine.qmp(cmd, **args)
-            done.append(cmd)
-    except BaseException:
+
+    def undo(done: list[str]) -> None:
         with contextlib.suppress(VirtioError, OSError):
             if "blockdev-add" in done:
                 machine.qmp("blockdev-del", **{"node-name": disk.drive_id})
@@ -112,6 +108,22 @@ def _send(machine: Machine, disks: AttachedDisks, owner: str, disk: spec_mod.Dis
                 machine.qmp("chardev-remove", id=ids.vhost_chardev_id(disk.name))
         if disk.name in disks.backends:
             stop_backends({disk.name: disks.backends.pop(disk.name)}, owner)
+
+    send_or_undo(machine, commands, undo)
+
+
+def send_or_undo(machine: Machine, commands: list[tuple[str, dict[str, Any]]],
+                 undo: Callable[[list[str]], None]) -> None:
+    """Send QMP ``commands`` in order; if one fails (or we are interrupted), ``undo``
+    gets the names of those QEMU took, then the error goes on.  Disk and NIC
+    hot-plug share it: a refused ``device_add`` must not leave a backend behind."""
+    done: list[str] = []
+    try:
+        for cmd, args in commands:
+            machine.qmp(cmd, **args)
+            done.append(cmd)
+    except BaseException:
+        undo(done)
         raise
 
 

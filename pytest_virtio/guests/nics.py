@@ -24,7 +24,7 @@ from pytest_virtio import spec as spec_mod
 from pytest_virtio.channels.features import Features, parse_features, parse_offloads
 from pytest_virtio.errors import ConfigError, GuestError, VirtioError
 from pytest_virtio.guests import drivers
-from pytest_virtio.guests.hotplug import qmp_once_released, wait_qom_gone
+from pytest_virtio.guests.hotplug import qmp_once_released, send_or_undo, wait_qom_gone
 from pytest_virtio.guests.shell import Shell
 from pytest_virtio.qemu.machine import Machine
 from pytest_virtio.spec.parse import nic_from
@@ -132,16 +132,13 @@ def attach(machine: Machine, shell: Shell, nics: AttachedNics, spec: spec_mod.Ma
     returns the guest's interface name. On a refusal what was added is taken back."""
     nic, commands = prepare(spec, nics, disks, item)
     log.info("%s: hot-plugging NIC %s (%s, %s)", owner, nic.name, nic.model, nic.mac)
-    done: list[str] = []
-    try:
-        for cmd, args in commands:
-            machine.qmp(cmd, **args)
-            done.append(cmd)
-    except BaseException:
+
+    def undo(done: list[str]) -> None:
         if "netdev_add" in done:
             with contextlib.suppress(VirtioError, OSError):
                 machine.qmp("netdev_del", id=nic.name)
-        raise
+
+    send_or_undo(machine, commands, undo)
     nics.macs[nic.name] = nic.mac or ""
     nics.hot[nic.name] = nic
     drivers.modprobe(shell, spec_mod.nic_modules(nic.model))

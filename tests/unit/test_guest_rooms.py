@@ -335,3 +335,14 @@ def test_restore_network_that_leaves_no_address_says_what_it_found() -> None:
     shell = ScriptedShell({"ip -o -4 addr": "route\n"})
     with pytest.raises(GuestError, match=r"15/24 on no interface, default route via none"):
         nics.restore_network(shell, 5.0)
+
+
+def test_a_refused_disk_hotplug_takes_its_block_node_back() -> None:
+    machine = RefusingMachine()
+    disk = Disk(name="d", bus="virtio-blk", size="8M")
+    commands = [("blockdev-add", {"node-name": disk.drive_id}), ("device_add", {"id": "d"})]
+    disks = hotplug.AttachedDisks({}, {}, {})
+    with pytest.raises(QmpError, match="does not support hotplugging"):
+        hotplug._send(_m(machine), disks, "guest 'g'", disk, commands)
+    assert [c for c, _ in machine.qmp_calls] == ["blockdev-add", "device_add", "blockdev-del"]
+    assert machine.qmp_calls[-1][1] == {"node-name": disk.drive_id}
