@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PACKAGES=(qemu-system-x86 qemu-utils qemu-system-common mmdebstrap busybox-static cpio
-          e2fsprogs kmod lz4 fio iperf3 passt librsvg2-bin python3-venv ca-certificates genisoimage util-linux
+          e2fsprogs kmod lz4 fio iperf3 passt iproute2 librsvg2-bin python3-venv ca-certificates genisoimage util-linux
           gdisk fdisk dosfstools mtools grub-common grub-pc-bin grub-efi-amd64-bin ovmf)
 missing=()
 for p in "${PACKAGES[@]}"; do
