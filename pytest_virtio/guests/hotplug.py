@@ -13,7 +13,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,7 +30,7 @@ from pytest_virtio.spec.parse import disk_from
 if TYPE_CHECKING:
     from pytest_virtio.vhost_user.server import VhostUserBlkServer
 
-__all__ = ["AttachedDisks", "attach", "data_disk", "detach", "free_disk_name",
+__all__ = ["AttachedDisks", "attach", "data_disk", "detach", "free_disk_name", "free_name",
            "qmp_once_released", "send_or_undo", "wait_block", "wait_qom_gone"]
 
 log = logging.getLogger(__name__)
@@ -53,8 +53,12 @@ class AttachedDisks:
 def free_disk_name(spec: spec_mod.MachineSpec | None, serials: Mapping[str, str]) -> str:
     """``disk<i>`` for the first ``i`` no disk, NIC or device of the guest is called."""
     items = (*spec.disks, *spec.nics, *spec.devices) if spec is not None else ()
-    taken = {*serials, *(item.name for item in items)}
-    return next(f"disk{i}" for i in range(len(taken) + 1) if f"disk{i}" not in taken)
+    return free_name("disk", {*serials, *(item.name for item in items)})
+
+
+def free_name(prefix: str, taken: Collection[str]) -> str:
+    """``<prefix><i>`` for the first ``i`` that is not in ``taken`` (disks and NICs)."""
+    return next(f"{prefix}{i}" for i in range(len(taken) + 1) if f"{prefix}{i}" not in taken)
 
 
 def data_disk(spec: spec_mod.MachineSpec | None, disks: AttachedDisks, name: str,

@@ -24,21 +24,24 @@ from pytest_virtio import spec as spec_mod
 from pytest_virtio.channels.features import Features, parse_features, parse_offloads
 from pytest_virtio.errors import ConfigError, GuestError, VirtioError
 from pytest_virtio.guests import drivers
-from pytest_virtio.guests.hotplug import qmp_once_released, send_or_undo, wait_qom_gone
+from pytest_virtio.guests.hotplug import free_name, qmp_once_released, send_or_undo, wait_qom_gone
+from pytest_virtio.guests.passt import GUEST_ADDRESS as GUEST_IP
+from pytest_virtio.guests.passt import GUEST_PREFIX
 from pytest_virtio.guests.shell import Shell
 from pytest_virtio.qemu.machine import Machine
 from pytest_virtio.spec.parse import nic_from
+from pytest_virtio.workloads.iperf import GUEST_GATEWAY
 
-__all__ = ["GUEST_ADDRESS", "NET_UP_SCRIPT", "AttachedNics", "attach", "detach", "features",
-           "offloads", "restore_network", "set_link"]
+__all__ = ["GUEST_ADDRESS", "GUEST_GATEWAY", "NET_UP_SCRIPT", "AttachedNics", "attach", "detach",
+           "features", "offloads", "restore_network", "set_link"]
 
 log = logging.getLogger(__name__)
 
 _POLL = 0.2
 
-#: The guest's address and gateway on every backend (QEMU's user-mode defaults).
-GUEST_ADDRESS: Final = "10.0.2.15/24"
-GUEST_GATEWAY: Final = "10.0.2.2"
+#: The guest's address with its prefix, as ``ip -o -4 addr`` shows it (the same on
+#: every backend: QEMU's user-mode defaults, which passt and tap give it too).
+GUEST_ADDRESS: Final = f"{GUEST_IP}/{GUEST_PREFIX}"
 
 #: What the guest's init (``images/data/pvinit``) runs at boot to bring the
 #: network up, character for character (tests/unit/test_nics.py holds pvinit to
@@ -83,12 +86,11 @@ class AttachedNics:
     hot: dict[str, spec_mod.Nic]
 
 
-def free_nic_name(spec: spec_mod.MachineSpec | None, nics: AttachedNics,
-                  disks: Mapping[str, str]) -> str:
-    """``net<i>`` for the first ``i`` no NIC, disk or device of the guest is called."""
+def _taken_names(spec: spec_mod.MachineSpec | None, nics: AttachedNics,
+                 disks: Mapping[str, str]) -> set[str]:
+    """Every name the guest's NICs, disks and devices have now."""
     items = (*spec.disks, *spec.devices) if spec is not None else ()
-    taken = {*nics.macs, *disks, *(item.name for item in items)}
-    return next(f"net{i}" for i in range(len(taken) + 1) if f"net{i}" not in taken)
+    return {*nics.macs, *disks, *(item.name for item in items)}
 
 
 def free_mac(nics: AttachedNics) -> str:
@@ -103,9 +105,9 @@ def prepare(spec: spec_mod.MachineSpec | None, nics: AttachedNics, disks: Mappin
             ) -> tuple[spec_mod.Nic, list[tuple[str, dict[str, Any]]]]:
     """The NIC to hot-plug (its MAC fixed) and its QMP commands; ConfigError for a
     name in use or a NIC that cannot be hot-plugged. Pure: nothing is sent."""
-    nic = nic_from(item, "guest.hotplug_nic(nic)", free_nic_name(spec, nics, disks))
-    items = (*spec.disks, *spec.devices) if spec is not None else ()
-    if nic.name in nics.macs or nic.name in disks or nic.name in {i.name for i in items}:
+    taken = _taken_names(spec, nics, disks)
+    nic = nic_from(item, "guest.hotplug_nic(nic)", free_name("net", taken))
+    if nic.name in taken:
         raise ConfigError(f"guest.hotplug_nic(): the guest already has a NIC, disk or device "
                           f"named {nic.name!r}; name the NIC otherwise")
     nic = replace(nic, mac=nic.mac or free_mac(nics))
